@@ -1,0 +1,159 @@
+"""megatron-core ``BackendSpecProvider``s for the three devices.
+
+The ModelLink switches choose fused modules: ``--use-fused-rmsnorm``, ``--use-flash-attn``,
+``--use-fused-rotary-pos-emb``, ``--use-fused-swiglu``. With none of them every backend builds the plain-PyTorch
+modules of ``torch_modules``. Asking for a fused op the device cannot provide raises ``FusedKernelUnavailable``.
+Parameter names and shapes never depend on the backend: fused modules subclass or mirror the plain ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+from aquila_npu.device import npu_modules, torch_modules
+
+
+class FusedKernelUnavailable(ValueError):
+    """A fused-kernel switch was given on a device that cannot provide it."""
+
+
+@dataclass(frozen=True)
+class FusedOps:
+    """Which fused kernels to use (the ModelLink switches)."""
+
+    rmsnorm: bool = False  # --use-fused-rmsnorm
+    flash_attn: bool = False  # --use-flash-attn
+    rotary: bool = False  # --use-fused-rotary-pos-emb
+    swiglu: bool = False  # --use-fused-swiglu
+
+    FLAGS = {"rmsnorm": "--use-fused-rmsnorm", "flash_attn": "--use-flash-attn",
+             "rotary": "--use-fused-rotary-pos-emb", "swiglu": "--use-fused-swiglu"}
+
+    @classmethod
+    def all(cls) -> "FusedOps":
+        return cls(True, True, True, True)
+
+    @classmethod
+    def from_args(cls, args) -> "FusedOps":
+        return cls(rmsnorm=bool(getattr(args, "use_fused_rmsnorm", False)),
+                   flash_attn=bool(getattr(args, "use_flash_attn", False)),
+                   rotary=bool(getattr(args, "use_fused_rotary_pos_emb", False)),
+                   swiglu=bool(getattr(args, "use_fused_swiglu", False)))
+
+    def requested(self):
+        return [self.FLAGS[f.name] for f in dataclasses.fields(self) if getattr(self, f.name)]
+
+
+class TorchBackend(LocalSpecProvider):
+    """Plain PyTorch: megatron-core's local tensor-parallel linears, Aquila RMSNorm, SDPA attention."""
+
+    name = "torch"
+
+    def __init__(self, fused: FusedOps = FusedOps()):
+        self.fused = fused
+
+    def column_parallel_linear(self) -> type:
+        return ColumnParallelLinear
+
+    def row_parallel_linear(self) -> type:
+        return RowParallelLinear
+
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
+        return torch_modules.RMSNorm
+
+    def core_attention(self) -> type:
+        return torch_modules.SDPAAttention
+
+    def activation_func(self) -> Optional[type]:
+        """A module applied to the whole [gate | up] fc1 output, or None for megatron-core's own SwiGLU."""
+        return None
+
+    def rope_fn(self) -> Optional[Callable]:
+        """A fused rotary function ``fn(t, freqs)``, or None for megatron-core's own."""
+        return None
+
+    def config_overrides(self) -> dict:
+        """TransformerConfig fields this backend needs."""
+        return {"use_te_activation_func": self.activation_func() is not None}
+
+
+class CpuBackend(TorchBackend):
+    name = "cpu"
+
+    def __init__(self, fused: FusedOps = FusedOps()):
+        if fused.requested():
+            raise FusedKernelUnavailable(
+                f"{', '.join(fused.requested())}: the cpu device has no fused kernels; drop the switch or run on an "
+                "Ascend NPU (torch_npu) or a CUDA GPU")
+        super().__init__(fused)
+
+
+class NpuBackend(TorchBackend):
+    """Ascend fused kernels from torch_npu, each behind its ModelLink switch."""
+
+    name = "npu"
+
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
+        return npu_modules.NpuRMSNorm if self.fused.rmsnorm else torch_modules.RMSNorm
+
+    def core_attention(self) -> type:
+        return npu_modules.NpuFlashAttention if self.fused.flash_attn else torch_modules.SDPAAttention
+
+    def activation_func(self) -> Optional[type]:
+        return npu_modules.NpuSwiGLU if self.fused.swiglu else None
+
+    def rope_fn(self) -> Optional[Callable]:
+        return npu_modules.npu_rope if self.fused.rotary else None
+
+
+def have_transformer_engine() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+class CudaBackend(TorchBackend):
+    """NVIDIA GPUs. Fused switches use Transformer Engine (norm, attention, RoPE); the SwiGLU switch uses
+    megatron-core's own fused bias-SwiGLU kernel. Without a switch: plain modules (SDPA picks flash kernels itself)."""
+
+    name = "cuda"
+
+    def __init__(self, fused: FusedOps = FusedOps()):
+        needs_te = [flag for flag, on in (("--use-fused-rmsnorm", fused.rmsnorm), ("--use-flash-attn", fused.flash_attn),
+                                          ("--use-fused-rotary-pos-emb", fused.rotary)) if on]
+        if needs_te and not have_transformer_engine():
+            raise FusedKernelUnavailable(
+                f"{', '.join(needs_te)} on cuda needs Transformer Engine (pip install transformer_engine[pytorch]); "
+                "it is not installed")
+        super().__init__(fused)
+
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
+        if self.fused.rmsnorm:
+            from megatron.core.extensions.transformer_engine import TENorm
+            return TENorm
+        return torch_modules.RMSNorm
+
+    def core_attention(self) -> type:
+        if self.fused.flash_attn:
+            from megatron.core.extensions.transformer_engine import TEDotProductAttention
+            return TEDotProductAttention
+        return torch_modules.SDPAAttention
+
+    def config_overrides(self) -> dict:
+        return {"use_te_activation_func": False, "bias_activation_fusion": self.fused.swiglu,
+                "apply_rope_fusion": self.fused.rotary}
+
+
+BACKENDS = {"cpu": CpuBackend, "cuda": CudaBackend, "npu": NpuBackend}
+
+
+def make_backend(kernels: str, fused: FusedOps = FusedOps()) -> TorchBackend:
+    try:
+        cls = BACKENDS[kernels]
+    except KeyError:
+        raise ValueError(f"unknown device {kernels!r}; choose one of {', '.join(BACKENDS)}") from None
+    return cls(fused)

@@ -1,0 +1,213 @@
+"""The one place where aquila_npu changes the behaviour of other libraries.
+
+Nothing here runs on import. The device layer (``aquila_npu.device.setup``) opts in to exactly the patches its
+device needs, and every patch is recorded so that ``undo_all()`` restores the original objects (tests use it).
+
+Two groups of patches exist:
+
+* ``redirect_cuda_to_cpu()``: megatron-core assumes CUDA in a few places (``torch.cuda.current_device()`` as a
+  device, tensor factories called with ``device='cuda'``, CUDA RNG state helpers, ``param.type() ==
+  'torch.cuda.FloatTensor'`` checks in grad clipping and the optimizers). On a plain CPU we send all of them to the
+  CPU. On an Ascend NPU the same role is played by ``torch_npu.contrib.transfer_to_npu`` (see ``device/npu.py``).
+* ``install_rope_hook()``: megatron-core's attention applies rotary embeddings through the module-level function
+  ``megatron.core.transformer.attention.apply_rotary_pos_emb``. The hook wraps it so that a config carrying a
+  ``aquila_rope_fn`` (set by a fused-rotary backend, e.g. ``torch_npu.npu_rotary_mul``) uses that function; every
+  other config goes to megatron-core's own implementation unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from typing import Any, Callable, List, Tuple
+
+import torch
+
+_applied: List[Tuple[Any, str, Any]] = []
+_groups: set = set()
+
+
+def _set(owner: Any, name: str, value: Any) -> None:
+    _applied.append((owner, name, getattr(owner, name)))
+    setattr(owner, name, value)
+
+
+def applied() -> set:
+    """Names of the patch groups currently installed."""
+    return set(_groups)
+
+
+def undo_all() -> None:
+    """Restore every patched attribute, newest first."""
+    while _applied:
+        owner, name, old = _applied.pop()
+        setattr(owner, name, old)
+    _groups.clear()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CPU redirection
+# ----------------------------------------------------------------------------------------------------------------
+
+_CPU = torch.device("cpu")
+
+
+def _to_cpu_device(device: Any) -> Any:
+    """Map 'cuda', 'cuda:N', torch.device('cuda', N) to the CPU; leave everything else alone."""
+    if isinstance(device, str) and device.startswith("cuda"):
+        return _CPU
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return _CPU
+    return device
+
+
+def _factory(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class _CpuEvent:
+    """Stand-in for torch.cuda.Event: wall-clock timing on the host."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):
+        self._t = None
+
+    def record(self, stream=None):
+        self._t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, end: "_CpuEvent") -> float:
+        return (end._t - self._t) * 1000.0
+
+
+class _CpuStream:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        event = event or _CpuEvent()
+        event.record()
+        return event
+
+
+def _report_type_as_cuda(prefix: str) -> None:
+    """Make ``tensor.type()`` (no arguments) name ``prefix`` tensors as CUDA ones, for megatron-core's checks."""
+    names = {f"{prefix}{kind}Tensor": f"torch.cuda.{kind}Tensor" for kind in ("Float", "Half", "BFloat16")}
+    tensor_type = torch.Tensor.type
+
+    def type_(self, *args, **kwargs):
+        if args or kwargs:
+            return tensor_type(self, *args, **kwargs)
+        name = tensor_type(self)
+        return names.get(name, name)
+
+    _set(torch.Tensor, "type", type_)
+
+
+def _rng_state_helpers(get_state: Callable, set_state: Callable) -> None:
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    _set(mcore_random, "_get_cuda_rng_state", lambda *a, **k: get_state())
+    _set(mcore_random, "_set_cuda_rng_state", lambda state, *a, **k: set_state(state))
+
+
+def redirect_cuda_to_cpu() -> None:
+    """Let megatron-core's CUDA-only code paths run on the CPU (gloo). Idempotent."""
+    if "cpu" in _groups:
+        return
+    cuda = torch.cuda
+    _set(cuda, "current_device", lambda: _CPU)
+    _set(cuda, "set_device", lambda *a, **k: None)
+    _set(cuda, "synchronize", lambda *a, **k: None)
+    _set(cuda, "empty_cache", lambda *a, **k: None)
+    _set(cuda, "device_count", lambda: 0)
+    _set(cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed)))
+    _set(cuda, "get_rng_state", lambda device="cuda": torch.get_rng_state())
+    _set(cuda, "set_rng_state", lambda state, device="cuda": torch.set_rng_state(state))
+    _set(cuda, "Event", _CpuEvent)
+    _set(cuda, "Stream", _CpuStream)
+    _set(cuda, "current_stream", lambda *a, **k: _CpuStream())
+    _set(cuda, "default_stream", lambda *a, **k: _CpuStream())
+    _set(cuda, "stream", lambda *a, **k: contextlib.nullcontext())
+    _set(cuda, "memory_allocated", lambda *a, **k: 0)
+    _set(cuda, "max_memory_allocated", lambda *a, **k: 0)
+    _set(cuda, "memory_reserved", lambda *a, **k: 0)
+    _set(cuda, "max_memory_reserved", lambda *a, **k: 0)
+
+    for name in ("empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint", "as_tensor",
+                 "empty_like", "zeros_like", "ones_like", "full_like", "randn_like", "rand_like", "linspace"):
+        _set(torch, name, _factory(getattr(torch, name)))
+
+    tensor_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        if args:
+            args = (_to_cpu_device(args[0]),) + args[1:]
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        return tensor_to(self, *args, **kwargs)
+
+    _set(torch.Tensor, "to", to)
+    _set(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    _set(torch.nn.Module, "cuda", lambda self, *a, **k: self)
+
+    _report_type_as_cuda("torch.")
+    _rng_state_helpers(torch.get_rng_state, torch.set_rng_state)
+    _groups.add("cpu")
+
+
+def adapt_megatron_to_npu() -> None:
+    """What ``torch_npu.contrib.transfer_to_npu`` leaves to us: megatron-core's CUDA type-name checks and its
+    private CUDA RNG-state helpers. Call after importing transfer_to_npu."""
+    if "npu" in _groups:
+        return
+    _report_type_as_cuda("torch.npu.")
+    _rng_state_helpers(lambda: torch.npu.get_rng_state(), lambda s: torch.npu.set_rng_state(s))
+    _groups.add("npu")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rotary hook
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def install_rope_hook() -> None:
+    """Route megatron-core's rotary embedding through ``config.aquila_rope_fn`` where a config sets one."""
+    if "rope" in _groups:
+        return
+    from megatron.core.transformer import attention
+
+    original = attention.apply_rotary_pos_emb
+
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None):
+        fn = getattr(config, "aquila_rope_fn", None)
+        if fn is None or cu_seqlens is not None or mscale != 1.0 or config.rotary_interleaved:
+            return original(t, freqs, config=config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
+        return fn(t, freqs)
+
+    _set(attention, "apply_rotary_pos_emb", apply_rotary_pos_emb)
+    _groups.add("rope")

@@ -1,0 +1,113 @@
+"""Pick the device once at start-up: npu, cuda or cpu.
+
+``setup()`` chooses the device (auto-detected, or ``--device`` / ``AQUILA_DEVICE``), applies the redirection
+megatron-core needs off CUDA, initialises torch.distributed with hccl / nccl / gloo, and returns a ``Device`` whose
+``backend`` is the megatron-core ``BackendSpecProvider`` for the model's layer spec.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from aquila_npu.device import patches
+from aquila_npu.device.backends import FusedOps, TorchBackend, make_backend
+
+DEVICES = ("npu", "cuda", "cpu")
+DIST_BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
+
+
+@dataclass
+class Device:
+    name: str  # where tensors live: npu / cuda / cpu
+    backend: TorchBackend  # which modules the model is built from
+    dist_backend: str
+    torch_device: torch.device
+
+    @property
+    def kernels(self) -> str:
+        return self.backend.name
+
+
+def npu_available() -> bool:
+    """True when torch_npu imports (needs Ascend CANN) and sees at least one NPU."""
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    try:
+        import torch_npu  # noqa: F401
+        return torch.npu.is_available()
+    except Exception:
+        return False
+
+
+def detect() -> str:
+    if npu_available():
+        return "npu"
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def resolve(device: Optional[str] = None) -> str:
+    device = (device or os.environ.get("AQUILA_DEVICE") or "auto").lower()
+    if device == "auto":
+        return detect()
+    if device not in DEVICES:
+        raise ValueError(f"--device {device!r}: choose one of auto, {', '.join(DEVICES)}")
+    if device == "npu" and not npu_available():
+        raise RuntimeError("--device npu: torch_npu is not importable or sees no NPU (install torch_npu matching "
+                           "torch and source CANN's set_env.sh)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: torch sees no CUDA GPU")
+    return device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(dist_backend: str, timeout_minutes: int = 30) -> None:
+    """torch.distributed from torchrun's environment, or a one-process group when not launched by torchrun."""
+    if torch.distributed.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+    torch.distributed.init_process_group(backend=dist_backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def setup(device: Optional[str] = None, fused: FusedOps = FusedOps(), *, distributed: bool = True,
+          kernels: Optional[str] = None) -> Device:
+    """Select the device and prepare torch / megatron-core for it. Call once, before building models.
+
+    ``kernels`` picks the backend's modules independently of where tensors live; only tests use it (npu kernels
+    from the emulator on a CPU).
+    """
+    name = resolve(device)
+    backend = make_backend(kernels or name, fused)  # raises on a fused switch the device cannot provide
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if name == "npu":
+        importlib.import_module("torch_npu")
+        importlib.import_module("torch_npu.contrib.transfer_to_npu")  # torch.cuda -> torch.npu, nccl -> hccl
+        patches.adapt_megatron_to_npu()
+        torch.npu.set_device(local_rank)
+        torch_device = torch.device("npu", local_rank)
+    elif name == "cuda":
+        torch.cuda.set_device(local_rank)
+        torch_device = torch.device("cuda", local_rank)
+    else:
+        patches.redirect_cuda_to_cpu()
+        torch_device = torch.device("cpu")
+    if backend.rope_fn() is not None:
+        patches.install_rope_hook()
+    if distributed:
+        init_distributed(DIST_BACKENDS[name])
+    return Device(name=name, backend=backend, dist_backend=DIST_BACKENDS[name], torch_device=torch_device)

@@ -1,0 +1,99 @@
+"""Plain-PyTorch modules for megatron-core layer specs: every device can run them.
+
+They are the reference the fused modules are checked against, and they own the parameter names every backend
+shares (an RMSNorm has one parameter, ``weight``; core attention has none).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import divide
+from torch import Tensor
+
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """AquilaRMSNorm: normalise in fp32 and multiply by the weight in fp32, then cast back to the input dtype.
+    (LLaMA's RMSNorm casts to the input dtype before the multiplication; that is Aquila's one numeric difference.)"""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm with Aquila numerics. Built by megatron-core as ``norm(config=, hidden_size=, eps=)``."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(
+            torch.ones(hidden_size, dtype=config.params_dtype, device="cpu" if config.use_cpu_initialization else None)
+        )
+        # With sequence parallelism each TP rank sees a slice of the tokens: megatron-core all-reduces these grads.
+        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm_reference(x, self.weight, self.eps)
+
+
+def causal_mask(sq: int, sk: int, device=None) -> Tensor:
+    """Boolean [sq, sk] mask, True = masked, causal with the queries aligned to the END of the keys
+    (query i sits at key position sk - sq + i), which covers training (sq == sk) and KV-cache decoding."""
+    q_pos = torch.arange(sk - sq, sk, device=device).unsqueeze(1)
+    k_pos = torch.arange(sk, device=device).unsqueeze(0)
+    return k_pos > q_pos
+
+
+class CoreAttentionBase(MegatronModule):
+    """Shared set-up for the core attention modules: heads per partition, scale, dropout, mask handling.
+
+    Inputs follow megatron-core's ``sbhd`` convention: query [sq, b, np, hn], key/value [sk, b, ng, hn];
+    the output is [sq, b, np * hn]. ``attention_mask`` is boolean, True = masked, broadcastable to [b, 1, sq, sk];
+    with ``attention_mask=None`` and a causal layer, a causal mask is implied.
+    """
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 cp_comm_type: Optional[str] = None, pg_collection=None):
+        super().__init__(config=config)
+        assert config.context_parallel_size == 1, "context parallelism is not supported by this core attention"
+        tp = config.tensor_model_parallel_size
+        self.num_heads = divide(config.num_attention_heads, tp)
+        self.num_groups = divide(config.num_query_groups or config.num_attention_heads, tp)
+        self.head_dim = config.kv_channels
+        self.attn_mask_type = attn_mask_type
+        self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def mask_for(self, attention_mask: Optional[Tensor], attn_mask_type, sq: int, sk: int, device) -> Optional[Tensor]:
+        """The boolean mask to apply (True = masked), or None for 'no mask at all'."""
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        if attention_mask is not None:
+            return attention_mask.bool()
+        if mask_type == AttnMaskType.causal and sq > 1:
+            return causal_mask(sq, sk, device)
+        return None
+
+
+class SDPAAttention(CoreAttentionBase):
+    """Core attention with ``torch.nn.functional.scaled_dot_product_attention`` (GQA without repeating K/V)."""
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> Tensor:
+        assert packed_seq_params is None and attention_bias is None, "packed sequences / bias are not supported"
+        sq, b, np_, hn = query.shape
+        sk = key.shape[0]
+        mask = self.mask_for(attention_mask, attn_mask_type, sq, sk, query.device)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, d]
+        dropout = self.dropout_p if self.training else 0.0
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if mask is None else ~mask, dropout_p=dropout, scale=self.scale,
+                enable_gqa=self.num_heads != self.num_groups,
+            )
+        return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)

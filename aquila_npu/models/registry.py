@@ -1,0 +1,133 @@
+"""Named Aquila2 architectures with their published shapes.
+
+Sources (the HF ``config.json`` of each model; FlagAI ``flagai/model/aquila2/configuration_aquila.py`` defaults agree):
+
+* ``aquila2-7b`` / ``aquilachat2-7b``: BAAI/Aquila2-7B (Oct-2023 revision), BAAI/AquilaChat2-7B: hidden_size 4096,
+  intermediate_size 11008, num_hidden_layers 32, num_attention_heads 32, num_key_value_heads not set (= 32),
+  vocab_size 100008, max_position_embeddings 2048, rms_norm_eps 1e-5, rope_theta not set (10000),
+  tie_word_embeddings false.
+* ``aquila2-34b`` / ``aquilachat2-34b``: BAAI/Aquila2-34B (revision 356733c), BAAI/AquilaChat2-34B: hidden_size 6144,
+  intermediate_size 24576, num_hidden_layers 60, num_attention_heads 48, num_key_value_heads 8, vocab_size 100008,
+  max_position_embeddings 4096, rms_norm_eps 1e-5, rope_theta not set (10000), tie_word_embeddings false.
+* ``aquilachat2-7b-16k`` / ``aquilachat2-34b-16k``: as the chat models with ``rope_scaling {linear, 8.0}`` /
+  ``{linear, 4.0}`` and max_position_embeddings 16384.
+* ``aquila2-7b-2406`` / ``aquila2-34b-2406``: BAAI's 2024-06-06 re-release of the base models: vocab_size 143973,
+  max_position_embeddings 8192, rope_theta 1e6, otherwise as the original.
+
+The ModelLink figures (BoolQ 77.8% / 88.0%, throughput) belong to the original 100008-vocab models, the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture of one Aquila2 model, in Hugging Face terms."""
+
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling_factor: Optional[float] = None  # linear position interpolation (the 16K chat models)
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 100006
+    eos_token_id: int = 100007
+    pad_token_id: int = 0
+    torch_dtype: str = "float16"
+    source: str = ""
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim * self.num_key_value_heads
+
+    def num_parameters(self, padded_vocab_size: Optional[int] = None) -> int:
+        """Parameter count of the model (the HF checkpoint's, unless a padded vocab is given)."""
+        v = padded_vocab_size or self.vocab_size
+        h, f, d = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = h * h + 2 * h * self.num_key_value_heads * d + h * h  # q, k, v, o
+        mlp = 3 * h * f  # gate, up, down
+        per_layer = attn + mlp + 2 * h  # two RMSNorm weights
+        embeddings = v * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + embeddings + h  # + final norm
+
+    def replace(self, **changes) -> "ModelSpec":
+        return dataclasses.replace(self, **changes)
+
+    def to_hf_config(self) -> dict:
+        """The fields of a HF LlamaForCausalLM ``config.json`` for this architecture."""
+        cfg = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": self.torch_dtype,
+        }
+        if self.rope_scaling_factor:
+            cfg["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": self.rope_scaling_factor}
+        return cfg
+
+
+_7B = dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_attention_heads=32, num_key_value_heads=32,
+           vocab_size=100008, max_position_embeddings=2048, torch_dtype="float16")
+_34B = dict(hidden_size=6144, intermediate_size=24576, num_layers=60, num_attention_heads=48, num_key_value_heads=8,
+            vocab_size=100008, max_position_embeddings=4096, torch_dtype="bfloat16")
+_2406 = dict(vocab_size=143973, max_position_embeddings=8192, rope_theta=1e6, bos_token_id=143717,
+             eos_token_id=143718)
+
+MODELS: Dict[str, ModelSpec] = {
+    s.name: s
+    for s in [
+        ModelSpec("aquila2-7b", **_7B, source="BAAI/Aquila2-7B config.json (Oct-2023 revision)"),
+        ModelSpec("aquilachat2-7b", **_7B, source="BAAI/AquilaChat2-7B config.json"),
+        ModelSpec("aquilachat2-7b-16k", **{**_7B, "max_position_embeddings": 16384}, rope_scaling_factor=8.0,
+                  source="BAAI/AquilaChat2-7B-16K config.json"),
+        ModelSpec("aquila2-34b", **_34B, source="BAAI/Aquila2-34B config.json (revision 356733c)"),
+        ModelSpec("aquilachat2-34b", **_34B, source="BAAI/AquilaChat2-34B config.json"),
+        ModelSpec("aquilachat2-34b-16k", **{**_34B, "max_position_embeddings": 16384}, rope_scaling_factor=4.0,
+                  source="BAAI/AquilaChat2-34B-16K config.json"),
+        ModelSpec("aquila2-7b-2406", **{**_7B, **_2406}, source="BAAI/Aquila2-7B config.json (2024-06 release)"),
+        ModelSpec("aquila2-34b-2406", **{**_34B, **_2406}, source="BAAI/Aquila2-34B config.json (2024-06 release)"),
+        # Small debug configs: Aquila2-shaped (RMSNorm, SwiGLU, RoPE, GQA, untied, no bias), quick on a CPU.
+        ModelSpec("aquila2-tiny", hidden_size=64, intermediate_size=176, num_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4, vocab_size=1000, max_position_embeddings=256, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0, torch_dtype="float32", source="debug"),
+        ModelSpec("aquila2-small", hidden_size=256, intermediate_size=688, num_layers=4, num_attention_heads=8,
+                  num_key_value_heads=2, vocab_size=100008, max_position_embeddings=512, torch_dtype="float32",
+                  source="debug: real vocab, 7B-like proportions"),
+    ]
+}
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name.lower()]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}") from None

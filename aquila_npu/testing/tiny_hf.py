@@ -1,0 +1,27 @@
+"""Tiny random Hugging Face LLaMA models shaped like Aquila2 (GQA, untied, no bias) for tests."""
+
+from __future__ import annotations
+
+import torch
+
+from aquila_npu.models.registry import ModelSpec
+
+# GQA (8 heads, 2 key/value groups), a vocab that needs padding for --make-vocab-size-divisible-by 8 at any tp.
+TINY = ModelSpec("tiny-gqa", hidden_size=64, intermediate_size=96, num_layers=4, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=1003, max_position_embeddings=128, rms_norm_eps=1e-5,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=0, torch_dtype="float32", source="test")
+
+
+def tiny_llama(spec: ModelSpec = TINY, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A deterministic random ``transformers.LlamaForCausalLM`` of the given shape (same weights for the same seed)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**{k: v for k, v in spec.to_hf_config().items() if k not in ("architectures", "model_type")})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # make norms non-trivial so a mapping mistake there shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    return model.to(dtype)

@@ -1,0 +1,1 @@
+"""Hugging Face <-> megatron-core weight mapping, tensor/pipeline splitting and merging."""

@@ -1,0 +1,229 @@
+"""The one weight-mapping table between Hugging Face Aquila2/LLaMA and megatron-core, both directions, any tp/pp.
+
+Each row of ``TABLE`` names a megatron-core parameter, the HF tensors it is made of, how it is packed and how it is
+split across tensor-parallel ranks:
+
+* ``replicated``: every TP rank holds the whole tensor (RMSNorm weights);
+* ``column``: rows split across TP ranks;
+* ``row``: columns split across TP ranks (``linear_proj``, ``linear_fc2``);
+* ``vocab``: rows padded to the padded vocabulary (zeros), then split like ``column``;
+* ``qkv``: q, k, v packed per query group, ``[q heads of group g | k_g | v_g]`` for each g, then split by groups
+  (the layout megatron-core's ``get_query_key_value_tensors`` reads); needs query groups % tp == 0;
+* ``swiglu``: gate and up chunked separately over TP, each rank holding ``[gate shard; up shard]``.
+
+Pipeline stages hold consecutive, equal runs of layers (megatron-core's even split); a stage's state dict numbers
+its layers from 0. The first stage owns the embedding, the last the final norm and the output layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from aquila_npu.models.gpt import padded_vocab_size
+from aquila_npu.models.registry import ModelSpec
+
+
+@dataclass(frozen=True)
+class Row:
+    mcore: str  # megatron-core name; "{i}" is the layer index
+    hf: Tuple[str, ...]  # HF names; "{i}" is the layer index
+    kind: str  # replicated / column / row / vocab / qkv / swiglu
+    where: str  # first (stage 0) / last (last stage) / layer
+
+
+TABLE: Tuple[Row, ...] = (
+    Row("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab", "first"),
+    Row("decoder.layers.{i}.input_layernorm.weight", ("model.layers.{i}.input_layernorm.weight",), "replicated",
+        "layer"),
+    Row("decoder.layers.{i}.self_attention.linear_qkv.weight",
+        ("model.layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.k_proj.weight",
+         "model.layers.{i}.self_attn.v_proj.weight"), "qkv", "layer"),
+    Row("decoder.layers.{i}.self_attention.linear_proj.weight", ("model.layers.{i}.self_attn.o_proj.weight",), "row",
+        "layer"),
+    Row("decoder.layers.{i}.pre_mlp_layernorm.weight", ("model.layers.{i}.post_attention_layernorm.weight",),
+        "replicated", "layer"),
+    Row("decoder.layers.{i}.mlp.linear_fc1.weight",
+        ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"), "swiglu", "layer"),
+    Row("decoder.layers.{i}.mlp.linear_fc2.weight", ("model.layers.{i}.mlp.down_proj.weight",), "row", "layer"),
+    Row("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated", "last"),
+    Row("output_layer.weight", ("lm_head.weight",), "vocab", "last"),
+)
+
+# HF keys that carry no weights of the model (old Aquila .bin checkpoints hold rotary buffers).
+IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class LayoutError(ValueError):
+    """A tensor/pipeline layout the model cannot be split into."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one model is split: tensor-parallel size, pipeline-parallel size, vocab padding."""
+
+    spec: ModelSpec
+    tp: int = 1
+    pp: int = 1
+    make_vocab_size_divisible_by: int = 1
+
+    def __post_init__(self):
+        s = self.spec
+        if self.tp < 1 or self.pp < 1:
+            raise LayoutError("tensor and pipeline parallel sizes must be >= 1")
+        for what, n in (("attention heads", s.num_attention_heads), ("query groups (key/value heads)",
+                                                                      s.num_key_value_heads),
+                        ("ffn hidden size", s.intermediate_size)):
+            if n % self.tp:
+                raise LayoutError(f"tensor parallel size {self.tp} does not divide the {n} {what} of {s.name}")
+        if s.num_layers % self.pp:
+            raise LayoutError(f"pipeline parallel size {self.pp} does not divide the {s.num_layers} layers of {s.name}")
+        if s.tie_word_embeddings and self.pp > 1:
+            raise LayoutError("tied embeddings with pipeline parallelism are not supported (Aquila2 is untied)")
+
+    @property
+    def padded_vocab(self) -> int:
+        return padded_vocab_size(self.spec.vocab_size, self.make_vocab_size_divisible_by, self.tp)
+
+    @property
+    def layers_per_stage(self) -> int:
+        return self.spec.num_layers // self.pp
+
+    def stage_layers(self, pp_rank: int) -> range:
+        """Global layer indices held by a pipeline stage."""
+        n = self.layers_per_stage
+        return range(pp_rank * n, (pp_rank + 1) * n)
+
+    def stage_rows(self, pp_rank: int) -> Iterator[Tuple[Row, Optional[int], Optional[int]]]:
+        """(row, global layer, local layer) for every parameter of a stage, in state-dict order."""
+        for row in TABLE:
+            if row.where == "first" and pp_rank == 0 or row.where == "last" and pp_rank == self.pp - 1:
+                yield row, None, None
+            elif row.where == "layer":
+                for local, i in enumerate(self.stage_layers(pp_rank)):
+                    yield row, i, local
+
+    def stage_of_layer(self, i: int) -> int:
+        return i // self.layers_per_stage
+
+
+def _fmt(name: str, i: Optional[int]) -> str:
+    return name if i is None else name.format(i=i)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HF -> megatron-core
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _pack_qkv(q: Tensor, k: Tensor, v: Tensor, spec: ModelSpec) -> Tensor:
+    d, ng = spec.head_dim, spec.num_key_value_heads
+    per = spec.num_attention_heads // ng
+    h = q.shape[-1]
+    q = q.reshape(ng, per * d, h)
+    k = k.reshape(ng, d, h)
+    v = v.reshape(ng, d, h)
+    return torch.cat((q, k, v), dim=1).reshape(-1, h)
+
+
+def _pad_vocab(t: Tensor, padded: int) -> Tensor:
+    if t.shape[0] == padded:
+        return t
+    if t.shape[0] > padded:
+        raise LayoutError(f"vocab tensor has {t.shape[0]} rows, more than the padded vocab {padded}")
+    return torch.cat((t, t.new_zeros(padded - t.shape[0], *t.shape[1:])), dim=0)
+
+
+def split_for_tp(row: Row, hf: List[Tensor], layout: Layout) -> List[Tensor]:
+    """One megatron-core tensor per TP rank, from the row's HF tensors."""
+    tp = layout.tp
+    if row.kind == "replicated":
+        return [hf[0]] * tp
+    if row.kind == "column":
+        return list(hf[0].chunk(tp, dim=0))
+    if row.kind == "row":
+        return list(hf[0].chunk(tp, dim=1))
+    if row.kind == "vocab":
+        return list(_pad_vocab(hf[0], layout.padded_vocab).chunk(tp, dim=0))
+    if row.kind == "qkv":
+        return list(_pack_qkv(*hf, layout.spec).chunk(tp, dim=0))
+    if row.kind == "swiglu":
+        gates, ups = hf[0].chunk(tp, dim=0), hf[1].chunk(tp, dim=0)
+        return [torch.cat((g, u), dim=0) for g, u in zip(gates, ups)]
+    raise ValueError(f"unknown row kind {row.kind}")
+
+
+def hf_stage_to_mcore(get_hf: Callable[[str], Tensor], layout: Layout, pp_rank: int,
+                      on_tensor: Optional[Callable[[str, Tensor], None]] = None) -> List[Dict[str, Tensor]]:
+    """The megatron-core state dicts (one per TP rank) of one pipeline stage, reading HF tensors by name.
+
+    The returned tensors are contiguous copies: they share no memory with the HF tensors (which may be mmapped).
+    """
+    shards: List[Dict[str, Tensor]] = [dict() for _ in range(layout.tp)]
+    for row, i, local in layout.stage_rows(pp_rank):
+        hf = []
+        for name in row.hf:
+            t = get_hf(_fmt(name, i))
+            hf.append(t)
+            if on_tensor is not None:
+                on_tensor(_fmt(name, i), t)
+        key = _fmt(row.mcore, local)
+        for r, t in enumerate(split_for_tp(row, hf, layout)):
+            shards[r][key] = t.clone().contiguous()
+    return shards
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# megatron-core -> HF
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def merge_from_tp(row: Row, parts: List[Tensor], layout: Layout) -> List[Tensor]:
+    """The row's HF tensors, from the TP ranks' megatron-core tensors."""
+    spec = layout.spec
+    if row.kind == "replicated":
+        return [parts[0]]
+    if row.kind == "column":
+        return [torch.cat(parts, dim=0)]
+    if row.kind == "row":
+        return [torch.cat(parts, dim=1)]
+    if row.kind == "vocab":
+        return [torch.cat(parts, dim=0)[: spec.vocab_size]]
+    if row.kind == "qkv":
+        d, ng = spec.head_dim, spec.num_key_value_heads
+        per = spec.num_attention_heads // ng
+        full = torch.cat(parts, dim=0)
+        h = full.shape[-1]
+        grouped = full.reshape(ng, (per + 2) * d, h)
+        q, k, v = grouped.split([per * d, d, d], dim=1)
+        return [q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)]
+    if row.kind == "swiglu":
+        halves = [p.chunk(2, dim=0) for p in parts]
+        return [torch.cat([g for g, _ in halves], dim=0), torch.cat([u for _, u in halves], dim=0)]
+    raise ValueError(f"unknown row kind {row.kind}")
+
+
+def mcore_stage_to_hf(shards: List[Dict[str, Tensor]], layout: Layout, pp_rank: int) -> Iterator[Tuple[str, Tensor]]:
+    """(HF name, tensor) for every HF tensor of one stage, from its TP ranks' state dicts."""
+    if len(shards) != layout.tp:
+        raise LayoutError(f"stage {pp_rank} has {len(shards)} tensor-parallel shards, expected {layout.tp}")
+    for row, i, local in layout.stage_rows(pp_rank):
+        key = _fmt(row.mcore, local)
+        missing = [r for r, sd in enumerate(shards) if key not in sd]
+        if missing:
+            raise KeyError(f"{key} missing from tensor-parallel rank(s) {missing} of pipeline stage {pp_rank}")
+        for name, t in zip(row.hf, merge_from_tp(row, [sd[key] for sd in shards], layout)):
+            yield _fmt(name, i), t.contiguous()
+
+
+def hf_names(spec: ModelSpec) -> List[str]:
+    """Every HF tensor name of the model, in table order."""
+    layout = Layout(spec)
+    return [_fmt(name, i) for row, i, _ in layout.stage_rows(0) for name in row.hf]
+
+
+def mcore_param_names(layout: Layout, pp_rank: int) -> List[str]:
+    return [_fmt(row.mcore, local) for row, _, local in layout.stage_rows(pp_rank)]
