@@ -12,7 +12,10 @@ Only the paths we use are emulated; anything else raises NotImplementedError rat
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
+import importlib.machinery
 import math
 import sys
 import types
@@ -162,9 +165,24 @@ def npu_apply_adam_w(beta1_power, beta2_power, lr, weight_decay, beta1, beta2, e
 def _module() -> types.ModuleType:
     mod = types.ModuleType("torch_npu")
     mod.__doc__ = __doc__
+    # A spec, so that libraries probing find_spec("torch_npu") (accelerate, transformers) get an answer; they then
+    # find no torch.npu device and stay on their CPU paths.
+    mod.__spec__ = importlib.machinery.ModuleSpec("torch_npu", loader=None)
     mod.__aquila_emulator__ = True
+    mod.calls = collections.Counter()  # op name -> number of calls, so tests can see the fused path ran
+
+    def counted(name):
+        fn = globals()[name]
+
+        @functools.wraps(fn)
+        def op(*args, **kwargs):
+            mod.calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return op
+
     for name in EMULATED_OPS:
-        setattr(mod, name, globals()[name])
+        setattr(mod, name, counted(name))
     return mod
 
 

@@ -1,0 +1,113 @@
+"""Backends: same parameter names and shapes everywhere; fused switches that a device cannot honour are errors."""
+
+import pytest
+import torch
+
+from aquila_npu.device import patches
+from aquila_npu.device.backends import (CpuBackend, CudaBackend, FusedKernelUnavailable, FusedOps, NpuBackend,
+                                        have_transformer_engine)
+from aquila_npu.device.setup import resolve, setup
+from aquila_npu.models.config import transformer_config
+from aquila_npu.models.gpt import build_model
+from aquila_npu.parallel import initialize_model_parallel
+from aquila_npu.testing import npu_emulator
+from aquila_npu.testing.tiny_hf import TINY
+from aquila_npu.weights.mapping import Layout, mcore_param_names
+
+
+@pytest.fixture(scope="module")
+def cpu_device():
+    dev = setup("cpu")
+    initialize_model_parallel(1, 1)
+    return dev
+
+
+def _state_shapes(backend):
+    cfg = transformer_config(TINY, **backend.config_overrides())
+    model = build_model(TINY, cfg, backend, padded_vocab=Layout(TINY, make_vocab_size_divisible_by=8).padded_vocab)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("_extra_state")}, model
+
+
+def test_state_dict_identical_for_cpu_npu_cuda(cpu_device):
+    cpu, _ = _state_shapes(CpuBackend())
+    with npu_emulator.installed():
+        npu, npu_model = _state_shapes(NpuBackend(FusedOps.all()))
+    cuda_fused = FusedOps(swiglu=True) if not have_transformer_engine() else FusedOps.all()
+    cuda, _ = _state_shapes(CudaBackend(cuda_fused))
+    assert cpu == npu == cuda
+    # and they are exactly the names of the weight-mapping table
+    assert sorted(cpu) == sorted(mcore_param_names(Layout(TINY), 0))
+    # the npu model really is built from the fused modules
+    kinds = {type(m).__name__ for m in npu_model.modules()}
+    assert {"NpuRMSNorm", "NpuFlashAttention", "NpuSwiGLU"} <= kinds
+
+
+def test_cpu_rejects_fused_switches():
+    with pytest.raises(FusedKernelUnavailable, match="--use-flash-attn.*cpu"):
+        CpuBackend(FusedOps(flash_attn=True))
+    with pytest.raises(FusedKernelUnavailable, match="--use-fused-rmsnorm, --use-fused-swiglu"):
+        setup("cpu", FusedOps(rmsnorm=True, swiglu=True), distributed=False)
+
+
+@pytest.mark.skipif(have_transformer_engine(), reason="Transformer Engine is installed")
+def test_cuda_without_transformer_engine_is_a_clear_error():
+    with pytest.raises(FusedKernelUnavailable, match="Transformer Engine"):
+        CudaBackend(FusedOps(flash_attn=True))
+
+
+def test_device_selection_errors(monkeypatch):
+    with pytest.raises(ValueError, match="--device"):
+        resolve("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA"):
+            resolve("cuda")
+    with pytest.raises(RuntimeError, match="torch_npu"):
+        resolve("npu")
+    monkeypatch.setenv("AQUILA_DEVICE", "cpu")
+    assert resolve() == "cpu"
+
+
+def test_fused_ops_from_modellink_args():
+    class Args:
+        use_fused_rmsnorm, use_flash_attn, use_fused_rotary_pos_emb, use_fused_swiglu = True, True, False, True
+
+    ops = FusedOps.from_args(Args)
+    assert ops.requested() == ["--use-fused-rmsnorm", "--use-flash-attn", "--use-fused-swiglu"]
+
+
+def test_patches_are_opt_in_and_undoable():
+    """The cpu redirection and the rope hook install and uninstall cleanly; megatron-core sees CUDA type names."""
+    patches.undo_all()
+    from megatron.core.transformer import attention
+
+    original = attention.apply_rotary_pos_emb
+    assert torch.randn(2).type() == "torch.FloatTensor"
+    patches.redirect_cuda_to_cpu()
+    patches.install_rope_hook()
+    try:
+        assert patches.applied() == {"cpu", "rope"}
+        assert torch.randn(2).type() == "torch.cuda.FloatTensor"
+        assert torch.randn(2).type(torch.float64).dtype == torch.float64
+        assert torch.zeros(3, device="cuda").device.type == "cpu"
+        assert attention.apply_rotary_pos_emb is not original
+    finally:
+        patches.undo_all()
+    assert attention.apply_rotary_pos_emb is original
+    assert torch.randn(2).type() == "torch.FloatTensor"
+    with pytest.raises((RuntimeError, AssertionError)):
+        torch.zeros(1, device="cuda")
+    patches.redirect_cuda_to_cpu()  # leave the process as the other tests expect it
+
+
+def test_rope_hook_uses_config_function_only_when_set():
+    from megatron.core.transformer import attention
+
+    patches.install_rope_hook()
+    cfg = transformer_config(TINY)
+    t, freqs = torch.randn(5, 1, 2, 8), torch.randn(5, 1, 1, 8)
+    plain = attention.apply_rotary_pos_emb(t, freqs, config=cfg)
+    cfg.aquila_rope_fn = lambda t, f: t * 0 + 7
+    assert (attention.apply_rotary_pos_emb(t, freqs, config=cfg) == 7).all()
+    with npu_emulator.installed():
+        from aquila_npu.device.npu_modules import npu_rope
+        assert torch.allclose(npu_rope(t, freqs), plain, atol=1e-6)

@@ -1,0 +1,35 @@
+"""Importing aquila_npu has no side effects: no torch_npu, no patches."""
+
+import subprocess
+import sys
+
+from conftest import ROOT
+
+CHECK = """
+import sys, torch
+orig = (torch.cuda.current_device, torch.Tensor.type, torch.empty)
+import aquila_npu
+import aquila_npu.device.setup, aquila_npu.device.backends, aquila_npu.device.npu_modules
+import aquila_npu.device.torch_modules, aquila_npu.device.patches
+import aquila_npu.models.registry, aquila_npu.models.config, aquila_npu.models.gpt
+import aquila_npu.weights.mapping, aquila_npu.weights.load, aquila_npu.inference.forward
+import aquila_npu.testing.npu_emulator
+from megatron.core.transformer import attention
+assert 'torch_npu' not in sys.modules, 'torch_npu was imported'
+assert (torch.cuda.current_device, torch.Tensor.type, torch.empty) == orig, 'torch was patched on import'
+assert attention.apply_rotary_pos_emb.__module__.startswith('megatron'), 'megatron-core was patched on import'
+assert not aquila_npu.device.patches.applied()
+print('clean')
+"""
+
+
+def test_import_has_no_side_effects():
+    out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("clean")
+
+
+def test_issue_acceptance_one_liner():
+    out = subprocess.run([sys.executable, "-c", "import aquila_npu, sys; assert 'torch_npu' not in sys.modules"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
