@@ -23,7 +23,7 @@ def torchrun(script: str, nproc: int, args, timeout: int = 600) -> subprocess.Co
     env.pop("AQUILA_DEVICE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
            str(_free_port()),
-           str(ROOT / script), *map(str, args)]
+           *(script.split() if script.startswith("-m ") else [str(ROOT / script)]), *map(str, args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

@@ -9,7 +9,7 @@ import torch
 
 from conftest import read_json, torchrun
 
-WORKER = "tests/workers/hf_parity.py"
+WORKER = "-m aquila_npu.selfcheck"
 
 
 def _run(tmp_path, nproc, *args):
