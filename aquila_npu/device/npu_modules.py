@@ -10,7 +10,6 @@ import importlib
 from typing import Optional
 
 import torch
-from megatron.core import tensor_parallel
 from torch import Tensor
 
 from aquila_npu.device.torch_modules import CoreAttentionBase, RMSNorm
@@ -54,19 +53,12 @@ class NpuFlashAttention(CoreAttentionBase):
     ``next_tockens=0``); any other mask (padding, KV-cache decoding) is passed whole with the default token window.
     """
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
-                attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> Tensor:
-        assert packed_seq_params is None and attention_bias is None, "packed sequences / bias are not supported"
-        sq, b, np_, hn = query.shape
+    def attend(self, query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor], implicit_causal: bool,
+               dropout_p: float) -> Tensor:
+        sq, b, np_, _ = query.shape
         sk = key.shape[0]
-        mask = self.mask_for(attention_mask, attn_mask_type, sq, sk, query.device)
-        window = {}
-        if attention_mask is None and mask is not None and sq == sk:
-            window = dict(pre_tockens=sk, next_tockens=0)
-        keep_prob = 1.0 - (self.dropout_p if self.training else 0.0)
-        with tensor_parallel.get_cuda_rng_tracker().fork():
-            out = torch_npu().npu_fusion_attention(
-                query.reshape(sq, b, -1), key.reshape(sk, b, -1), value.reshape(sk, b, -1), np_, "SBH",
-                atten_mask=mask, scale=self.scale, keep_prob=keep_prob, sparse_mode=0, **window,
-            )[0]
-        return out
+        window = dict(pre_tockens=sk, next_tockens=0) if implicit_causal else {}
+        return torch_npu().npu_fusion_attention(
+            query.reshape(sq, b, -1), key.reshape(sk, b, -1), value.reshape(sk, b, -1), np_, "SBH",
+            atten_mask=mask, scale=self.scale, keep_prob=1.0 - dropout_p, sparse_mode=0, **window,
+        )[0]

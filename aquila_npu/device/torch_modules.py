@@ -79,21 +79,32 @@ class CoreAttentionBase(MegatronModule):
             return causal_mask(sq, sk, device)
         return None
 
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> Tensor:
+        assert packed_seq_params is None and attention_bias is None, "packed sequences / bias are not supported"
+        sq, sk = query.shape[0], key.shape[0]
+        mask = self.mask_for(attention_mask, attn_mask_type, sq, sk, query.device)
+        implicit_causal = attention_mask is None and mask is not None and sq == sk
+        dropout_p = self.dropout_p if self.training else 0.0
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            return self.attend(query, key, value, mask, implicit_causal, dropout_p)
+
+    def attend(self, query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor], implicit_causal: bool,
+               dropout_p: float) -> Tensor:
+        """[sq, b, np*hn] from sbhd q/k/v; ``mask`` True = masked; ``implicit_causal``: mask is the plain causal
+        one over equal lengths (kernels with causal sparsity can use it)."""
+        raise NotImplementedError
+
 
 class SDPAAttention(CoreAttentionBase):
     """Core attention with ``torch.nn.functional.scaled_dot_product_attention`` (GQA without repeating K/V)."""
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
-                attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> Tensor:
-        assert packed_seq_params is None and attention_bias is None, "packed sequences / bias are not supported"
+    def attend(self, query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor], implicit_causal: bool,
+               dropout_p: float) -> Tensor:
         sq, b, np_, hn = query.shape
-        sk = key.shape[0]
-        mask = self.mask_for(attention_mask, attn_mask_type, sq, sk, query.device)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, d]
-        dropout = self.dropout_p if self.training else 0.0
-        with tensor_parallel.get_cuda_rng_tracker().fork():
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=None if mask is None else ~mask, dropout_p=dropout, scale=self.scale,
-                enable_gqa=self.num_heads != self.num_groups,
-            )
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if mask is None else ~mask, dropout_p=dropout_p, scale=self.scale,
+            enable_gqa=self.num_heads != self.num_groups,
+        )
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
