@@ -48,11 +48,13 @@ def test_qkv_is_packed_per_query_group(hf_state):
     row = next(r for r in TABLE if r.kind == "qkv")
     shards = split_for_tp(row, [q, k, v], layout)
     d, per = TINY.head_dim, TINY.num_attention_heads // TINY.num_key_value_heads
-    g0 = shards[0]  # rank 0 holds group 0
+    ng_rank = TINY.num_key_value_heads // 2  # groups per TP rank
+    g0 = shards[0]  # rank 0 starts with group 0
     assert torch.equal(g0[: per * d], q[: per * d])
     assert torch.equal(g0[per * d: per * d + d], k[:d])
-    assert torch.equal(g0[per * d + d:], v[:d])
-    assert torch.equal(shards[1][: per * d], q[per * d: 2 * per * d])
+    assert torch.equal(g0[per * d + d: (per + 2) * d], v[:d])
+    assert torch.equal(g0[(per + 2) * d: (per + 2) * d + per * d], q[per * d: 2 * per * d])  # group 1 follows
+    assert torch.equal(shards[1][: per * d], q[ng_rank * per * d: (ng_rank + 1) * per * d])  # rank 1: group ng_rank
 
 
 def test_modellink_tp8_shapes_for_7b():

@@ -6,9 +6,9 @@ import torch
 
 from aquila_npu.models.registry import ModelSpec
 
-# GQA (8 heads, 2 key/value groups), a vocab that needs padding for --make-vocab-size-divisible-by 8 at any tp.
+# GQA (8 heads, 4 key/value groups: tp up to 4), a vocab that needs padding for --make-vocab-size-divisible-by 8 at any tp.
 TINY = ModelSpec("tiny-gqa", hidden_size=64, intermediate_size=96, num_layers=4, num_attention_heads=8,
-                 num_key_value_heads=2, vocab_size=1003, max_position_embeddings=128, rms_norm_eps=1e-5,
+                 num_key_value_heads=4, vocab_size=1003, max_position_embeddings=128, rms_norm_eps=1e-5,
                  bos_token_id=1, eos_token_id=2, pad_token_id=0, torch_dtype="float32", source="test")
 
 

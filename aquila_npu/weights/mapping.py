@@ -98,13 +98,14 @@ class Layout:
         return range(pp_rank * n, (pp_rank + 1) * n)
 
     def stage_rows(self, pp_rank: int) -> Iterator[Tuple[Row, Optional[int], Optional[int]]]:
-        """(row, global layer, local layer) for every parameter of a stage, in state-dict order."""
-        for row in TABLE:
-            if row.where == "first" and pp_rank == 0 or row.where == "last" and pp_rank == self.pp - 1:
-                yield row, None, None
-            elif row.where == "layer":
-                for local, i in enumerate(self.stage_layers(pp_rank)):
-                    yield row, i, local
+        """(row, global layer, local layer) for every parameter of a stage, layer by layer (so a reader that holds
+        one source stage at a time reads each stage once)."""
+        if pp_rank == 0:
+            yield from ((row, None, None) for row in TABLE if row.where == "first")
+        for local, i in enumerate(self.stage_layers(pp_rank)):
+            yield from ((row, i, local) for row in TABLE if row.where == "layer")
+        if pp_rank == self.pp - 1:
+            yield from ((row, None, None) for row in TABLE if row.where == "last")
 
     def stage_of_layer(self, i: int) -> int:
         return i // self.layers_per_stage

@@ -1,0 +1,1 @@
+"""Checkpoints on disk: Hugging Face folders and Megatron checkpoint directories, read and written stage by stage."""

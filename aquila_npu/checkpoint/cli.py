@@ -1,0 +1,85 @@
+"""Command line of tools/checkpoint/convert_ckpt.py (ModelLink's flags)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from aquila_npu.checkpoint.convert import to_huggingface, to_megatron
+from aquila_npu.checkpoint.hf_io import CheckpointError, HFReader
+from aquila_npu.checkpoint.megatron_io import MegatronReader
+from aquila_npu.models.config import DTYPES, NotAquilaConfig
+from aquila_npu.weights.mapping import LayoutError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="convert_ckpt.py",
+        description="Convert Aquila2 weights between Hugging Face folders and Megatron checkpoint directories "
+                    "(any tensor/pipeline-parallel layout), tensor by tensor, one pipeline stage in memory at a time.")
+    p.add_argument("--model-type", default="GPT", choices=["GPT"], help="model family (only GPT; kept for ModelLink)")
+    p.add_argument("--loader", required=True, choices=["llama2_hf", "hf", "megatron", "mcore"],
+                   help="input format: llama2_hf / hf (a Hugging Face folder) or megatron / mcore")
+    p.add_argument("--saver", required=True, choices=["megatron", "mcore"],
+                   help="output writer (megatron; with --save-model-type save_huggingface_llama it writes HF)")
+    p.add_argument("--save-model-type", default=None, choices=["save_huggingface_llama", "megatron"],
+                   help="save_huggingface_llama: write a Hugging Face model into <save-dir>/mg2hg/, taking config "
+                        "and tokenizer files from <save-dir> (the original HF folder)")
+    p.add_argument("--load-dir", required=True, help="input HF folder or Megatron checkpoint directory")
+    p.add_argument("--save-dir", required=True, help="output directory (replaced atomically at the end)")
+    p.add_argument("--target-tensor-parallel-size", type=int, default=1, help="output tensor-parallel size")
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=1, help="output pipeline-parallel size")
+    p.add_argument("--tokenizer-model", default=None,
+                   help="tokenizer file (tokenizer.json / tokenizer.model); checked to exist, its vocab must cover the "
+                        "model's")
+    p.add_argument("--params-dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="cast weights to this dtype (default: keep the input's)")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=1,
+                   help="pad the vocabulary to a multiple of this x tp (default 1, as ModelLink's Aquila2 scripts)")
+    p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="HF output: largest safetensors shard")
+    return p
+
+
+def _check_tokenizer(path: str, vocab_size: int) -> None:
+    if not os.path.exists(path):
+        raise CheckpointError(f"--tokenizer-model {path}: no such file")
+    if path.endswith(".json"):
+        from tokenizers import Tokenizer
+        try:
+            n = Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
+        except Exception as e:
+            raise CheckpointError(f"--tokenizer-model {path}: cannot read ({e})") from None
+        if n > vocab_size:
+            raise CheckpointError(f"--tokenizer-model {path}: {n} tokens, more than the model's vocab {vocab_size}")
+
+
+def run(args) -> str:
+    dtype = DTYPES[args.params_dtype] if args.params_dtype else None
+    hf_in = args.loader in ("llama2_hf", "hf")
+    reader = HFReader(args.load_dir) if hf_in else MegatronReader(args.load_dir)
+    if args.tokenizer_model:
+        _check_tokenizer(args.tokenizer_model, reader.spec.vocab_size)
+    if args.save_model_type == "save_huggingface_llama":
+        if hf_in:
+            raise CheckpointError("--save-model-type save_huggingface_llama needs --loader megatron")
+        out = os.path.join(args.save_dir, "mg2hg")
+        files = args.save_dir if os.path.isdir(args.save_dir) else None
+        to_huggingface(reader, out, hf_dir_for_files=files, params_dtype=dtype)
+        return out
+    to_megatron(reader, args.save_dir, args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
+                args.make_vocab_size_divisible_by, dtype)
+    return args.save_dir
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    start = time.time()
+    try:
+        out = run(args)
+    except (CheckpointError, LayoutError, NotAquilaConfig, FileNotFoundError) as e:
+        print(f"convert_ckpt.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"converted {args.load_dir} -> {out} in {time.time() - start:.1f}s")
+    return 0

@@ -1,0 +1,139 @@
+"""HF <-> Megatron <-> Megatron conversion, one pipeline stage at a time, through the weight-mapping table.
+
+Output is written into a temporary directory beside the target and renamed into place at the end, so a failed
+conversion leaves no half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from aquila_npu.checkpoint import hf_io, megatron_io
+from aquila_npu.checkpoint.hf_io import CheckpointError
+from aquila_npu.weights.mapping import Layout, hf_stage_to_mcore, mcore_stage_to_hf
+
+ITERATION = 1  # what converted checkpoints carry, as ModelLink's converter
+
+
+class _Progress:
+    def __init__(self, total_bytes: int, desc: str):
+        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                        postfix={"tensors": 0})
+        self.tensors = 0
+
+    def __call__(self, name, t):
+        self.tensors += 1
+        self.bar.update(t.numel() * t.element_size())
+        self.bar.set_postfix(tensors=self.tensors, refresh=False)
+
+    def close(self):
+        self.bar.close()
+
+
+def _model_bytes(spec, dtype: torch.dtype) -> int:
+    return spec.num_parameters() * torch.finfo(dtype).bits // 8
+
+
+class _AtomicDir:
+    """A temporary directory next to ``target`` that replaces it on success and is removed on failure."""
+
+    def __init__(self, target: str):
+        self.target = os.path.abspath(target)
+        parent = os.path.dirname(self.target)
+        os.makedirs(parent, exist_ok=True)
+        self.tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(self.target) + "-", dir=parent)
+
+    def __enter__(self):
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if os.path.isdir(self.target):
+            old = self.target + ".old-" + os.path.basename(self.tmp)
+            os.replace(self.target, old)
+            os.replace(self.tmp, self.target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.target)
+        return False
+
+
+def _check_megatron_target(save_dir: str, layout: Layout) -> None:
+    """An existing save-dir may be replaced only by a checkpoint of the same model."""
+    if not os.path.exists(save_dir):
+        return
+    if not os.path.isdir(save_dir):
+        raise CheckpointError(f"--save-dir {save_dir} exists and is not a directory")
+    if not os.listdir(save_dir):
+        return
+    try:
+        _, existing, _ = megatron_io.read_layout(save_dir)
+    except CheckpointError:
+        raise CheckpointError(f"--save-dir {save_dir} is not empty and holds no aquila_npu checkpoint; choose an "
+                              "empty or new directory") from None
+    if existing.spec.replace(name="", source="") != layout.spec.replace(name="", source=""):
+        raise CheckpointError(f"--save-dir {save_dir} already holds a checkpoint of a different model; choose another "
+                              "directory")
+
+
+def to_megatron(reader, save_dir: str, tp: int, pp: int, make_vocab_size_divisible_by: int = 1,
+                params_dtype: Optional[torch.dtype] = None) -> Layout:
+    """Write a Megatron checkpoint (tp x pp) from any reader with ``.spec`` and ``.get(hf_name)``."""
+    layout = Layout(reader.spec, tp, pp, make_vocab_size_divisible_by)
+    _check_megatron_target(save_dir, layout)
+    dtype = params_dtype or getattr(reader, "dtype", None) or getattr(torch, reader.spec.torch_dtype)
+
+    def get(name):
+        t = reader.get(name)
+        return t if t.dtype == dtype else t.to(dtype)
+
+    progress = _Progress(_model_bytes(reader.spec, dtype), f"-> megatron tp{tp}-pp{pp}")
+    try:
+        with _AtomicDir(save_dir) as tmp:
+            for stage in range(pp):
+                shards = hf_stage_to_mcore(get, layout, stage, on_tensor=progress)
+                megatron_io.save_stage(tmp, ITERATION, layout, stage, shards, dtype)
+                del shards
+            megatron_io.write_tracker(tmp, ITERATION)
+    finally:
+        progress.close()
+    return layout
+
+
+def to_huggingface(reader, save_dir: str, hf_dir_for_files: Optional[str] = None,
+                   params_dtype: Optional[torch.dtype] = None) -> str:
+    """Write a HF folder (safetensors + config.json + tokenizer files when ``hf_dir_for_files`` has them)."""
+    spec = reader.spec
+    dtype = params_dtype or getattr(reader, "dtype", None) or getattr(torch, spec.torch_dtype)
+    layout = Layout(spec, 1, 1)
+    base_cfg = None
+    if hf_dir_for_files and os.path.exists(os.path.join(hf_dir_for_files, "config.json")):
+        with open(os.path.join(hf_dir_for_files, "config.json")) as f:
+            base_cfg = json.load(f)
+    progress = _Progress(_model_bytes(spec, dtype), "-> huggingface")
+    try:
+        with _AtomicDir(save_dir) as tmp:
+            writer = hf_io.HFWriter(tmp)
+            for row, i, _ in layout.stage_rows(0):
+                for name in row.hf:
+                    name = name if i is None else name.format(i=i)
+                    t = reader.get(name)
+                    t = t if t.dtype == dtype else t.to(dtype)
+                    writer.add(name, t)
+                    progress(name, t)
+            writer.close()
+            hf_io.write_config(spec, tmp, dtype, base_cfg)
+            if hf_dir_for_files:
+                hf_io.copy_tokenizer_files(hf_dir_for_files, tmp)
+    finally:
+        progress.close()
+    return save_dir

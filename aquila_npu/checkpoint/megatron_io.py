@@ -1,0 +1,156 @@
+"""Megatron checkpoint directories, the layout Megatron-LM / ModelLink users know:
+
+    <dir>/latest_checkpointed_iteration.txt              the iteration, e.g. "1" (or "release")
+    <dir>/iter_0000001/mp_rank_TT/model_optim_rng.pt       pipeline size 1
+    <dir>/iter_0000001/mp_rank_TT_PPP/model_optim_rng.pt   pipeline size > 1
+
+Each file is a dict with ``model`` (the megatron-core state dict of that tp/pp rank), ``checkpoint_version`` 3.0,
+``iteration``, ``args`` (a Namespace of the architecture flags) and ``aquila`` (the architecture as a ModelSpec dict,
+the layout and the tokenizer's vocab size), so later commands need not repeat architecture flags. Training adds
+``optimizer``, ``opt_param_scheduler``, ``rng_state``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Dict, List, Optional
+
+import torch
+
+from aquila_npu.checkpoint.hf_io import CheckpointError
+from aquila_npu.models.registry import ModelSpec
+from aquila_npu.weights.mapping import Layout
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 3.0
+
+
+def rank_dir(iteration: int, tp_rank: int, pp_rank: int, pp: int) -> str:
+    sub = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return os.path.join(f"iter_{iteration:07d}", sub)
+
+
+def megatron_args(layout: Layout, params_dtype: torch.dtype) -> argparse.Namespace:
+    s = layout.spec
+    return argparse.Namespace(
+        num_layers=s.num_layers, hidden_size=s.hidden_size, ffn_hidden_size=s.intermediate_size,
+        num_attention_heads=s.num_attention_heads, group_query_attention=s.num_key_value_heads != s.num_attention_heads,
+        num_query_groups=s.num_key_value_heads, max_position_embeddings=s.max_position_embeddings,
+        seq_length=s.max_position_embeddings, norm_epsilon=s.rms_norm_eps, rotary_base=s.rope_theta,
+        normalization="RMSNorm", swiglu=True, untie_embeddings_and_output_weights=not s.tie_word_embeddings,
+        add_bias_linear=False, position_embedding_type="rope", tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp, make_vocab_size_divisible_by=layout.make_vocab_size_divisible_by,
+        padded_vocab_size=layout.padded_vocab, vocab_size=s.vocab_size, params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
+    )
+
+
+def checkpoint_meta(layout: Layout, params_dtype: torch.dtype) -> dict:
+    return {"spec": dataclasses.asdict(layout.spec), "tp": layout.tp, "pp": layout.pp,
+            "make_vocab_size_divisible_by": layout.make_vocab_size_divisible_by,
+            "padded_vocab_size": layout.padded_vocab, "tokenizer_vocab_size": layout.spec.vocab_size,
+            "params_dtype": str(params_dtype).replace("torch.", "")}
+
+
+def save_stage(root: str, iteration: int, layout: Layout, pp_rank: int, shards: List[Dict[str, torch.Tensor]],
+               params_dtype: torch.dtype, extra: Optional[List[dict]] = None) -> None:
+    for tp_rank, sd in enumerate(shards):
+        d = os.path.join(root, rank_dir(iteration, tp_rank, pp_rank, layout.pp))
+        os.makedirs(d, exist_ok=True)
+        obj = {"args": megatron_args(layout, params_dtype), "checkpoint_version": CHECKPOINT_VERSION,
+               "iteration": iteration, "model": sd, "aquila": checkpoint_meta(layout, params_dtype)}
+        if extra:
+            obj.update(extra[tp_rank])
+        torch.save(obj, os.path.join(d, "model_optim_rng.pt"))
+
+
+def write_tracker(root: str, iteration: int) -> None:
+    with open(os.path.join(root, TRACKER), "w") as f:
+        f.write(str(iteration))
+
+
+def read_iteration(root: str) -> int:
+    path = os.path.join(root, TRACKER)
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        raise CheckpointError(f"{root}: no {TRACKER}; not a Megatron checkpoint directory") from None
+    if text == "release":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{path}: {text!r} is not an iteration number") from None
+
+
+def _iter_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, "release") if iteration == 0 and os.path.isdir(os.path.join(root, "release")) \
+        else os.path.join(root, f"iter_{iteration:07d}")
+
+
+def load_rank(root: str, iteration: int, tp_rank: int, pp_rank: int, pp: int) -> dict:
+    path = os.path.join(root, rank_dir(iteration, tp_rank, pp_rank, pp), "model_optim_rng.pt")
+    if iteration == 0:
+        path = path.replace(f"iter_{0:07d}", "release") if not os.path.exists(path) else path
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"missing checkpoint file {path}") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from None
+
+
+def read_layout(root: str):
+    """(iteration, Layout, params dtype) of a checkpoint directory written by aquila_npu."""
+    iteration = read_iteration(root)
+    d = _iter_dir(root, iteration)
+    if not os.path.isdir(d):
+        raise CheckpointError(f"{root}: {TRACKER} says iteration {iteration} but {d} is missing")
+    ranks = sorted(os.listdir(d))
+    if not ranks:
+        raise CheckpointError(f"{d}: no mp_rank_* directories")
+    single_stage = os.path.isdir(os.path.join(d, "mp_rank_00"))
+    obj = load_rank(root, iteration, 0, 0, 1 if single_stage else 2)  # pp > 1 names it mp_rank_00_000
+    meta = obj.get("aquila")
+    if meta is None:
+        raise CheckpointError(f"{root}: the checkpoint carries no architecture ('aquila' entry); it was not written "
+                              "by aquila_npu")
+    layout = Layout(ModelSpec(**meta["spec"]), meta["tp"], meta["pp"], meta["make_vocab_size_divisible_by"])
+    expected = layout.tp * layout.pp
+    if len(ranks) != expected:
+        raise CheckpointError(f"{d}: {len(ranks)} rank directories, expected {expected} (tp{layout.tp} x pp{layout.pp})")
+    return iteration, layout, getattr(torch, meta["params_dtype"])
+
+
+class MegatronReader:
+    """HF-named tensors from a Megatron checkpoint, one source pipeline stage in memory at a time."""
+
+    def __init__(self, root: str):
+        from aquila_npu.weights.mapping import mcore_stage_to_hf
+
+        self.root = root
+        self.iteration, self.layout, self.dtype = read_layout(root)
+        self.spec = self.layout.spec
+        self._merge = mcore_stage_to_hf
+        self._stage: Optional[int] = None
+        self._tensors: Dict[str, torch.Tensor] = {}
+
+    def stage_of(self, name: str) -> int:
+        if name.startswith("model.layers."):
+            return self.layout.stage_of_layer(int(name.split(".")[2]))
+        return 0 if name == "model.embed_tokens.weight" else self.layout.pp - 1
+
+    def get(self, name: str) -> torch.Tensor:
+        stage = self.stage_of(name)
+        if stage != self._stage:
+            shards = [load_rank(self.root, self.iteration, r, stage, self.layout.pp)["model"]
+                      for r in range(self.layout.tp)]
+            self._tensors = dict(self._merge(shards, self.layout, stage))
+            self._stage = stage
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.root}: tensor {name} missing from pipeline stage {stage}") from None
