@@ -14,6 +14,7 @@ import json
 
 import torch
 
+from aquila_npu.checkpoint import megatron_io
 from aquila_npu.device.backends import FusedOps
 from aquila_npu.device.setup import resolve, setup
 from aquila_npu.inference.forward import forward_logits
@@ -36,38 +37,62 @@ def main():
                    help="backend modules when different from the device; 'npu' on a CPU uses the torch_npu emulator "
                         "(tests only)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="parameter dtype (default fp32)")
+    p.add_argument("--load", default=None,
+                   help="a Megatron checkpoint directory (from convert_ckpt.py) to check instead of a random model; "
+                        "its tp/pp must match --tp/--pp; needs --hf-dir")
+    p.add_argument("--hf-dir", default=None, help="the Hugging Face model the --load checkpoint was converted from")
     p.add_argument("--out", default=None, help="write the result as JSON to this file")
     a = p.parse_args()
+    if bool(a.load) != bool(a.hf_dir):
+        p.error("--load and --hf-dir go together")
     torch.set_num_threads(1)
     dtype = DTYPES[a.dtype]
     emulate = a.kernels == "npu" and a.device != "npu"
     with npu_emulator.installed() if emulate else contextlib.nullcontext() as fake_npu:
         # Fused kernels wherever the kernels are Ascend's (real or emulated); plain modules elsewhere.
         fused = FusedOps.all() if "npu" in (a.kernels, resolve(a.device)) else FusedOps()
+        if a.load:
+            # Before setup(): transformers' from_pretrained builds non-persistent buffers (rotary inv_freq) wrongly
+            # under the CPU redirection of torch.cuda / tensor factories.
+            from transformers import AutoModelForCausalLM
+
+            hf_reference = AutoModelForCausalLM.from_pretrained(a.hf_dir, dtype=dtype).eval()
         dev = setup(a.device, fused, kernels=a.kernels)
         initialize_model_parallel(a.tp, a.pp)
         from megatron.core import parallel_state as ps
 
-        hf = tiny_llama(dtype=dtype).to(dev.torch_device)
-        layout = Layout(TINY, a.tp, a.pp, make_vocab_size_divisible_by=8)
         pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
-        cfg = transformer_config(TINY, tensor_parallel=a.tp, pipeline_parallel=a.pp, params_dtype=dtype,
+        if a.load:
+            iteration, layout, _ = megatron_io.read_layout(a.load)
+            if (layout.tp, layout.pp) != (a.tp, a.pp):
+                raise SystemExit(f"--load {a.load} is tp{layout.tp}-pp{layout.pp}, not tp{a.tp}-pp{a.pp}: convert it "
+                                 f"with tools/checkpoint/convert_ckpt.py --loader megatron --saver megatron "
+                                 f"--target-tensor-parallel-size {a.tp} --target-pipeline-parallel-size {a.pp}")
+            hf = hf_reference.to(dev.torch_device)
+            shard = megatron_io.load_rank(a.load, iteration, tp_rank, pp_rank, layout.pp)["model"]
+            shard = {k: v.to(dtype) for k, v in shard.items()}
+        else:
+            hf = tiny_llama(dtype=dtype).to(dev.torch_device)
+            layout = Layout(TINY, a.tp, a.pp, make_vocab_size_divisible_by=8)
+            shard = hf_stage_to_mcore(hf.state_dict().__getitem__, layout, pp_rank)[tp_rank]
+        spec = layout.spec
+        cfg = transformer_config(spec, tensor_parallel=a.tp, pipeline_parallel=a.pp, params_dtype=dtype,
                                  **dev.backend.config_overrides())
-        model = build_model(TINY, cfg, dev.backend, padded_vocab=layout.padded_vocab, pre_process=pp_rank == 0,
+        model = build_model(spec, cfg, dev.backend, padded_vocab=layout.padded_vocab, pre_process=pp_rank == 0,
                             post_process=pp_rank == a.pp - 1, pp_rank=pp_rank, parallel_output=False)
-        shard = hf_stage_to_mcore(hf.state_dict().__getitem__, layout, pp_rank)[tp_rank]
         load_stage_state(model, shard)
         model.to(dev.torch_device).eval()
         torch.manual_seed(1)
-        tokens = torch.randint(3, TINY.vocab_size, (2, 24), device=dev.torch_device)
+        tokens = torch.randint(3, spec.vocab_size, (2, 24), device=dev.torch_device)
         logits = forward_logits(model, tokens)
         if logits is not None and tp_rank == 0:
             with torch.no_grad():
                 ref = hf(tokens).logits.float()
             ours = logits.float()
-            result = {"max_abs_diff": (ours[..., : TINY.vocab_size] - ref).abs().max().item(),
-                      "ref_abs_max": ref.abs().max().item(), "padded_vocab": ours.shape[-1],
-                      "argmax_agree": (ours[..., : TINY.vocab_size].argmax(-1) == ref.argmax(-1)).float().mean().item(),
+            ours = ours[..., : spec.vocab_size]
+            result = {"max_abs_diff": (ours - ref).abs().max().item(),
+                      "ref_abs_max": ref.abs().max().item(), "padded_vocab": logits.shape[-1],
+                      "argmax_agree": (ours.argmax(-1) == ref.argmax(-1)).float().mean().item(),
                       "tp": a.tp, "pp": a.pp, "kernels": dev.kernels, "dtype": a.dtype,
                       "emulated_npu_calls": dict(fake_npu.calls) if fake_npu is not None else {}}
             if a.out:

@@ -99,3 +99,16 @@ def test_help_lists_every_flag():
                  "--target-tensor-parallel-size", "--target-pipeline-parallel-size", "--tokenizer-model",
                  "--params-dtype", "--make-vocab-size-divisible-by"):
         assert flag in out.stdout
+
+
+@pytest.mark.slow
+def test_converted_tp2_pp2_checkpoint_matches_hf_logits_on_four_processes(tmp_path):
+    from conftest import read_json, torchrun
+
+    hf = tmp_path / "hf"
+    tiny_llama().save_pretrained(hf)
+    _to_mg(hf, tmp_path / "mg", 2, 2)
+    torchrun("-m aquila_npu.selfcheck", 4, ["--tp", 2, "--pp", 2, "--load", tmp_path / "mg", "--hf-dir", hf,
+                                            "--out", tmp_path / "r.json"])
+    r = read_json(tmp_path / "r.json")
+    assert r["max_abs_diff"] < 1e-4 and r["argmax_agree"] == 1.0
