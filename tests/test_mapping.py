@@ -93,3 +93,25 @@ def test_missing_shard_is_named(hf_state):
     del shards[1]["decoder.layers.2.mlp.linear_fc2.weight"]
     with pytest.raises(KeyError, match="linear_fc2.*rank"):
         dict(mcore_stage_to_hf(shards, layout, 0))
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_rank_slice_equals_split_for_tp(hf_state, tmp_path, tp):
+    """The per-rank reader (used by the converter to bound memory) matches the whole-tensor split, on tensors and on
+    safetensors lazy slices."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from aquila_npu.weights.mapping import hf_rank_to_mcore
+
+    save_file({k: v.contiguous() for k, v in hf_state.items()}, tmp_path / "m.safetensors")
+    f = safe_open(tmp_path / "m.safetensors", framework="pt")
+    layout = Layout(TINY, tp, 2, make_vocab_size_divisible_by=16)
+    for stage in range(2):
+        whole = hf_stage_to_mcore(hf_state.__getitem__, layout, stage)
+        for r in range(tp):
+            for get in (hf_state.__getitem__, f.get_slice):
+                part = hf_rank_to_mcore(get, layout, stage, r)
+                assert part.keys() == whole[r].keys()
+                for k in part:
+                    assert torch.equal(part[k], whole[r][k]), (k, r)

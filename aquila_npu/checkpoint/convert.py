@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from aquila_npu.checkpoint import hf_io, megatron_io
 from aquila_npu.checkpoint.hf_io import CheckpointError
-from aquila_npu.weights.mapping import Layout, hf_stage_to_mcore, mcore_stage_to_hf
+from aquila_npu.weights.mapping import Layout, hf_rank_to_mcore
 
 ITERATION = 1  # what converted checkpoints carry, as ModelLink's converter
 
@@ -92,17 +92,20 @@ def to_megatron(reader, save_dir: str, tp: int, pp: int, make_vocab_size_divisib
     _check_megatron_target(save_dir, layout)
     dtype = params_dtype or getattr(reader, "dtype", None) or getattr(torch, reader.spec.torch_dtype)
 
-    def get(name):
-        t = reader.get(name)
-        return t if t.dtype == dtype else t.to(dtype)
+    def cast(t):
+        t = t if t.dtype == dtype else t.to(dtype)
+        progress(None, t)
+        return t
 
+    # One (stage, TP rank) shard in memory at a time; safetensors inputs are read slice by slice.
     progress = _Progress(_model_bytes(reader.spec, dtype), f"-> megatron tp{tp}-pp{pp}")
     try:
         with _AtomicDir(save_dir) as tmp:
             for stage in range(pp):
-                shards = hf_stage_to_mcore(get, layout, stage, on_tensor=progress)
-                megatron_io.save_stage(tmp, ITERATION, layout, stage, shards, dtype)
-                del shards
+                for rank in range(tp):
+                    shard = hf_rank_to_mcore(reader.get_slice, layout, stage, rank, cast=cast)
+                    megatron_io.save_rank(tmp, ITERATION, layout, stage, rank, shard, dtype)
+                    del shard
             megatron_io.write_tracker(tmp, ITERATION)
     finally:
         progress.close()

@@ -81,6 +81,13 @@ class HFReader:
     def names(self) -> List[str]:
         return list(self._where)
 
+    def get_slice(self, name: str):
+        """A lazy view for safetensors (only the indexed part is read); the (mmapped) tensor for .bin files."""
+        fname = self._where.get(name)
+        if fname is not None and fname.endswith(".safetensors"):
+            return self._open(fname).get_slice(name)
+        return self.get(name)
+
     def get(self, name: str) -> Tensor:
         fname = self._where.get(name)
         if fname is None:

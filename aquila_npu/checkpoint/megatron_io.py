@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -54,16 +54,15 @@ def checkpoint_meta(layout: Layout, params_dtype: torch.dtype) -> dict:
             "params_dtype": str(params_dtype).replace("torch.", "")}
 
 
-def save_stage(root: str, iteration: int, layout: Layout, pp_rank: int, shards: List[Dict[str, torch.Tensor]],
-               params_dtype: torch.dtype, extra: Optional[List[dict]] = None) -> None:
-    for tp_rank, sd in enumerate(shards):
-        d = os.path.join(root, rank_dir(iteration, tp_rank, pp_rank, layout.pp))
-        os.makedirs(d, exist_ok=True)
-        obj = {"args": megatron_args(layout, params_dtype), "checkpoint_version": CHECKPOINT_VERSION,
-               "iteration": iteration, "model": sd, "aquila": checkpoint_meta(layout, params_dtype)}
-        if extra:
-            obj.update(extra[tp_rank])
-        torch.save(obj, os.path.join(d, "model_optim_rng.pt"))
+def save_rank(root: str, iteration: int, layout: Layout, pp_rank: int, tp_rank: int, sd: Dict[str, torch.Tensor],
+              params_dtype: torch.dtype, extra: Optional[dict] = None) -> None:
+    """Write one rank's ``model_optim_rng.pt``."""
+    d = os.path.join(root, rank_dir(iteration, tp_rank, pp_rank, layout.pp))
+    os.makedirs(d, exist_ok=True)
+    obj = {"args": megatron_args(layout, params_dtype), "checkpoint_version": CHECKPOINT_VERSION,
+           "iteration": iteration, "model": sd, "aquila": checkpoint_meta(layout, params_dtype)}
+    obj.update(extra or {})
+    torch.save(obj, os.path.join(d, "model_optim_rng.pt"))
 
 
 def write_tracker(root: str, iteration: int) -> None:
@@ -142,6 +141,9 @@ class MegatronReader:
         if name.startswith("model.layers."):
             return self.layout.stage_of_layer(int(name.split(".")[2]))
         return 0 if name == "model.embed_tokens.weight" else self.layout.pp - 1
+
+    def get_slice(self, name: str) -> torch.Tensor:
+        return self.get(name)
 
     def get(self, name: str) -> torch.Tensor:
         stage = self.stage_of(name)

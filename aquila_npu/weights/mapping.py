@@ -157,6 +157,59 @@ def split_for_tp(row: Row, hf: List[Tensor], layout: Layout) -> List[Tensor]:
     raise ValueError(f"unknown row kind {row.kind}")
 
 
+def _shape(t) -> Tuple[int, ...]:
+    return tuple(t.shape) if isinstance(t, Tensor) else tuple(t.get_shape())
+
+
+def rank_slice(row: Row, hf: list, layout: Layout, r: int) -> Tensor:
+    """TP rank ``r``'s megatron-core tensor of a row, reading only the rows/columns it needs.
+
+    ``hf`` holds full tensors or lazy slices (anything indexable as ``t[a:b]`` / ``t[:, a:b]`` returning a tensor,
+    e.g. safetensors' ``get_slice``), so a converter holds one rank's shard in memory, not a whole stage.
+    Equal to ``split_for_tp(row, hf, layout)[r]`` (tested).
+    """
+    tp, spec = layout.tp, layout.spec
+    if row.kind == "replicated":
+        return hf[0][:]
+    if row.kind in ("column", "swiglu"):
+        n = _shape(hf[0])[0] // tp
+        parts = [t[r * n:(r + 1) * n] for t in hf]
+        return torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+    if row.kind == "row":
+        n = _shape(hf[0])[1] // tp
+        return hf[0][:, r * n:(r + 1) * n]
+    if row.kind == "vocab":
+        v, h = _shape(hf[0])
+        n = layout.padded_vocab // tp
+        a, b = r * n, (r + 1) * n
+        real = hf[0][a:min(b, v)] if a < v else None
+        pad = b - max(a, v)
+        if pad <= 0:
+            return real
+        zeros = torch.zeros(pad, h, dtype=real.dtype if real is not None else torch.float32)
+        return zeros if real is None else torch.cat((real, zeros), dim=0)
+    if row.kind == "qkv":
+        d, ng = spec.head_dim, spec.num_key_value_heads
+        per, groups = spec.num_attention_heads // ng, ng // tp
+        q, k, v = hf
+        parts = []
+        for g in range(r * groups, (r + 1) * groups):
+            parts += [q[g * per * d:(g + 1) * per * d], k[g * d:(g + 1) * d], v[g * d:(g + 1) * d]]
+        return torch.cat(parts, dim=0)
+    raise ValueError(f"unknown row kind {row.kind}")
+
+
+def hf_rank_to_mcore(get_hf: Callable[[str], object], layout: Layout, pp_rank: int, tp_rank: int,
+                     cast: Optional[Callable[[Tensor], Tensor]] = None) -> Dict[str, Tensor]:
+    """One (pipeline stage, TP rank) megatron-core state dict; ``get_hf`` may return lazy slices."""
+    out: Dict[str, Tensor] = {}
+    for row, i, local in layout.stage_rows(pp_rank):
+        t = rank_slice(row, [get_hf(_fmt(name, i)) for name in row.hf], layout, tp_rank)
+        t = cast(t) if cast is not None else t
+        out[_fmt(row.mcore, local)] = t.clone().contiguous()
+    return out
+
+
 def hf_stage_to_mcore(get_hf: Callable[[str], Tensor], layout: Layout, pp_rank: int,
                       on_tensor: Optional[Callable[[str, Tensor], None]] = None) -> List[Dict[str, Tensor]]:
     """The megatron-core state dicts (one per TP rank) of one pipeline stage, reading HF tensors by name.
