@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -164,8 +164,3 @@ def write_config(spec: ModelSpec, dst: str, dtype: torch.dtype, base: Optional[d
     cfg["torch_dtype"] = str(dtype).replace("torch.", "")
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
-
-
-def iter_hf(reader: HFReader, names: Iterable[str]):
-    for n in names:
-        yield n, reader.get(n)

@@ -210,20 +210,14 @@ def hf_rank_to_mcore(get_hf: Callable[[str], object], layout: Layout, pp_rank: i
     return out
 
 
-def hf_stage_to_mcore(get_hf: Callable[[str], Tensor], layout: Layout, pp_rank: int,
-                      on_tensor: Optional[Callable[[str, Tensor], None]] = None) -> List[Dict[str, Tensor]]:
+def hf_stage_to_mcore(get_hf: Callable[[str], Tensor], layout: Layout, pp_rank: int) -> List[Dict[str, Tensor]]:
     """The megatron-core state dicts (one per TP rank) of one pipeline stage, reading HF tensors by name.
 
     The returned tensors are contiguous copies: they share no memory with the HF tensors (which may be mmapped).
     """
     shards: List[Dict[str, Tensor]] = [dict() for _ in range(layout.tp)]
     for row, i, local in layout.stage_rows(pp_rank):
-        hf = []
-        for name in row.hf:
-            t = get_hf(_fmt(name, i))
-            hf.append(t)
-            if on_tensor is not None:
-                on_tensor(_fmt(name, i), t)
+        hf = [get_hf(_fmt(name, i)) for name in row.hf]
         key = _fmt(row.mcore, local)
         for r, t in enumerate(split_for_tp(row, hf, layout)):
             shards[r][key] = t.clone().contiguous()
