@@ -112,3 +112,13 @@ def test_converted_tp2_pp2_checkpoint_matches_hf_logits_on_four_processes(tmp_pa
                                             "--out", tmp_path / "r.json"])
     r = read_json(tmp_path / "r.json")
     assert r["max_abs_diff"] < 1e-4 and r["argmax_agree"] == 1.0
+
+
+def test_max_shard_size_splits_hf_output(hf_dir, tmp_path):
+    _to_mg(hf_dir, tmp_path / "mg", 1, 1)
+    dst = tmp_path / "hfsave"
+    assert _convert("--loader", "megatron", "--saver", "megatron", "--save-model-type", "save_huggingface_llama",
+                    "--load-dir", tmp_path / "mg", "--save-dir", dst, "--max-shard-size-gb", 0.0002) == 0
+    index = json.loads((dst / "mg2hg" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    _assert_same(hf_dir, dst / "mg2hg")

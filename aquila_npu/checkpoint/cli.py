@@ -66,7 +66,8 @@ def run(args) -> str:
             raise CheckpointError("--save-model-type save_huggingface_llama needs --loader megatron")
         out = os.path.join(args.save_dir, "mg2hg")
         files = args.save_dir if os.path.isdir(args.save_dir) else None
-        to_huggingface(reader, out, hf_dir_for_files=files, params_dtype=dtype)
+        to_huggingface(reader, out, hf_dir_for_files=files, params_dtype=dtype,
+                       max_shard_bytes=int(args.max_shard_size_gb * 1024 ** 3))
         return out
     to_megatron(reader, args.save_dir, args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
                 args.make_vocab_size_divisible_by, dtype)

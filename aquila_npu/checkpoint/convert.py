@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from aquila_npu.checkpoint import hf_io, megatron_io
 from aquila_npu.checkpoint.hf_io import CheckpointError
-from aquila_npu.weights.mapping import Layout, hf_rank_to_mcore
+from aquila_npu.weights.mapping import Layout, hf_names, hf_rank_to_mcore
 
 ITERATION = 1  # what converted checkpoints carry, as ModelLink's converter
 
@@ -28,7 +28,7 @@ class _Progress:
                         postfix={"tensors": 0})
         self.tensors = 0
 
-    def __call__(self, name, t):
+    def __call__(self, t):
         self.tensors += 1
         self.bar.update(t.numel() * t.element_size())
         self.bar.set_postfix(tensors=self.tensors, refresh=False)
@@ -39,6 +39,11 @@ class _Progress:
 
 def _model_bytes(spec, dtype: torch.dtype) -> int:
     return spec.num_parameters() * torch.finfo(dtype).bits // 8
+
+
+def _output_dtype(reader, params_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """--params-dtype, else the input checkpoint's dtype, else the config's."""
+    return params_dtype or getattr(reader, "dtype", None) or getattr(torch, reader.spec.torch_dtype)
 
 
 class _AtomicDir:
@@ -90,11 +95,11 @@ def to_megatron(reader, save_dir: str, tp: int, pp: int, make_vocab_size_divisib
     """Write a Megatron checkpoint (tp x pp) from any reader with ``.spec`` and ``.get(hf_name)``."""
     layout = Layout(reader.spec, tp, pp, make_vocab_size_divisible_by)
     _check_megatron_target(save_dir, layout)
-    dtype = params_dtype or getattr(reader, "dtype", None) or getattr(torch, reader.spec.torch_dtype)
+    dtype = _output_dtype(reader, params_dtype)
 
     def cast(t):
-        t = t if t.dtype == dtype else t.to(dtype)
-        progress(None, t)
+        t = t.to(dtype)
+        progress(t)
         return t
 
     # One (stage, TP rank) shard in memory at a time; safetensors inputs are read slice by slice.
@@ -113,11 +118,10 @@ def to_megatron(reader, save_dir: str, tp: int, pp: int, make_vocab_size_divisib
 
 
 def to_huggingface(reader, save_dir: str, hf_dir_for_files: Optional[str] = None,
-                   params_dtype: Optional[torch.dtype] = None) -> str:
+                   params_dtype: Optional[torch.dtype] = None, max_shard_bytes: int = 5 * 1024 ** 3) -> str:
     """Write a HF folder (safetensors + config.json + tokenizer files when ``hf_dir_for_files`` has them)."""
     spec = reader.spec
-    dtype = params_dtype or getattr(reader, "dtype", None) or getattr(torch, spec.torch_dtype)
-    layout = Layout(spec, 1, 1)
+    dtype = _output_dtype(reader, params_dtype)
     base_cfg = None
     if hf_dir_for_files and os.path.exists(os.path.join(hf_dir_for_files, "config.json")):
         with open(os.path.join(hf_dir_for_files, "config.json")) as f:
@@ -125,14 +129,11 @@ def to_huggingface(reader, save_dir: str, hf_dir_for_files: Optional[str] = None
     progress = _Progress(_model_bytes(spec, dtype), "-> huggingface")
     try:
         with _AtomicDir(save_dir) as tmp:
-            writer = hf_io.HFWriter(tmp)
-            for row, i, _ in layout.stage_rows(0):
-                for name in row.hf:
-                    name = name if i is None else name.format(i=i)
-                    t = reader.get(name)
-                    t = t if t.dtype == dtype else t.to(dtype)
-                    writer.add(name, t)
-                    progress(name, t)
+            writer = hf_io.HFWriter(tmp, max_shard_bytes)
+            for name in hf_names(spec):  # layer by layer: the reader loads each source stage once
+                t = reader.get(name).to(dtype)
+                writer.add(name, t)
+                progress(t)
             writer.close()
             hf_io.write_config(spec, tmp, dtype, base_cfg)
             if hf_dir_for_files:

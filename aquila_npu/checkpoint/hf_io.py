@@ -78,9 +78,6 @@ class HFReader:
             self._bin_cache = (fname, sd)
         return self._bin_cache[1]
 
-    def names(self) -> List[str]:
-        return list(self._where)
-
     def get_slice(self, name: str):
         """A lazy view for safetensors (only the indexed part is read); the (mmapped) tensor for .bin files."""
         fname = self._where.get(name)
@@ -110,7 +107,6 @@ class HFWriter:
         self.max = max_shard_bytes
         self.pending: Dict[str, Tensor] = {}
         self.pending_bytes = 0
-        self.shards: List[Dict[str, Tensor]] = []
         self.weight_map: Dict[str, str] = {}
         self.files: List[str] = []
         self.total = 0

@@ -21,15 +21,18 @@ import torch
 
 from aquila_npu.checkpoint.hf_io import CheckpointError
 from aquila_npu.models.registry import ModelSpec
-from aquila_npu.weights.mapping import Layout
+from aquila_npu.weights.mapping import Layout, mcore_stage_to_hf
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
 
 
+def _rank_sub(tp_rank: int, pp_rank: int, pp: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
 def rank_dir(iteration: int, tp_rank: int, pp_rank: int, pp: int) -> str:
-    sub = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-    return os.path.join(f"iter_{iteration:07d}", sub)
+    return os.path.join(f"iter_{iteration:07d}", _rank_sub(tp_rank, pp_rank, pp))
 
 
 def megatron_args(layout: Layout, params_dtype: torch.dtype) -> argparse.Namespace:
@@ -91,9 +94,7 @@ def _iter_dir(root: str, iteration: int) -> str:
 
 
 def load_rank(root: str, iteration: int, tp_rank: int, pp_rank: int, pp: int) -> dict:
-    path = os.path.join(root, rank_dir(iteration, tp_rank, pp_rank, pp), "model_optim_rng.pt")
-    if iteration == 0:
-        path = path.replace(f"iter_{0:07d}", "release") if not os.path.exists(path) else path
+    path = os.path.join(_iter_dir(root, iteration), _rank_sub(tp_rank, pp_rank, pp), "model_optim_rng.pt")
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except FileNotFoundError:
@@ -128,12 +129,9 @@ class MegatronReader:
     """HF-named tensors from a Megatron checkpoint, one source pipeline stage in memory at a time."""
 
     def __init__(self, root: str):
-        from aquila_npu.weights.mapping import mcore_stage_to_hf
-
         self.root = root
         self.iteration, self.layout, self.dtype = read_layout(root)
         self.spec = self.layout.spec
-        self._merge = mcore_stage_to_hf
         self._stage: Optional[int] = None
         self._tensors: Dict[str, torch.Tensor] = {}
 
@@ -150,7 +148,7 @@ class MegatronReader:
         if stage != self._stage:
             shards = [load_rank(self.root, self.iteration, r, stage, self.layout.pp)["model"]
                       for r in range(self.layout.tp)]
-            self._tensors = dict(self._merge(shards, self.layout, stage))
+            self._tensors = dict(mcore_stage_to_hf(shards, self.layout, stage))
             self._stage = stage
         try:
             return self._tensors[name]

@@ -120,41 +120,9 @@ def _fmt(name: str, i: Optional[int]) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _pack_qkv(q: Tensor, k: Tensor, v: Tensor, spec: ModelSpec) -> Tensor:
-    d, ng = spec.head_dim, spec.num_key_value_heads
-    per = spec.num_attention_heads // ng
-    h = q.shape[-1]
-    q = q.reshape(ng, per * d, h)
-    k = k.reshape(ng, d, h)
-    v = v.reshape(ng, d, h)
-    return torch.cat((q, k, v), dim=1).reshape(-1, h)
-
-
-def _pad_vocab(t: Tensor, padded: int) -> Tensor:
-    if t.shape[0] == padded:
-        return t
-    if t.shape[0] > padded:
-        raise LayoutError(f"vocab tensor has {t.shape[0]} rows, more than the padded vocab {padded}")
-    return torch.cat((t, t.new_zeros(padded - t.shape[0], *t.shape[1:])), dim=0)
-
-
 def split_for_tp(row: Row, hf: List[Tensor], layout: Layout) -> List[Tensor]:
     """One megatron-core tensor per TP rank, from the row's HF tensors."""
-    tp = layout.tp
-    if row.kind == "replicated":
-        return [hf[0]] * tp
-    if row.kind == "column":
-        return list(hf[0].chunk(tp, dim=0))
-    if row.kind == "row":
-        return list(hf[0].chunk(tp, dim=1))
-    if row.kind == "vocab":
-        return list(_pad_vocab(hf[0], layout.padded_vocab).chunk(tp, dim=0))
-    if row.kind == "qkv":
-        return list(_pack_qkv(*hf, layout.spec).chunk(tp, dim=0))
-    if row.kind == "swiglu":
-        gates, ups = hf[0].chunk(tp, dim=0), hf[1].chunk(tp, dim=0)
-        return [torch.cat((g, u), dim=0) for g, u in zip(gates, ups)]
-    raise ValueError(f"unknown row kind {row.kind}")
+    return [rank_slice(row, hf, layout, r) for r in range(layout.tp)]
 
 
 def _shape(t) -> Tuple[int, ...]:
@@ -166,7 +134,7 @@ def rank_slice(row: Row, hf: list, layout: Layout, r: int) -> Tensor:
 
     ``hf`` holds full tensors or lazy slices (anything indexable as ``t[a:b]`` / ``t[:, a:b]`` returning a tensor,
     e.g. safetensors' ``get_slice``), so a converter holds one rank's shard in memory, not a whole stage.
-    Equal to ``split_for_tp(row, hf, layout)[r]`` (tested).
+    The inverse of ``merge_from_tp`` (round trip tested bit for bit).
     """
     tp, spec = layout.tp, layout.spec
     if row.kind == "replicated":
@@ -180,14 +148,13 @@ def rank_slice(row: Row, hf: list, layout: Layout, r: int) -> Tensor:
         return hf[0][:, r * n:(r + 1) * n]
     if row.kind == "vocab":
         v, h = _shape(hf[0])
+        if v > layout.padded_vocab:
+            raise LayoutError(f"vocab tensor has {v} rows, more than the padded vocab {layout.padded_vocab}")
         n = layout.padded_vocab // tp
         a, b = r * n, (r + 1) * n
-        real = hf[0][a:min(b, v)] if a < v else None
+        real = hf[0][min(a, v):min(b, v)]  # possibly 0 rows: keeps the dtype
         pad = b - max(a, v)
-        if pad <= 0:
-            return real
-        zeros = torch.zeros(pad, h, dtype=real.dtype if real is not None else torch.float32)
-        return zeros if real is None else torch.cat((real, zeros), dim=0)
+        return real if pad <= 0 else torch.cat((real, real.new_zeros(pad, h)), dim=0)
     if row.kind == "qkv":
         d, ng = spec.head_dim, spec.num_key_value_heads
         per, groups = spec.num_attention_heads // ng, ng // tp
@@ -215,13 +182,7 @@ def hf_stage_to_mcore(get_hf: Callable[[str], Tensor], layout: Layout, pp_rank: 
 
     The returned tensors are contiguous copies: they share no memory with the HF tensors (which may be mmapped).
     """
-    shards: List[Dict[str, Tensor]] = [dict() for _ in range(layout.tp)]
-    for row, i, local in layout.stage_rows(pp_rank):
-        hf = [get_hf(_fmt(name, i)) for name in row.hf]
-        key = _fmt(row.mcore, local)
-        for r, t in enumerate(split_for_tp(row, hf, layout)):
-            shards[r][key] = t.clone().contiguous()
-    return shards
+    return [hf_rank_to_mcore(get_hf, layout, pp_rank, r) for r in range(layout.tp)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
