@@ -10,7 +10,8 @@ import time
 from aquila_npu.checkpoint.convert import to_huggingface, to_megatron
 from aquila_npu.checkpoint.hf_io import CheckpointError, HFReader
 from aquila_npu.checkpoint.megatron_io import MegatronReader
-from aquila_npu.models.config import DTYPES, NotAquilaConfig
+from aquila_npu.models.dtypes import DTYPES
+from aquila_npu.models.hf_config import NotAquilaConfig
 from aquila_npu.weights.mapping import LayoutError
 
 

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from aquila_npu.models.config import spec_from_hf_config
+from aquila_npu.models.hf_config import spec_from_hf_config
 from aquila_npu.models.registry import ModelSpec
 from aquila_npu.weights.mapping import IGNORED_HF_SUFFIXES
 

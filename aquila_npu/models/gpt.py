@@ -15,13 +15,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
-from aquila_npu.models.registry import ModelSpec
+from aquila_npu.models.registry import ModelSpec, padded_vocab_size
 
-
-def padded_vocab_size(vocab_size: int, divisible_by: int = 1, tensor_parallel: int = 1) -> int:
-    """Megatron's vocab padding: up to a multiple of ``--make-vocab-size-divisible-by`` x tp."""
-    multiple = divisible_by * tensor_parallel
-    return ((vocab_size + multiple - 1) // multiple) * multiple
+__all__ = ['padded_vocab_size', 'layer_spec', 'block_spec', 'build_model']
 
 
 def layer_spec(backend) -> ModuleSpec:

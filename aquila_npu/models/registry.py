@@ -131,3 +131,9 @@ def get_model_spec(name: str) -> ModelSpec:
         return MODELS[name.lower()]
     except KeyError:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}") from None
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int = 1, tensor_parallel: int = 1) -> int:
+    """Megatron's vocab padding: up to a multiple of ``--make-vocab-size-divisible-by`` x tp."""
+    multiple = divisible_by * tensor_parallel
+    return ((vocab_size + multiple - 1) // multiple) * multiple

@@ -23,7 +23,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from aquila_npu.models.gpt import padded_vocab_size
+from aquila_npu.models.registry import padded_vocab_size
 from aquila_npu.models.registry import ModelSpec
 
 
