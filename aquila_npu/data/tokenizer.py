@@ -1,0 +1,87 @@
+"""Load the Hugging Face tokenizer named by ``--tokenizer-name-or-path``, and adapt it for megatron-core's datasets."""
+
+import os
+from collections import OrderedDict
+
+from aquila_npu.data.errors import DataError
+
+TOKENIZER_TYPES = ("PretrainedFromHF",)
+
+
+def load_tokenizer(name_or_path, use_fast=True, tokenizer_type="PretrainedFromHF"):
+    """The ``transformers`` tokenizer in ``name_or_path`` (a local directory, or a model already in the local HF cache).
+
+    ``use_fast=False`` is ``--tokenizer-not-use-fast``. Never goes to the network. Raises ``DataError`` naming the flag
+    when the path does not exist or holds no loadable tokenizer.
+    """
+    if tokenizer_type not in TOKENIZER_TYPES:
+        raise DataError(f"--tokenizer-type {tokenizer_type!r} is not supported (choose from {', '.join(TOKENIZER_TYPES)})")
+    if not name_or_path:
+        raise DataError("--tokenizer-name-or-path is required")
+    local = os.path.exists(name_or_path)
+    if not local and (os.path.isabs(name_or_path) or name_or_path.startswith((".", "~"))):
+        raise DataError(f"--tokenizer-name-or-path: {name_or_path} does not exist")
+    if local and not os.path.isdir(name_or_path):
+        raise DataError(f"--tokenizer-name-or-path: {name_or_path} is not a directory (give the folder that holds "
+                        "tokenizer_config.json / tokenizer.json)")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, use_fast=use_fast, local_files_only=True,
+                                             trust_remote_code=False)
+    except Exception as err:  # transformers raises OSError, ValueError, KeyError ... depending on what is missing
+        if not local:
+            raise DataError(f"--tokenizer-name-or-path: {name_or_path} does not exist (and is not a model in the local "
+                            "Hugging Face cache; this tool does not download)") from None
+        raise DataError(f"--tokenizer-name-or-path: cannot load a tokenizer from {name_or_path}: "
+                        f"{type(err).__name__}: {err}") from None
+
+
+def eod_id(tokenizer):
+    """The end-of-document id: the tokenizer's eos (as ModelLink and Megatron use it), or None when it has none."""
+    return tokenizer.eos_token_id
+
+
+def vocab_size(tokenizer):
+    """The number of token ids, added tokens included (100008 for Aquila2; ``tokenizer.vocab_size`` says 100000)."""
+    return len(tokenizer)
+
+
+class MCoreTokenizer:
+    """What megatron-core's ``GPTDataset`` / ``GPTDatasetConfig`` read from ``config.tokenizer``.
+
+    ``eod`` (document separator), ``pad`` (pads short samples; megatron-core masks its loss and maps it to id 0),
+    ``vocab_size``, and ``unique_identifiers`` (hashed into the dataset cache file names). ``pad`` is the tokenizer's
+    pad id, or ``eod`` when it has none; megatron-core replaces a pad that equals eos/eod with -1 by itself.
+    """
+
+    def __init__(self, hf_tokenizer, path=None):
+        self._tok = hf_tokenizer
+        self.path = path if path is not None else getattr(hf_tokenizer, "name_or_path", None)
+        self.vocab_size = vocab_size(hf_tokenizer)
+        self.eod = eod_id(hf_tokenizer)
+        if self.eod is None:
+            raise DataError(f"tokenizer {self.path}: has no eos token, which megatron-core needs as end of document")
+        self.eos = self.eod
+        self.bos = hf_tokenizer.bos_token_id
+        self.pad = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else self.eod
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, use_fast=True):
+        return cls(load_tokenizer(name_or_path, use_fast=use_fast), path=name_or_path)
+
+    @property
+    def unique_identifiers(self):
+        ids = OrderedDict()
+        ids["class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        ids["tokenizer_path"] = str(self.path)
+        ids["vocab_size"] = self.vocab_size
+        ids["eod"] = self.eod
+        ids["pad"] = self.pad
+        return ids
+
+    def tokenize(self, text):
+        return self._tok(text)["input_ids"]
+
+    def detokenize(self, ids):
+        return self._tok.decode(ids)
