@@ -1,0 +1,146 @@
+"""Scoring text with a (possibly tensor/pipeline-parallel) model: log-likelihoods and next-token log-probabilities.
+
+Tokenisation and truncation follow lm-evaluation-harness's ``hf`` model (0.4.x), so the same model gives the same
+numbers: ``encode`` is the tokenizer's own ``encode`` (its default special tokens), a context's trailing spaces move
+to the continuation, the continuation's ids are those of ``encode(context + continuation)`` after
+``encode(context)``, and a sequence longer than the model's maximum length keeps its last tokens.
+
+Sequences are right-padded into batches (longest first) and run with megatron-core's pipeline schedule; identical
+inputs run once (BoolQ's " yes" and " no" share one forward pass). The last pipeline stage computes the
+log-probabilities (fp32 log-softmax over the real vocabulary) and broadcasts them, so every rank gets the results.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from megatron.core import parallel_state as ps
+
+from aquila_npu.inference.forward import forward_logits
+
+
+@dataclass
+class _Input:
+    ids: List[int]
+    targets: List[Tuple[int, int]]  # (position whose logits predict, token id)
+
+
+class Scorer:
+    """``model``: this rank's stage (full-vocab logits); ``vocab_size``: the real vocabulary; ``max_length``: the
+    longest sequence the model takes; ``batch_size``: sequences per forward pass."""
+
+    def __init__(self, model, tokenizer, *, vocab_size: int, max_length: int, batch_size: int, device,
+                 pad_id: int = 0, progress: bool = False, desc: str = "scoring"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.device = device
+        self.pad_id = pad_id
+        self.progress = progress
+        self.desc = desc
+        bos = getattr(tokenizer, "bos_token_id", None)
+        prefix = bos if bos is not None else getattr(tokenizer, "eos_token_id", None)
+        self._prefix_text = tokenizer.decode([prefix]) if prefix is not None else None
+
+    # ---------------------------------------------------------------- tokenisation (lm-evaluation-harness's rules)
+    def encode(self, text: str) -> List[int]:
+        if self._prefix_text and text.startswith(self._prefix_text):
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(text)
+
+    def encode_pair(self, context: str, continuation: str) -> Tuple[List[int], List[int]]:
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
+        return ctx, whole[len(ctx):]
+
+    # ---------------------------------------------------------------- public scores
+    def loglikelihood(self, requests: Sequence[Tuple[str, str]]) -> List[Tuple[float, bool]]:
+        """(sum of log p(continuation | context), whether greedy decoding would produce the continuation) for each
+        (context, continuation) pair."""
+        inputs, spans = [], []
+        for context, continuation in requests:
+            if not context:
+                raise ValueError("empty context: not supported")
+            ctx, cont = self.encode_pair(context, continuation)
+            if not cont:
+                raise ValueError(f"continuation {continuation!r} encodes to no tokens")
+            ids = (ctx + cont)[-(self.max_length + 1):][:-1]
+            first = len(ids) - len(cont)
+            inputs.append((ids, [(first + j, t) for j, t in enumerate(cont)]))
+        per_target = self._score(inputs)
+        return [(sum(lp for lp, _ in r), all(g for _, g in r)) for r in per_target]
+
+    def next_token_logprobs(self, contexts: Sequence[str], token_ids: Sequence[int]) -> List[List[float]]:
+        """log p(token | context) of each of ``token_ids`` right after each context (ModelLink's first-token
+        scoring)."""
+        inputs = []
+        for context in contexts:
+            ids = self.encode(context)[-self.max_length:]
+            inputs.append((ids, [(len(ids) - 1, t) for t in token_ids]))
+        return [[lp for lp, _ in r] for r in self._score(inputs)]
+
+    # ---------------------------------------------------------------- the forward passes
+    def _score(self, requests: Sequence[Tuple[List[int], List[Tuple[int, int]]]]) -> List[List[Tuple[float, bool]]]:
+        """For each request (input ids, targets), (log-prob, is-argmax) of each target, on every rank."""
+        unique: Dict[tuple, _Input] = {}
+        where = []  # request -> (unique key, index of its first target)
+        for ids, targets in requests:
+            key = tuple(ids)
+            u = unique.setdefault(key, _Input(list(ids), []))
+            where.append((key, len(u.targets)))
+            u.targets.extend(targets)
+        order = sorted(unique.values(), key=lambda u: -len(u.ids))
+        results: Dict[int, torch.Tensor] = {}
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        bar = _progress(len(order), self.desc) if self.progress else None
+        for batch in batches:
+            for u, r in zip(batch, self._score_batch(batch)):
+                results[id(u)] = r
+            if bar is not None:
+                bar.update(len(batch))
+        if bar is not None:
+            bar.close()
+        scored = []
+        for (key, start), (_, targets) in zip(where, requests):
+            r = results[id(unique[key])][start:start + len(targets)]
+            scored.append([(float(lp), bool(g)) for lp, g in r.tolist()])
+        return scored
+
+    def _score_batch(self, batch: List[_Input]) -> List[torch.Tensor]:
+        """Per input, a [targets, 2] float64 tensor (log-prob, is-argmax)."""
+        width = max(len(u.ids) for u in batch)
+        tokens = torch.full((len(batch), width), self.pad_id, dtype=torch.long, device=self.device)
+        for i, u in enumerate(batch):
+            tokens[i, :len(u.ids)] = torch.tensor(u.ids, dtype=torch.long)
+        n_targets = sum(len(u.targets) for u in batch)
+        logits = forward_logits(self.model, tokens)
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            rows = torch.tensor([i for i, u in enumerate(batch) for _ in u.targets], device=logits.device)
+            pos = torch.tensor([p for u in batch for p, _ in u.targets], device=logits.device)
+            tok = torch.tensor([t for u in batch for _, t in u.targets], device=logits.device)
+            logprobs = torch.log_softmax(logits[rows, pos, :self.vocab_size].float(), dim=-1)
+            flat = torch.stack([logprobs.gather(1, tok[:, None])[:, 0].double(),
+                                (logprobs.argmax(-1) == tok).double()], dim=1)
+        else:
+            flat = torch.empty(n_targets, 2, dtype=torch.float64, device=self.device)
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            torch.distributed.broadcast(flat, src=ps.get_pipeline_model_parallel_last_rank(),
+                                        group=ps.get_pipeline_model_parallel_group())
+        return list(flat.cpu().split([len(u.targets) for u in batch]))
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="seq", file=sys.stderr, mininterval=0.5 if tty else 15.0,
+                dynamic_ncols=tty)
