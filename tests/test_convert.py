@@ -122,3 +122,106 @@ def test_max_shard_size_splits_hf_output(hf_dir, tmp_path):
     index = json.loads((dst / "mg2hg" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     _assert_same(hf_dir, dst / "mg2hg")
+
+
+def test_mg2hg_output_loads_in_transformers_with_same_logits(tmp_path):
+    """The streamed safetensors writer's files are read by transformers itself (single file and sharded)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = tmp_path / "hf"
+    tiny_llama().save_pretrained(hf)
+    ref = AutoModelForCausalLM.from_pretrained(hf).eval()  # same attention implementation as the reloaded one
+    _to_mg(hf, tmp_path / "mg", 2, 2)
+    for shard_gb in (5, 0.0002):
+        dst = tmp_path / f"back-{shard_gb}"
+        assert _convert("--loader", "megatron", "--saver", "megatron", "--save-model-type", "save_huggingface_llama",
+                        "--load-dir", tmp_path / "mg", "--save-dir", dst, "--max-shard-size-gb", shard_gb) == 0
+        back = AutoModelForCausalLM.from_pretrained(dst / "mg2hg").eval()
+        tokens = torch.randint(3, 1003, (2, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert torch.equal(back(tokens).logits, ref(tokens).logits)
+
+
+def test_params_dtype_casts_each_tensor(tmp_path):
+    hf = tmp_path / "hf"
+    tiny_llama().save_pretrained(hf)  # fp32
+    assert _convert("--loader", "llama2_hf", "--saver", "megatron", "--load-dir", hf, "--save-dir", tmp_path / "mg",
+                    "--target-tensor-parallel-size", 2, "--params-dtype", "bf16") == 0
+    ck = torch.load(tmp_path / "mg/iter_0000001/mp_rank_00/model_optim_rng.pt", weights_only=False)
+    assert ck["aquila"]["params_dtype"] == "bfloat16" and ck["args"].bf16
+    assert all(t.dtype == torch.bfloat16 for t in ck["model"].values())
+    out = _to_hf(tmp_path / "mg", tmp_path / "back")
+    state, ref = _hf_state(out), _hf_state(hf)
+    for k in ref:  # Megatron -> HF keeps the checkpoint's bf16; each tensor is HF's own cast
+        assert state[k].dtype == torch.bfloat16 and torch.equal(state[k], ref[k].to(torch.bfloat16)), k
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert _convert("--loader", "megatron", "--saver", "megatron", "--save-model-type", "save_huggingface_llama",
+                    "--load-dir", tmp_path / "mg", "--save-dir", tmp_path / "back32", "--params-dtype", "fp32") == 0
+    state32 = _hf_state(tmp_path / "back32" / "mg2hg")
+    assert all(state32[k].dtype == torch.float32 and torch.equal(state32[k], ref[k].to(torch.bfloat16).float())
+               for k in ref)
+
+
+def _no_output(tmp_path, dst):
+    return not dst.exists() and not [p for p in dst.parent.iterdir() if p.name.startswith(".tmp")]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bad-header", "header-length"])
+def test_corrupt_safetensors_is_a_clear_error(tmp_path, capsys, damage):
+    hf = tmp_path / "hf"
+    tiny_llama().save_pretrained(hf)
+    f = hf / "model.safetensors"
+    data = f.read_bytes()
+    if damage == "truncated":
+        f.write_bytes(data[: len(data) // 2])
+    elif damage == "bad-header":
+        f.write_bytes(data[:8] + b"{not json" + data[17:])
+    else:
+        f.write_bytes((10 ** 12).to_bytes(8, "little") + data[8:])
+    dst = tmp_path / "out" / "mg"
+    (tmp_path / "out").mkdir()
+    assert _convert("--loader", "llama2_hf", "--saver", "megatron", "--load-dir", hf, "--save-dir", dst) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and ("truncated" in err or "corrupt" in err), err
+    assert _no_output(tmp_path, dst)
+
+
+def test_save_dir_holding_another_checkpoint_is_refused(tmp_path, capsys):
+    from aquila_npu.testing.tiny_hf import TINY
+
+    hf, other = tmp_path / "hf", tmp_path / "other"
+    tiny_llama().save_pretrained(hf)
+    tiny_llama(TINY.replace(num_layers=2)).save_pretrained(other)
+    dst = tmp_path / "mg"
+    _to_mg(other, dst, 1, 1)
+    before = sorted(p.name for p in dst.rglob("*"))
+    assert _convert("--loader", "llama2_hf", "--saver", "megatron", "--load-dir", hf, "--save-dir", dst) == 2
+    assert "different model" in capsys.readouterr().err
+    assert sorted(p.name for p in dst.rglob("*")) == before  # untouched
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("mine")
+    assert _convert("--loader", "llama2_hf", "--saver", "megatron", "--load-dir", hf, "--save-dir", junk) == 2
+    assert "not empty" in capsys.readouterr().err and (junk / "notes.txt").read_text() == "mine"
+    _to_mg(hf, tmp_path / "same", 1, 1)  # the same model at another layout may replace its own output
+    _to_mg(hf, tmp_path / "same", 2, 1)
+    assert (tmp_path / "same/iter_0000001/mp_rank_01/model_optim_rng.pt").exists()
+    assert not (tmp_path / "same/iter_0000001/mp_rank_00_000").exists()
+
+
+def test_tokenizer_larger_than_model_vocab_is_refused(tmp_path, capsys):
+    from tokenizers import Tokenizer, models
+
+    hf = tmp_path / "hf"
+    tiny_llama().save_pretrained(hf)  # vocab 1003
+    for n, ok in ((1003, True), (1004, False)):
+        tok = tmp_path / f"tok{n}.json"
+        Tokenizer(models.WordLevel({f"w{i}": i for i in range(n)}, unk_token="w0")).save(str(tok))
+        rc = _convert("--loader", "llama2_hf", "--saver", "megatron", "--load-dir", hf, "--save-dir",
+                      tmp_path / f"mg{n}", "--tokenizer-model", tok)
+        assert rc == (0 if ok else 2)
+    assert "1004 tokens, more than the model's vocab 1003" in capsys.readouterr().err
+    assert _no_output(tmp_path, tmp_path / "mg1004")
+    assert _convert("--loader", "llama2_hf", "--saver", "megatron", "--load-dir", hf, "--save-dir", tmp_path / "x",
+                    "--tokenizer-model", tmp_path / "missing.json") == 2
+    assert "--tokenizer-model" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from aquila_npu.checkpoint import hf_io, megatron_io
 from aquila_npu.checkpoint.hf_io import CheckpointError
-from aquila_npu.weights.mapping import Layout, hf_names, hf_rank_to_mcore
+from aquila_npu.weights.mapping import Layout, hf_names, hf_rank_to_mcore, hf_shapes
 
 ITERATION = 1  # what converted checkpoints carry, as ModelLink's converter
 
@@ -111,6 +111,7 @@ def to_megatron(reader, save_dir: str, tp: int, pp: int, make_vocab_size_divisib
                     shard = hf_rank_to_mcore(reader.get_slice, layout, stage, rank, cast=cast)
                     megatron_io.save_rank(tmp, ITERATION, layout, stage, rank, shard, dtype)
                     del shard
+                    reader.release()
             megatron_io.write_tracker(tmp, ITERATION)
     finally:
         progress.close()
@@ -129,12 +130,14 @@ def to_huggingface(reader, save_dir: str, hf_dir_for_files: Optional[str] = None
     progress = _Progress(_model_bytes(spec, dtype), "-> huggingface")
     try:
         with _AtomicDir(save_dir) as tmp:
-            writer = hf_io.HFWriter(tmp, max_shard_bytes)
-            for name in hf_names(spec):  # layer by layer: the reader loads each source stage once
+            writer = hf_io.HFWriter(tmp, hf_shapes(spec), dtype, max_shard_bytes)
+            for name in hf_names(spec):  # layer by layer: the reader maps each source stage once
                 t = reader.get(name).to(dtype)
                 writer.add(name, t)
                 progress(t)
+                del t
             writer.close()
+            reader.release()
             hf_io.write_config(spec, tmp, dtype, base_cfg)
             if hf_dir_for_files:
                 hf_io.copy_tokenizer_files(hf_dir_for_files, tmp)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -20,6 +22,59 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 class CheckpointError(ValueError):
     """Missing, corrupt or inconsistent checkpoint files."""
+
+
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
+
+
+class SafetensorsFile:
+    """A safetensors file memory-mapped once; ``tensor(name)`` is a zero-copy view of the file, so slicing it and
+    copying the slice reads only the bytes needed. The mapping goes when the last view of it does."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot read safetensors ({e})") from None
+        size = len(self._map)
+        n = int.from_bytes(self._map[:8], "little") if size >= 8 else -1
+        if n < 2 or 8 + n > size:
+            raise CheckpointError(f"{path}: not a safetensors file (bad header length; truncated or corrupt?)")
+        try:
+            header = json.loads(bytes(self._map[8:8 + n]))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+        header.pop("__metadata__", None)
+        self._base = 8 + n
+        self._entries: Dict[str, tuple] = {}
+        for name, e in header.items():
+            try:
+                dtype = _TORCH_DTYPES[e["dtype"]]
+                begin, end = e["data_offsets"]
+                shape = tuple(e["shape"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: corrupt safetensors header entry for {name}") from None
+            count = int(torch.Size(shape).numel())
+            if end - begin != count * (torch.finfo(dtype).bits if dtype.is_floating_point else
+                                       torch.iinfo(dtype).bits if dtype != torch.bool else 8) // 8 \
+                    or self._base + end > size:
+                raise CheckpointError(f"{path}: {name} lies outside the file or has the wrong size (truncated?)")
+            self._entries[name] = (dtype, shape, begin, count)
+
+    def keys(self) -> List[str]:
+        return list(self._entries)
+
+    def tensor(self, name: str) -> Tensor:
+        dtype, shape, begin, count = self._entries[name]
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        with warnings.catch_warnings():  # the view is read-only: only ever copied from
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(self._map, dtype=dtype, count=count, offset=self._base + begin).view(shape)
 
 
 class HFReader:
@@ -60,13 +115,9 @@ class HFReader:
             return list(self._open(fname).keys())
         return list(self._load_bin(fname).keys())
 
-    def _open(self, fname: str):
+    def _open(self, fname: str) -> SafetensorsFile:
         if fname not in self._handles:
-            from safetensors import safe_open
-            try:
-                self._handles[fname] = safe_open(os.path.join(self.path, fname), framework="pt")
-            except Exception as e:
-                raise CheckpointError(f"{os.path.join(self.path, fname)}: cannot read safetensors ({e})") from None
+            self._handles[fname] = SafetensorsFile(os.path.join(self.path, fname))
         return self._handles[fname]
 
     def _load_bin(self, fname: str) -> dict:
@@ -78,12 +129,14 @@ class HFReader:
             self._bin_cache = (fname, sd)
         return self._bin_cache[1]
 
-    def get_slice(self, name: str):
-        """A lazy view for safetensors (only the indexed part is read); the (mmapped) tensor for .bin files."""
-        fname = self._where.get(name)
-        if fname is not None and fname.endswith(".safetensors"):
-            return self._open(fname).get_slice(name)
+    def get_slice(self, name: str) -> Tensor:
+        """The tensor as a memory-mapped view: indexing and copying a part of it reads only that part."""
         return self.get(name)
+
+    def release(self) -> None:
+        """Unmap the files read so far (their pages stay in the page cache, but leave this process's RSS)."""
+        self._handles = {}
+        self._bin_cache = (None, None)
 
     def get(self, name: str) -> Tensor:
         fname = self._where.get(name)
@@ -91,7 +144,7 @@ class HFReader:
             raise CheckpointError(f"{self.path}: tensor {name} is missing")
         try:
             if fname.endswith(".safetensors"):
-                return self._open(fname).get_tensor(name)
+                return self._open(fname).tensor(name)
             return self._load_bin(fname)[name]
         except CheckpointError:
             raise
@@ -99,49 +152,78 @@ class HFReader:
             raise CheckpointError(f"{os.path.join(self.path, fname)}: cannot read {name} ({e})") from None
 
 
-class HFWriter:
-    """Writes safetensors shards of at most ``max_shard_bytes`` and the index, as transformers does."""
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
-    def __init__(self, path: str, max_shard_bytes: int = 5 * 1024 ** 3):
-        self.path = path
-        self.max = max_shard_bytes
-        self.pending: Dict[str, Tensor] = {}
-        self.pending_bytes = 0
-        self.weight_map: Dict[str, str] = {}
-        self.files: List[str] = []
-        self.total = 0
+
+class HFWriter:
+    """Streams tensors into safetensors shards of at most ``max_shard_bytes`` (plus the index, as transformers
+    writes it). The shard plan and each file's header come from the known names and shapes, so every tensor is
+    written to its place as soon as it arrives and the writer holds none of them."""
+
+    def __init__(self, path: str, shapes: Dict[str, Tuple[int, ...]], dtype: torch.dtype,
+                 max_shard_bytes: int = 5 * 1024 ** 3):
+        self.path, self.dtype, self.shapes = path, dtype, shapes
+        size = torch.finfo(dtype).bits // 8
+        nbytes = {k: size * int(torch.Size(s).numel()) for k, s in shapes.items()}
+        shards: List[List[str]] = [[]]
+        used = 0
+        for name in shapes:
+            if shards[-1] and used + nbytes[name] > max_shard_bytes:
+                shards.append([])
+                used = 0
+            shards[-1].append(name)
+            used += nbytes[name]
+        n = len(shards)
+        self.files = ["model.safetensors"] if n == 1 else \
+            [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.total = sum(nbytes.values())
+        self._place: Dict[str, Tuple[int, int, int]] = {}  # name -> (file index, absolute offset, bytes)
+        self._headers: List[bytes] = []
+        for fi, names in enumerate(shards):
+            header, offset = {"__metadata__": {"format": "pt"}}, 0
+            for name in names:
+                header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shapes[name]),
+                                "data_offsets": [offset, offset + nbytes[name]]}
+                offset += nbytes[name]
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
+            self._headers.append(len(raw).to_bytes(8, "little") + raw)
+            base = len(self._headers[-1])
+            for name in names:
+                begin, end = header[name]["data_offsets"]
+                self._place[name] = (fi, base + begin, end - begin)
+        self._fds: Dict[int, int] = {}
+        self._written: set = set()
 
     def add(self, name: str, t: Tensor) -> None:
-        n = t.numel() * t.element_size()
-        if self.pending and self.pending_bytes + n > self.max:
-            self._flush()
-        self.pending[name] = t.contiguous()
-        self.pending_bytes += n
-        self.total += n
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-        fname = f"model-{len(self.files) + 1:05d}.safetensors"
-        save_file(self.pending, os.path.join(self.path, fname), metadata={"format": "pt"})
-        self.files.append(fname)
-        for k in self.pending:
-            self.weight_map[k] = fname
-        self.pending, self.pending_bytes = {}, 0
+        if name not in self._place:
+            raise CheckpointError(f"HF writer: unexpected tensor {name}")
+        if tuple(t.shape) != tuple(self.shapes[name]) or t.dtype != self.dtype:
+            raise CheckpointError(f"HF writer: {name} is {tuple(t.shape)} {t.dtype}, expected "
+                                  f"{tuple(self.shapes[name])} {self.dtype}")
+        fi, offset, n = self._place[name]
+        if fi not in self._fds:
+            fd = os.open(os.path.join(self.path, self.files[fi]), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.pwrite(fd, self._headers[fi], 0)
+            self._fds[fi] = fd
+        data = memoryview(t.detach().contiguous().view(torch.uint8).reshape(-1).numpy())
+        while len(data):
+            done = os.pwrite(self._fds[fi], data, offset)
+            data, offset = data[done:], offset + done
+        self._written.add(name)
 
     def close(self) -> None:
-        if self.pending:
-            self._flush()
-        n = len(self.files)
-        if n == 1:
-            os.replace(os.path.join(self.path, self.files[0]), os.path.join(self.path, "model.safetensors"))
-            return
-        renames = {f: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, f in enumerate(self.files)}
-        for old, new in renames.items():
-            os.replace(os.path.join(self.path, old), os.path.join(self.path, new))
-        index = {"metadata": {"total_size": self.total},
-                 "weight_map": {k: renames[v] for k, v in sorted(self.weight_map.items())}}
-        with open(os.path.join(self.path, "model.safetensors.index.json"), "w") as f:
-            json.dump(index, f, indent=2)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+        missing = [k for k in self.shapes if k not in self._written]
+        if missing:
+            raise CheckpointError(f"HF writer: {len(missing)} tensors never written, e.g. {missing[0]}")
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total},
+                     "weight_map": {k: self.files[fi] for k, (fi, _, _) in sorted(self._place.items())}}
+            with open(os.path.join(self.path, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2)
 
 
 def copy_tokenizer_files(src: str, dst: str) -> List[str]:

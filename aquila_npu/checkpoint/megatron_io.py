@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
 from aquila_npu.checkpoint.hf_io import CheckpointError
 from aquila_npu.models.registry import ModelSpec
-from aquila_npu.weights.mapping import Layout, mcore_stage_to_hf
+from aquila_npu.weights.mapping import Layout, hf_names, mcore_stage_to_hf
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
@@ -126,14 +126,20 @@ def read_layout(root: str):
 
 
 class MegatronReader:
-    """HF-named tensors from a Megatron checkpoint, one source pipeline stage in memory at a time."""
+    """HF-named tensors from a Megatron checkpoint. The TP shards of one source pipeline stage are memory-mapped and
+    each HF tensor is merged from them when asked for, so the reader holds one merged row at a time (callers ask in
+    ``hf_names`` order; asking for an earlier tensor of the stage restarts the merge)."""
 
     def __init__(self, root: str):
         self.root = root
         self.iteration, self.layout, self.dtype = read_layout(root)
         self.spec = self.layout.spec
         self._stage: Optional[int] = None
-        self._tensors: Dict[str, torch.Tensor] = {}
+        self._shards: list = []
+        self._merged: Iterator[Tuple[str, torch.Tensor]] = iter(())
+        self._ready: Dict[str, torch.Tensor] = {}
+        self._order = {name: i for i, name in enumerate(hf_names(self.spec))}
+        self._last = -1
 
     def stage_of(self, name: str) -> int:
         if name.startswith("model.layers."):
@@ -143,14 +149,32 @@ class MegatronReader:
     def get_slice(self, name: str) -> torch.Tensor:
         return self.get(name)
 
-    def get(self, name: str) -> torch.Tensor:
-        stage = self.stage_of(name)
+    def release(self) -> None:
+        """Unmap the current stage's files."""
+        self._stage, self._shards, self._merged, self._ready, self._last = None, [], iter(()), {}, -1
+
+    def _restart(self, stage: int) -> None:
         if stage != self._stage:
-            shards = [load_rank(self.root, self.iteration, r, stage, self.layout.pp)["model"]
-                      for r in range(self.layout.tp)]
-            self._tensors = dict(mcore_stage_to_hf(shards, self.layout, stage))
+            self.release()
+            self._shards = [load_rank(self.root, self.iteration, r, stage, self.layout.pp)["model"]
+                            for r in range(self.layout.tp)]
             self._stage = stage
-        try:
-            return self._tensors[name]
-        except KeyError:
-            raise CheckpointError(f"{self.root}: tensor {name} missing from pipeline stage {stage}") from None
+        self._merged = mcore_stage_to_hf(self._shards, self.layout, stage)
+        self._ready, self._last = {}, -1
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._order:
+            raise CheckpointError(f"{self.root}: no tensor {name} in this model")
+        stage = self.stage_of(name)
+        if stage != self._stage or (name not in self._ready and self._order[name] < self._last):
+            self._restart(stage)
+        while name not in self._ready:
+            try:
+                key, t = next(self._merged)
+            except StopIteration:
+                raise CheckpointError(f"{self.root}: tensor {name} missing from pipeline stage {stage}") from None
+            except KeyError as e:
+                raise CheckpointError(f"{self.root}: {e.args[0]}") from None
+            self._ready[key] = t
+            self._last = max(self._last, self._order[key])
+        return self._ready.pop(name)

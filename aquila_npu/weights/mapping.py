@@ -171,9 +171,13 @@ def hf_rank_to_mcore(get_hf: Callable[[str], object], layout: Layout, pp_rank: i
     """One (pipeline stage, TP rank) megatron-core state dict; ``get_hf`` may return lazy slices."""
     out: Dict[str, Tensor] = {}
     for row, i, local in layout.stage_rows(pp_rank):
-        t = rank_slice(row, [get_hf(_fmt(name, i)) for name in row.hf], layout, tp_rank)
+        sources = [get_hf(_fmt(name, i)) for name in row.hf]
+        t = rank_slice(row, sources, layout, tp_rank)
         t = cast(t) if cast is not None else t
-        out[_fmt(row.mcore, local)] = t.clone().contiguous()
+        # Copy where the result is a view of a bigger (possibly memory-mapped) tensor; concatenations are fresh.
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size() or not t.is_contiguous():
+            t = t.clone(memory_format=torch.contiguous_format)
+        out[_fmt(row.mcore, local)] = t
     return out
 
 
@@ -232,6 +236,16 @@ def hf_names(spec: ModelSpec) -> List[str]:
     """Every HF tensor name of the model, in table order."""
     layout = Layout(spec)
     return [_fmt(name, i) for row, i, _ in layout.stage_rows(0) for name in row.hf]
+
+
+def hf_shapes(spec: ModelSpec) -> Dict[str, Tuple[int, ...]]:
+    """The shape of every HF tensor of the model, in table order (``hf_names`` order)."""
+    h, f, v, d = spec.hidden_size, spec.intermediate_size, spec.vocab_size, spec.head_dim
+    by_suffix = {"embed_tokens": (v, h), "lm_head": (v, h), "q_proj": (spec.num_attention_heads * d, h),
+                 "k_proj": (spec.num_key_value_heads * d, h), "v_proj": (spec.num_key_value_heads * d, h),
+                 "o_proj": (h, spec.num_attention_heads * d), "gate_proj": (f, h), "up_proj": (f, h),
+                 "down_proj": (h, f)}
+    return {name: by_suffix.get(name.split(".")[-2], (h,)) for name in hf_names(spec)}
 
 
 def mcore_param_names(layout: Layout, pp_rank: int) -> List[str]:
