@@ -21,7 +21,6 @@ from typing import List, Optional
 
 import torch
 
-from aquila_npu.evaluation.data import DataError
 from aquila_npu.evaluation.tasks import get_task, load_tasks, summarize
 from aquila_npu.inference import cli
 
@@ -65,7 +64,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     from megatron.core import parallel_state as ps
 
     from aquila_npu.evaluation.scoring import Scorer
-    from aquila_npu.inference.tokenizer import pad_id
 
     loaded = session.loaded
     max_length = min(args.seq_length or loaded.spec.max_position_embeddings, loaded.spec.max_position_embeddings)
@@ -73,7 +71,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     mine = [d for i, d in enumerate(docs) if i % dp == dp_rank]
     scorer = Scorer(loaded.model, session.tokenizer, vocab_size=loaded.vocab_size, max_length=max_length,
                     batch_size=args.micro_batch_size or 8, device=session.device.torch_device,
-                    pad_id=pad_id(session.tokenizer), progress=session.is_rank0 and not args.no_progress,
+                    pad_id=cli.pad_id(session.tokenizer), progress=session.is_rank0 and not args.no_progress,
                     desc=f"{task.name} ({scoring})")
     cli.print0(f"{PROG}: {task.name}, {len(docs)} rows from {args.task_data_path}, scoring {scoring}; "
                f"{loaded.load_dir} (tp{loaded.layout.tp}-pp{loaded.layout.pp}, "
@@ -101,7 +99,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def entry(argv: Optional[List[str]] = None) -> int:
-    return cli.run_main(PROG, main, argv, expected=(DataError,))
+    return cli.run_main(PROG, main, argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from typing import List, Optional
 import torch
 
 from aquila_npu.inference import cli
-from aquila_npu.inference.chat import TEMPLATES, default_template, get_template
+from aquila_npu.inference.chat import CHAT_TEMPLATES, chat_prompt, default_template
 from aquila_npu.inference.sampling import SamplingParams
 
 PROG = "python -m aquila_npu.generate"
@@ -42,9 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prompts, one per line; or a .jsonl file with a 'prompt' field per line")
     g.add_argument("--chat", action="store_true",
                    help="wrap each prompt in the AquilaChat2 conversation template (for the chat models)")
-    g.add_argument("--chat-template", choices=sorted(TEMPLATES), default=None,
+    g.add_argument("--chat-template", choices=CHAT_TEMPLATES, default=None,
                    help="template for --chat (default: FlagAI's choice for the checkpoint's architecture: aquila-v1 "
-                        "for 7B, aquila-legacy for 34B, aquila for the 16K models)")
+                        "for 7B, aquila-legacy for 34B, aquila for the 16K models, else aquila-chat; alpaca for a "
+                        "model fine-tuned with ModelLink's alpaca template)")
     g.add_argument("--system-prompt", default=None, help="replace the template's system prompt (with --chat)")
     s = p.add_argument_group("decoding")
     s.add_argument("--max-new-tokens", type=int, default=512, help="most tokens to generate per prompt")
@@ -156,21 +157,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     from megatron.core import parallel_state as ps
 
     from aquila_npu.inference.generation import TextGenerator
-    from aquila_npu.inference.tokenizer import eos_id, pad_id
 
     tok, loaded = session.tokenizer, session.loaded
-    template = get_template(args.chat_template or default_template(loaded.spec)) if args.chat else None
-    texts = [template.single_turn(p, system=args.system_prompt) if template else p for p in prompts]
+    template = (args.chat_template or default_template(loaded.spec)) if args.chat else None
+    texts = [chat_prompt(template, p, system=args.system_prompt) if template else p for p in prompts]
     encoded = [tok.encode(t) for t in texts]
     generator = TextGenerator.from_loaded(loaded, session.device.torch_device, max_sequence_length=args.seq_length)
-    stop = args.eos_token_id if args.eos_token_id is not None else eos_id(tok, loaded.spec)
+    stop = args.eos_token_id if args.eos_token_id is not None else cli.eos_id(tok, loaded.spec)
     batch = args.micro_batch_size or 1
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     mine = [i for i in range(len(prompts)) if i % dp == dp_rank]
     stream = ConsoleStream(tok, enabled=session.is_rank0)
     cli.print0(f"{PROG}: {len(prompts)} prompt(s), {loaded.load_dir} (tp{loaded.layout.tp}-pp{loaded.layout.pp}, "
                f"{str(loaded.params_dtype).replace('torch.', '')}) on {session.device.name}"
-               + (f", chat template {template.name}" if template else ""))
+               + (f", chat template {template}" if template else ""))
     results = {}
     for b0 in range(0, len(mine), batch):
         idx = mine[b0:b0 + batch]
@@ -178,7 +178,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if live:
             stream.begin(f"prompt {idx[0] + 1}/{len(prompts)}", texts[idx[0]])
         out = generator.generate([encoded[i] for i in idx], args.max_new_tokens, sampling, eos_id=stop,
-                                 pad_id=pad_id(tok), use_kv_cache=not args.no_kv_cache,
+                                 pad_id=cli.pad_id(tok), use_kv_cache=not args.no_kv_cache,
                                  on_token=stream.on_token if live else None)
         for i, g in zip(idx, out):
             text = tok.decode(g.token_ids, skip_special_tokens=True)

@@ -13,17 +13,17 @@ import contextlib
 import json
 
 import torch
+from megatron.core import parallel_state as ps
 
-from aquila_npu.checkpoint import megatron_io
+from aquila_npu.checkpoint.hf_io import CheckpointError
+from aquila_npu.checkpoint.load_model import build_stage, load_model_for_inference
 from aquila_npu.device.backends import FusedOps
 from aquila_npu.device.setup import resolve, setup
 from aquila_npu.inference.forward import forward_logits
-from aquila_npu.models.config import DTYPES, transformer_config
-from aquila_npu.models.gpt import build_model
+from aquila_npu.models.config import DTYPES
 from aquila_npu.parallel import initialize_model_parallel
 from aquila_npu.testing import npu_emulator
 from aquila_npu.testing.tiny_hf import TINY, tiny_llama
-from aquila_npu.weights.load import load_stage_state
 from aquila_npu.weights.mapping import Layout, hf_stage_to_mcore
 
 
@@ -58,34 +58,24 @@ def main():
 
             hf_reference = AutoModelForCausalLM.from_pretrained(a.hf_dir, dtype=dtype).eval()
         dev = setup(a.device, fused, kernels=a.kernels)
-        initialize_model_parallel(a.tp, a.pp)
-        from megatron.core import parallel_state as ps
-
-        pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
         if a.load:
-            iteration, layout, _ = megatron_io.read_layout(a.load)
-            if (layout.tp, layout.pp) != (a.tp, a.pp):
-                raise SystemExit(f"--load {a.load} is tp{layout.tp}-pp{layout.pp}, not tp{a.tp}-pp{a.pp}: convert it "
-                                 f"with tools/checkpoint/convert_ckpt.py --loader megatron --saver megatron "
-                                 f"--target-tensor-parallel-size {a.tp} --target-pipeline-parallel-size {a.pp}")
+            try:
+                loaded = load_model_for_inference(a.load, dev, tp=a.tp, pp=a.pp, params_dtype=dtype)
+            except CheckpointError as e:
+                raise SystemExit(str(e)) from None
+            model, spec = loaded.model, loaded.spec
             hf = hf_reference.to(dev.torch_device)
-            shard = megatron_io.load_rank(a.load, iteration, tp_rank, pp_rank, layout.pp)["model"]
-            shard = {k: v.to(dtype) for k, v in shard.items()}
         else:
+            initialize_model_parallel(a.tp, a.pp)
+            pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
             hf = tiny_llama(dtype=dtype).to(dev.torch_device)
-            layout = Layout(TINY, a.tp, a.pp, make_vocab_size_divisible_by=8)
+            spec, layout = TINY, Layout(TINY, a.tp, a.pp, make_vocab_size_divisible_by=8)
             shard = hf_stage_to_mcore(hf.state_dict().__getitem__, layout, pp_rank)[tp_rank]
-        spec = layout.spec
-        cfg = transformer_config(spec, tensor_parallel=a.tp, pipeline_parallel=a.pp, params_dtype=dtype,
-                                 **dev.backend.config_overrides())
-        model = build_model(spec, cfg, dev.backend, padded_vocab=layout.padded_vocab, pre_process=pp_rank == 0,
-                            post_process=pp_rank == a.pp - 1, pp_rank=pp_rank, parallel_output=False)
-        load_stage_state(model, shard)
-        model.to(dev.torch_device).eval()
+            model, _ = build_stage(spec, layout, dev, shard, params_dtype=dtype, pp_rank=pp_rank)
         torch.manual_seed(1)
         tokens = torch.randint(3, spec.vocab_size, (2, 24), device=dev.torch_device)
         logits = forward_logits(model, tokens)
-        if logits is not None and tp_rank == 0:
+        if logits is not None and ps.get_tensor_model_parallel_rank() == 0:
             with torch.no_grad():
                 ref = hf(tokens).logits.float()
             ours = logits.float()

@@ -165,6 +165,10 @@ def load_model_for_inference(load_dir: str, device, *, tp: Optional[int] = None,
     check_parallel_sizes(load_dir, layout, tp, pp)
     check_architecture(layout.spec, layout, architecture or {}, load_dir)
     if not ps.model_parallel_is_initialized():
+        world = torch.distributed.get_world_size()
+        if world % (tp * pp):
+            raise CheckpointError(f"{world} processes cannot run the tp{tp}-pp{pp} checkpoint {load_dir}: start a "
+                                  f"multiple of {tp * pp}")
         initialize_model_parallel(tp, pp)
     running = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
     if running != (tp, pp):

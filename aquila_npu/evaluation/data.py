@@ -7,9 +7,9 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, List
 
+from aquila_npu.data.errors import DataError
 
-class DataError(ValueError):
-    """Missing or malformed evaluation data; the message names the file and line."""
+__all__ = ["DataError", "Row", "data_files", "read_jsonl"]
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from aquila_npu.checkpoint.hf_io import CheckpointError
-from aquila_npu.checkpoint.load_model import LoadedModel, load_model_for_inference, read_checkpoint
+from aquila_npu.checkpoint.load_model import (LoadedModel, check_architecture, check_parallel_sizes,
+                                              load_model_for_inference, read_checkpoint)
 from aquila_npu.device.backends import FusedKernelUnavailable, FusedOps
 
 ARCH_DESTS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -90,8 +91,6 @@ def check_paths(args: argparse.Namespace) -> None:
     if not os.path.isdir(args.load):
         raise UsageError(f"--load {args.load}: no such directory (convert a Hugging Face model first with "
                          "tools/checkpoint/convert_ckpt.py)")
-    if not os.path.isdir(args.tokenizer_name_or_path):
-        raise UsageError(f"--tokenizer-name-or-path {args.tokenizer_name_or_path}: no such directory")
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size", "seq_length"):
         v = getattr(args, name)
         if v is not None and v < 1:
@@ -122,21 +121,47 @@ class Session:
 
 def start(args: argparse.Namespace) -> Session:
     """Tokenizer, device, model-parallel state and this rank's model stage from the parsed flags."""
+    from aquila_npu.data.tokenizer import load_tokenizer, vocab_size
     from aquila_npu.device.setup import setup
-    from aquila_npu.inference.tokenizer import check_tokenizer_fits, load_tokenizer
 
     check_paths(args)
-    _, layout, _ = read_checkpoint(args.load)  # errors before any process group exists
-    tokenizer = load_tokenizer(args.tokenizer_name_or_path, use_fast=not args.tokenizer_not_use_fast)
-    check_tokenizer_fits(tokenizer, layout.spec.vocab_size, args.tokenizer_name_or_path)
+    # Every input error before any process group exists (all ranks fail alike, nothing hangs).
+    _, layout, _ = read_checkpoint(args.load)
+    tp = args.tensor_model_parallel_size or layout.tp
+    pp = args.pipeline_model_parallel_size or layout.pp
+    check_parallel_sizes(args.load, layout, tp, pp)
+    check_architecture(layout.spec, layout, architecture_flags(args), args.load)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % (tp * pp):
+        raise UsageError(f"{world} processes cannot run the tp{tp}-pp{pp} checkpoint {args.load}: start a multiple "
+                         f"of {tp * pp} (torchrun --nproc-per-node {tp * pp} ...)")
+    tokenizer = load_tokenizer(args.tokenizer_name_or_path, use_fast=not args.tokenizer_not_use_fast,
+                               tokenizer_type=args.tokenizer_type)
+    if vocab_size(tokenizer) > layout.spec.vocab_size:
+        raise UsageError(f"--tokenizer-name-or-path {args.tokenizer_name_or_path}: {vocab_size(tokenizer)} tokens, "
+                         f"more than the {layout.spec.vocab_size} of the checkpoint's vocabulary: the tokenizer of "
+                         "another model")
     try:
         device = setup(args.device, FusedOps.from_args(args))
     except RuntimeError as e:  # the requested device is not usable here
         raise UsageError(str(e)) from None
-    loaded = load_model_for_inference(args.load, device, tp=args.tensor_model_parallel_size,
-                                      pp=args.pipeline_model_parallel_size, params_dtype=params_dtype(args),
+    loaded = load_model_for_inference(args.load, device, tp=tp, pp=pp, params_dtype=params_dtype(args),
                                       architecture=architecture_flags(args))
     return Session(device=device, loaded=loaded, tokenizer=tokenizer)
+
+
+def eos_id(tokenizer, spec) -> int:
+    """The tokenizer's end-of-sequence id (``</s>`` for Aquila2), else the checkpoint's."""
+    tid = getattr(tokenizer, "eos_token_id", None)
+    return spec.eos_token_id if tid is None else int(tid)
+
+
+def pad_id(tokenizer) -> int:
+    """Filler for right-padded batches (never attended to by real tokens): pad, else eos, else 0."""
+    for tid in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if tid is not None:
+            return int(tid)
+    return 0
 
 
 def print0(*a, **kw) -> None:
@@ -149,12 +174,11 @@ def run_main(prog: str, main: Callable[[Optional[List[str]]], int], argv: Option
              expected: Tuple[type, ...] = ()) -> int:
     """Run ``main``; input errors (ours, and ``expected``) end with one line ``prog: error: ...`` on stderr and
     exit status 1 instead of a traceback."""
+    from aquila_npu.data.errors import DataError
     from aquila_npu.inference.generation import PromptTooLong
-    from aquila_npu.inference.tokenizer import TokenizerError
     from aquila_npu.weights.mapping import LayoutError
 
-    errors = (CheckpointError, UsageError, FusedKernelUnavailable, TokenizerError, PromptTooLong, LayoutError,
-              *expected)
+    errors = (CheckpointError, UsageError, FusedKernelUnavailable, DataError, PromptTooLong, LayoutError, *expected)
     try:
         return main(argv)
     except errors as e:
