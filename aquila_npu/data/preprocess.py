@@ -103,11 +103,13 @@ def _encode(rows):
     return _handler.encode(rows)
 
 
-def _chunks(rows, size):
-    chunk = []
+def _chunks(rows, size, log_interval):
+    """Lists of up to ``size`` rows, also cut at every multiple of ``log_interval`` so progress lines land on them."""
+    chunk, n = [], 0
     for row in rows:
         chunk.append(row)
-        if len(chunk) == size:
+        n += 1
+        if len(chunk) == size or n % log_interval == 0:
             yield chunk
             chunk = []
     if chunk:
@@ -117,9 +119,8 @@ def _chunks(rows, size):
 class Progress:
     """Progress lines every ``interval`` documents (stderr) and the final summary (stdout)."""
 
-    def __init__(self, interval, stream=sys.stderr):
+    def __init__(self, interval):
         self.interval = max(1, interval)
-        self.stream = stream
         self.start = time.perf_counter()
         self.docs = self.bytes = self.empty = 0
         self._next = self.interval
@@ -134,14 +135,14 @@ class Progress:
         self.empty += encoded.empty
         if self.docs >= self._next:
             _, dps, mbs = self.rates()
-            print(f"Processed {self.docs} documents ({dps:.1f} docs/s, {mbs:.2f} MB/s).", file=self.stream, flush=True)
+            print(f"Processed {self.docs} documents ({dps:.1f} docs/s, {mbs:.2f} MB/s).", file=sys.stderr, flush=True)
             self._next = (self.docs // self.interval + 1) * self.interval
 
 
-def _results(handler, spec, rows, workers, chunk_size):
+def _results(handler, spec, rows, workers, chunk_size, log_interval):
     """Encoded chunks in input order: in this process for one worker, else from a pool with a bounded window."""
     if workers == 1:
-        for chunk in _chunks(rows, chunk_size):
+        for chunk in _chunks(rows, chunk_size, log_interval):
             yield handler.encode(chunk)
         return
     global _handler
@@ -151,7 +152,7 @@ def _results(handler, spec, rows, workers, chunk_size):
     try:
         with ctx.Pool(workers, initializer=_init_worker, initargs=(spec,)) as pool:
             pending = deque()
-            for chunk in _chunks(rows, chunk_size):
+            for chunk in _chunks(rows, chunk_size, log_interval):
                 pending.append(pool.apply_async(_encode, (chunk,)))
                 if len(pending) >= 2 * workers:
                     yield pending.popleft().get()
@@ -163,6 +164,18 @@ def _results(handler, spec, rows, workers, chunk_size):
 
 def run(args):
     """Preprocess as ``args`` (parsed flags) say; returns the output prefixes. Raises DataError for bad input."""
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process: --workers sets the parallelism
+    try:
+        return _run(args)
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+
+
+def _run(args):
     from aquila_npu.data.handlers import PRETRAIN, HandlerSpec, build_handler
     from aquila_npu.data.sources import iter_rows, resolve_inputs
     from aquila_npu.data.tokenizer import load_tokenizer, vocab_size
@@ -173,7 +186,6 @@ def run(args):
         raise DataError("--log-interval and --chunk-size must be at least 1")
     if args.handler_name == PRETRAIN and (args.prompt_type or args.conversation_key):
         raise DataError("--prompt-type / --conversation-key apply to --handler-name GeneralInstructionHandler only")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process: --workers sets the parallelism
     spec = HandlerSpec(args.handler_name, args.tokenizer_name_or_path, use_fast=not args.tokenizer_not_use_fast,
                        json_keys=tuple(args.json_keys), append_eod=args.append_eod,
                        prompt_type=args.prompt_type or "alpaca", conversation_key=args.conversation_key)
@@ -198,7 +210,7 @@ def run(args):
     progress = Progress(args.log_interval)
     with IndexedDatasetsWriter(prefixes) as writer:
         rows = iter_rows(files, handler.columns)
-        for encoded in _results(handler, spec, rows, args.workers, args.chunk_size):
+        for encoded in _results(handler, spec, rows, args.workers, args.chunk_size, args.log_interval):
             for name, (flat, lengths) in encoded.arrays.items():
                 writer.add(name, flat, lengths)
             progress.update(encoded)

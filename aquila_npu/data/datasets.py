@@ -1,0 +1,251 @@
+"""Training datasets over ``tools/preprocess_data.py`` output, built with megatron-core's ``BlendedMegatronDatasetBuilder``.
+
+Pretraining: ``build_pretrain_datasets`` gives megatron-core ``GPTDataset`` (or ``BlendedDataset``) train / valid /
+test splits from ``--data-path`` (``"w1 p1 w2 p2"`` weights allowed) and ``--split``.
+
+Instruction tuning: ``build_instruction_datasets`` gives ``InstructionDataset`` splits over the three
+``<prefix>_packed_*_document`` files (``--data-path <prefix>`` as ModelLink users pass it), same blending and splits.
+
+Every sample (both kinds) is a dict of tensors of length ``seq_length`` (megatron-core's GPT batch format):
+
+    tokens        int64  input token ids
+    labels        int64  next-token targets (tokens shifted by one); ignored positions hold a valid id (pad), not -100
+    loss_mask     float  1.0 where the target counts; 0.0 on the prompt, on padding and on -100 labels
+    position_ids  int64  0 .. seq_length-1
+    attention_mask bool  [1, s, s], True = masked (only with create_attention_mask=True)
+
+Works in one process without ``torch.distributed`` and under torchrun (megatron-core builds on rank 0 first, then on
+the other ranks from its index cache, with barriers).
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (BlendedMegatronDatasetConfig,
+                                                                     parse_and_normalize_split)
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.megatron_dataset import MegatronDataset
+
+from aquila_npu.data.errors import DataError
+from aquila_npu.data.tokenizer import MCoreTokenizer
+
+IGNORE_INDEX = -100
+INSTRUCTION_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def parse_data_path(data_path):
+    """(prefixes, weights or None) from ``--data-path``: a string or a list of strings, either ``"p1 p2 ..."`` or
+    Megatron's weighted form ``"w1 p1 w2 p2 ..."`` (weights are normalised by megatron-core)."""
+    items = data_path.split() if isinstance(data_path, str) else [w for item in data_path for w in str(item).split()]
+    if not items:
+        raise DataError("--data-path is empty")
+    if len(items) % 2 == 0:
+        try:
+            weights = [float(w) for w in items[0::2]]
+        except ValueError:
+            weights = None
+        if weights is not None:
+            if any(w < 0 for w in weights) or sum(weights) <= 0:
+                raise DataError(f"--data-path: weights must be non-negative and not all zero: {weights}")
+            return list(items[1::2]), weights
+    return list(items), None
+
+
+def _check_prefix(prefix, what="--data-path"):
+    missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+    if missing:
+        raise DataError(f"{what}: {' and '.join(missing)} not found (run tools/preprocess_data.py first)")
+
+
+def _split_sizes(train_valid_test_num_samples, weights, split):
+    sizes = list(train_valid_test_num_samples) if train_valid_test_num_samples is not None else [None] * 3
+    if len(sizes) != 3:
+        raise ValueError("train_valid_test_num_samples needs three entries (None = one epoch)")
+    if weights is not None:  # megatron-core needs a size for every split of a weighted blend, 0 for an empty one
+        ratios = parse_and_normalize_split(split)
+        for i, (size, ratio) in enumerate(zip(sizes, ratios)):
+            if size is None and ratio == 0:
+                sizes[i] = 0
+            elif size is None:
+                raise DataError(f"--data-path with weights needs a sample count for the {('train', 'valid', 'test')[i]} "
+                                "split (train_valid_test_num_samples), as in Megatron")
+    return sizes
+
+
+def _build(cls, config, sizes, is_built_on_rank):
+    if is_built_on_rank is None:
+        is_built_on_rank = _always
+    builder = BlendedMegatronDatasetBuilder(cls, sizes, is_built_on_rank, config)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return tuple(builder.build())
+    # megatron-core 0.16.1's BlendedDataset calls torch.distributed.get_rank() unguarded when it writes its index
+    # cache (blended_dataset.py, _build_indices), which raises without a process group: answer rank 0 meanwhile.
+    get_rank = torch.distributed.get_rank
+    torch.distributed.get_rank = _rank_zero
+    try:
+        return tuple(builder.build())
+    finally:
+        torch.distributed.get_rank = get_rank
+
+
+def _rank_zero(group=None):
+    return 0
+
+
+def _always():
+    return True
+
+
+def as_mcore_tokenizer(tokenizer):
+    """An ``MCoreTokenizer`` from one, from a Hugging Face tokenizer, or from a tokenizer directory."""
+    if isinstance(tokenizer, MCoreTokenizer):
+        return tokenizer
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return MCoreTokenizer.from_pretrained(str(tokenizer))
+    return MCoreTokenizer(tokenizer)
+
+
+def build_pretrain_datasets(data_path, split, seq_length, seed, tokenizer, train_valid_test_num_samples=None, *,
+                            data_cache_path=None, reset_position_ids=False, reset_attention_mask=False,
+                            eod_mask_loss=False, create_attention_mask=False, mmap_bin_files=True,
+                            is_built_on_rank=None):
+    """(train, valid, test) megatron-core ``GPTDataset`` / ``BlendedDataset`` splits (None where ``split`` gives 0).
+
+    ``data_path``: ``--data-path`` (``"p"``, ``"p1 p2"`` or ``"w1 p1 w2 p2"``, string or list), prefixes of
+    ``<prefix>.bin/.idx`` such as ``./dataset/Aquila2-7B/alpaca_text_document``. ``split``: ``"969,30,1"`` style.
+    ``tokenizer``: an ``MCoreTokenizer``, a Hugging Face tokenizer, or its directory (gives eod / pad / vocab size).
+    ``train_valid_test_num_samples``: samples to draw per split (None entries: one epoch; required with weights).
+    ``is_built_on_rank``: megatron-core's callable (default: build on every rank). ``data_cache_path``: where the
+    index cache goes (default: megatron-core's, ``<prefix>/cache/GPTDataset_indices``).
+    """
+    prefixes, weights = parse_data_path(data_path)
+    for prefix in prefixes:
+        _check_prefix(prefix)
+    config = GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split=split,
+        path_to_cache=data_cache_path, mmap_bin_files=mmap_bin_files, tokenizer=as_mcore_tokenizer(tokenizer),
+        reset_position_ids=reset_position_ids, reset_attention_mask=reset_attention_mask,
+        eod_mask_loss=eod_mask_loss, create_attention_mask=create_attention_mask)
+    sizes = _split_sizes(train_valid_test_num_samples, weights, split)
+    return _build(GPTDataset, config, sizes, is_built_on_rank)
+
+
+def instruction_prefix(data_prefix):
+    """The packed-file base for a ``--data-path`` entry: ``alpaca`` -> ``alpaca_packed`` (ModelLink's naming); a
+    prefix already ending in ``_packed`` is kept."""
+    for base in (data_prefix + "_packed", data_prefix):
+        if os.path.isfile(f"{base}_input_ids_document.idx"):
+            return base
+    raise DataError(f"--data-path: {data_prefix}_packed_input_ids_document.idx not found (instruction data is "
+                    "written by tools/preprocess_data.py --handler-name GeneralInstructionHandler)")
+
+
+class PackedInstructionData:
+    """The low-level dataset: one instruction sample per document of ``<base>_input_ids_document`` and
+    ``<base>_labels_document`` (megatron-core ``IndexedDataset``s, checked to hold equal lengths)."""
+
+    def __init__(self, base, mmap=True):
+        for key in ("input_ids", "labels"):
+            _check_prefix(f"{base}_{key}_document")
+        self.base = base
+        self.input_ids = IndexedDataset(f"{base}_input_ids_document", mmap=mmap)
+        self.labels = IndexedDataset(f"{base}_labels_document", mmap=mmap)
+        if not np.array_equal(self.input_ids.sequence_lengths, self.labels.sequence_lengths):
+            raise DataError(f"{base}: input_ids and labels documents differ in number or length")
+
+    def __len__(self):
+        return len(self.input_ids)
+
+    def get(self, i):
+        return self.input_ids[i], self.labels[i]
+
+
+def instruction_sample(input_ids, labels, seq_length, pad_id=0, create_attention_mask=False):
+    """One training sample (dict of tensors, see the module doc) from a document's input ids and its labels (-100 on
+    the prompt): tokens = input_ids[:-1], targets = labels[1:], truncated or padded to ``seq_length``."""
+    ids = np.asarray(input_ids, dtype=np.int64)[:-1][:seq_length]
+    tgt = np.asarray(labels, dtype=np.int64)[1:][:seq_length]
+    n = len(ids)
+    tokens = np.full(seq_length, pad_id, dtype=np.int64)
+    targets = np.full(seq_length, pad_id, dtype=np.int64)
+    loss_mask = np.zeros(seq_length, dtype=np.float32)
+    tokens[:n] = ids
+    keep = tgt != IGNORE_INDEX
+    targets[:n] = np.where(keep, tgt, pad_id)
+    loss_mask[:n] = keep
+    sample = {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(targets),
+              "loss_mask": torch.from_numpy(loss_mask), "position_ids": torch.arange(seq_length, dtype=torch.int64)}
+    if create_attention_mask:
+        sample["attention_mask"] = torch.ones(seq_length, seq_length, dtype=torch.bool).triu(1).unsqueeze(0)
+    return sample
+
+
+@dataclass
+class InstructionDatasetConfig(BlendedMegatronDatasetConfig):
+    """megatron-core's dataset config plus the pad id and whether samples carry an attention mask."""
+    pad_id: int = 0
+    create_attention_mask: bool = False
+
+
+class InstructionDataset(MegatronDataset):
+    """Instruction samples (``instruction_sample``) in a seeded random order, repeated over epochs up to
+    ``num_samples`` (one epoch when None). Built by megatron-core's ``BlendedMegatronDatasetBuilder``."""
+
+    def __init__(self, dataset, dataset_path, indices, num_samples, index_split, config):
+        super().__init__(dataset, dataset_path, indices, num_samples, index_split, config)
+        n = len(indices) if num_samples is None else num_samples
+        if n and not len(indices):
+            raise DataError(f"{dataset_path}: the {index_split.name} split holds no documents")
+        rng = np.random.RandomState(config.random_seed + index_split.value)
+        epochs = math.ceil(n / len(indices)) if len(indices) else 0
+        order = [rng.permutation(indices) for _ in range(epochs)]
+        self.order = np.concatenate(order)[:n] if order else np.zeros(0, dtype=np.int64)
+
+    @staticmethod
+    def numel_low_level_dataset(low_level_dataset):
+        return len(low_level_dataset)
+
+    @staticmethod
+    def build_low_level_dataset(dataset_path, config):
+        return PackedInstructionData(instruction_prefix(dataset_path), mmap=config.mmap_bin_files)
+
+    @staticmethod
+    def _key_config_attributes():
+        return MegatronDataset._key_config_attributes() + ["pad_id", "create_attention_mask"]
+
+    def __len__(self):
+        return len(self.order)
+
+    def __getitem__(self, idx):
+        ids, labels = self.dataset.get(int(self.order[idx]))
+        return instruction_sample(ids, labels, self.config.sequence_length, self.config.pad_id,
+                                  self.config.create_attention_mask)
+
+
+def build_instruction_datasets(data_path, split, seq_length, seed, train_valid_test_num_samples=None, *,
+                               tokenizer=None, pad_id=None, data_cache_path=None, create_attention_mask=False,
+                               mmap_bin_files=True, is_built_on_rank=None):
+    """(train, valid, test) ``InstructionDataset`` splits (or megatron-core ``BlendedDataset``s over them; None where
+    ``split`` gives 0) from ``--data-path`` prefixes as ModelLink users pass them (``./finetune_dataset/alpaca``).
+
+    Documents are split by ``split`` in file order, then each split is shuffled with ``seed``. ``pad_id``: the id
+    put in padded positions (default: the tokenizer's pad when given, else 0; its loss is masked either way).
+    ``data_cache_path``: where megatron-core caches the blend indices of a multi-prefix ``data_path`` (default: none).
+    """
+    prefixes, weights = parse_data_path(data_path)
+    for prefix in prefixes:
+        instruction_prefix(prefix)
+    if pad_id is None:
+        pad_id = as_mcore_tokenizer(tokenizer).pad if tokenizer is not None else 0
+    config = InstructionDatasetConfig(random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights),
+                                      split=split, path_to_cache=data_cache_path, mmap_bin_files=mmap_bin_files,
+                                      pad_id=max(int(pad_id), 0),
+                                      create_attention_mask=create_attention_mask)
+    sizes = _split_sizes(train_valid_test_num_samples, weights, split)
+    return _build(InstructionDataset, config, sizes, is_built_on_rank)
+
