@@ -93,8 +93,13 @@ def _iter_dir(root: str, iteration: int) -> str:
         else os.path.join(root, f"iter_{iteration:07d}")
 
 
+def rank_path(root: str, iteration: int, tp_rank: int, pp_rank: int, pp: int) -> str:
+    """The directory of one rank's files in an existing checkpoint (``release`` or ``iter_*``)."""
+    return os.path.join(_iter_dir(root, iteration), _rank_sub(tp_rank, pp_rank, pp))
+
+
 def load_rank(root: str, iteration: int, tp_rank: int, pp_rank: int, pp: int) -> dict:
-    path = os.path.join(_iter_dir(root, iteration), _rank_sub(tp_rank, pp_rank, pp), "model_optim_rng.pt")
+    path = os.path.join(rank_path(root, iteration, tp_rank, pp_rank, pp), "model_optim_rng.pt")
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except FileNotFoundError:

@@ -1,0 +1,1 @@
+"""Pretraining / SFT on megatron-core: flags, architecture resolution, data batches, step, checkpoints, reports."""

@@ -1,0 +1,75 @@
+"""The model a training run builds: from the checkpoint (--load), the registry (--model) or the flags, checked for
+contradictions between them."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from aquila_npu.models.registry import MODELS, ModelSpec, get_model_spec
+from aquila_npu.training.arguments import ArgumentError
+
+# flag (argparse dest) -> ModelSpec field
+ARCH_FLAGS = {"num_layers": "num_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "intermediate_size",
+              "num_attention_heads": "num_attention_heads", "num_query_groups": "num_key_value_heads",
+              "max_position_embeddings": "max_position_embeddings", "rotary_base": "rope_theta",
+              "norm_epsilon": "rms_norm_eps"}
+
+
+def _same_architecture(a: ModelSpec, b: ModelSpec) -> bool:
+    keep = ("hidden_size", "intermediate_size", "num_layers", "num_attention_heads", "num_key_value_heads",
+            "vocab_size", "rms_norm_eps", "rope_theta", "tie_word_embeddings")
+    return all(getattr(a, k) == getattr(b, k) for k in keep)
+
+
+def resolve(args, checkpoint: Optional[dict] = None, tokenizer_vocab: Optional[int] = None
+            ) -> Tuple[ModelSpec, int]:
+    """(spec, make_vocab_size_divisible_by). ``checkpoint`` is the ``aquila`` entry of a checkpoint being loaded."""
+    base, where = None, None
+    if args.model:
+        if args.model not in MODELS:
+            raise ArgumentError(f"--model {args.model}: unknown; known: {', '.join(sorted(MODELS))}")
+        base, where = get_model_spec(args.model), f"--model {args.model}"
+    if checkpoint is not None:
+        ck = ModelSpec(**checkpoint["spec"])
+        if base is not None and not _same_architecture(base, ck):
+            raise ArgumentError(f"--model {args.model} does not match the architecture of the --load checkpoint "
+                                f"{args.load} ({ck.name})")
+        base, where = ck, f"the --load checkpoint {args.load}"
+    given = {flag: getattr(args, flag) for flag in ARCH_FLAGS if getattr(args, flag) is not None}
+    if base is not None:
+        for flag, value in given.items():
+            have = getattr(base, ARCH_FLAGS[flag])
+            if float(value) != float(have):
+                raise ArgumentError(f"--{flag.replace('_', '-')} {value} contradicts {where}, which has {have}")
+        spec = base
+    else:
+        missing = [f for f in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")
+                   if f not in given]
+        if missing:
+            raise ArgumentError("no architecture: give --model NAME, --load a checkpoint, or the flags "
+                                + ", ".join("--" + m.replace("_", "-") for m in missing))
+        if tokenizer_vocab is None:
+            raise ArgumentError("a model built from flags takes its vocabulary size from --tokenizer-name-or-path")
+        heads = given["num_attention_heads"]
+        spec = ModelSpec(
+            name="custom", hidden_size=given["hidden_size"], intermediate_size=given["ffn_hidden_size"],
+            num_layers=given["num_layers"], num_attention_heads=heads,
+            num_key_value_heads=given.get("num_query_groups", heads), vocab_size=tokenizer_vocab,
+            max_position_embeddings=given.get("max_position_embeddings") or args.seq_length or 2048,
+            rms_norm_eps=given.get("norm_epsilon", 1e-5), rope_theta=float(given.get("rotary_base", 10000.0)),
+            torch_dtype="bfloat16" if args.bf16 else "float16" if args.fp16 else "float32", source="flags")
+    if tokenizer_vocab is not None and tokenizer_vocab > spec.vocab_size:
+        raise ArgumentError(f"--tokenizer-name-or-path {args.tokenizer_name_or_path} has {tokenizer_vocab} tokens, "
+                            f"more than the model's vocabulary ({spec.vocab_size})")
+    if args.seq_length is None:
+        args.seq_length = spec.max_position_embeddings
+    if args.seq_length > spec.max_position_embeddings:
+        raise ArgumentError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
+                            f"{spec.max_position_embeddings}")
+    divisible = args.make_vocab_size_divisible_by
+    if checkpoint is not None:
+        if divisible is not None and divisible != checkpoint["make_vocab_size_divisible_by"]:
+            raise ArgumentError(f"--make-vocab-size-divisible-by {divisible} contradicts the --load checkpoint's "
+                                f"{checkpoint['make_vocab_size_divisible_by']}")
+        divisible = checkpoint["make_vocab_size_divisible_by"]
+    return spec, divisible or 1

@@ -1,0 +1,140 @@
+"""Training checkpoints in the converter's directory format (``aquila_npu.checkpoint.megatron_io``), plus optimizer,
+LR scheduler, RNG state and consumed samples.
+
+    <save>/latest_checkpointed_iteration.txt
+    <save>/iter_0000100/mp_rank_TT[_PPP]/model_optim_rng.pt   model, optimizer, scheduler, rng, args (DP rank 0)
+    <save>/iter_0000100/mp_rank_TT[_PPP]/distrib_optim.pt     --use-distributed-optimizer: gathered optimizer state
+
+Every rank writes under ``<save>/.staging-iter_0000100/``; after a barrier the staging directory is renamed into
+place and only then does the tracker file move (written to a temporary name, then renamed): a crash at any point
+leaves ``latest_checkpointed_iteration.txt`` naming a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+
+from aquila_npu.checkpoint import megatron_io
+from aquila_npu.checkpoint.hf_io import CheckpointError
+from aquila_npu.weights.load import load_stage_state
+from aquila_npu.weights.mapping import Layout
+
+DIST_OPT_FILE = "distrib_optim.pt"
+
+
+def peek(root: Optional[str]):
+    """(iteration, Layout, dtype, aquila meta) of the checkpoint in ``root``; None when there is none."""
+    if not root or not os.path.exists(os.path.join(root, megatron_io.TRACKER)):
+        return None
+    iteration, layout, dtype = megatron_io.read_layout(root)
+    pp_name = 1 if layout.pp == 1 else 2
+    meta = megatron_io.load_rank(root, iteration, 0, 0, pp_name)["aquila"]
+    return iteration, layout, dtype, meta
+
+
+def _rng_state() -> dict:
+    state = {"random": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available() and torch.cuda.device_count():
+        state["device"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["np"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "device" in state and torch.cuda.is_available() and torch.cuda.device_count():
+        torch.cuda.set_rng_state(state["device"])
+
+
+def _writes_shared_files(no_shared_storage: bool) -> bool:
+    """Rank 0 renames and writes the tracker; without shared storage, the first rank of every node does."""
+    if no_shared_storage:
+        return int(os.environ.get("LOCAL_RANK", "0")) == 0
+    return torch.distributed.get_rank() == 0
+
+
+def save(root: str, iteration: int, *, model, optimizer, scheduler, layout: Layout, params_dtype: torch.dtype,
+         consumed_samples: int, args, use_distributed_optimizer: bool, no_shared_storage: bool = False) -> None:
+    name = f"iter_{iteration:07d}"
+    staging = os.path.join(root, f".staging-{name}")
+    tp, pp, dp = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                  ps.get_data_parallel_rank())
+    first = _writes_shared_files(no_shared_storage)
+    if first:
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging, exist_ok=True)
+    torch.distributed.barrier()
+    rank_dir = os.path.join(staging, megatron_io.rank_dir(iteration, tp, pp, layout.pp))
+    if use_distributed_optimizer:  # collective over the data-parallel group; DP rank 0 writes
+        os.makedirs(rank_dir, exist_ok=True)
+        optimizer.save_parameter_state(os.path.join(rank_dir, DIST_OPT_FILE))
+    if dp == 0:
+        sd = {k: v for k, v in model.module.state_dict().items() if not k.endswith("_extra_state")}
+        extra = {"optimizer": optimizer.state_dict(), "opt_param_scheduler": scheduler.state_dict(),
+                 "rng_state": _rng_state(), "consumed_train_samples": consumed_samples,
+                 "training_args": vars(args), "distributed_optimizer": use_distributed_optimizer}
+        megatron_io.save_rank(staging, iteration, layout, pp, tp, sd, params_dtype, extra)
+    torch.distributed.barrier()
+    if first:
+        final = os.path.join(root, name)
+        if os.path.isdir(final):
+            old = os.path.join(root, f".old-{name}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(os.path.join(staging, name), final)
+        tmp = os.path.join(root, megatron_io.TRACKER + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(str(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(root, megatron_io.TRACKER))
+        shutil.rmtree(staging, ignore_errors=True)
+    torch.distributed.barrier()
+
+
+def load(root: str, *, model, optimizer, scheduler, layout: Layout, params_dtype: torch.dtype, finetune: bool,
+         no_load_optim: bool, no_load_rng: bool, use_distributed_optimizer: bool) -> Tuple[int, int, str]:
+    """Load this rank's shard; (iteration, consumed samples, what was loaded)."""
+    iteration, have, _ = megatron_io.read_layout(root)
+    if (have.tp, have.pp) != (layout.tp, layout.pp):
+        raise CheckpointError(
+            f"--load {root} is tp{have.tp}-pp{have.pp}, but this run is tp{layout.tp}-pp{layout.pp}; re-lay it out "
+            f"with: python tools/checkpoint/convert_ckpt.py --model-type GPT --loader megatron --saver megatron "
+            f"--load-dir {root} --save-dir <new-dir> --target-tensor-parallel-size {layout.tp} "
+            f"--target-pipeline-parallel-size {layout.pp}")
+    tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    ck = megatron_io.load_rank(root, iteration, tp, pp, layout.pp)
+    load_stage_state(model.module, {k: v.to(params_dtype) for k, v in ck["model"].items()})
+    trained = "optimizer" in ck  # converted checkpoints carry weights only
+    if finetune or not trained:
+        optimizer.reload_model_params()  # fp32 main weights from the loaded model weights
+        return 0, 0, "weights (starting at iteration 0)"
+    what = ["weights"]
+    if no_load_optim:
+        optimizer.reload_model_params()
+    else:
+        if bool(ck.get("distributed_optimizer")) != use_distributed_optimizer:
+            raise CheckpointError(f"--load {root}: saved {'with' if ck.get('distributed_optimizer') else 'without'} "
+                                  "--use-distributed-optimizer; pass the same flag, or --no-load-optim")
+        optimizer.load_state_dict(ck["optimizer"])
+        if ck.get("distributed_optimizer"):
+            optimizer.load_parameter_state(
+                os.path.join(megatron_io.rank_path(root, iteration, tp, pp, layout.pp), DIST_OPT_FILE))
+        scheduler.load_state_dict(ck["opt_param_scheduler"])
+        what.append("optimizer and scheduler")
+    if not no_load_rng and "rng_state" in ck:
+        _set_rng_state(ck["rng_state"])
+        what.append("rng")
+    return iteration, int(ck.get("consumed_train_samples", 0)), ", ".join(what)
