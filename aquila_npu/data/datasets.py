@@ -241,10 +241,10 @@ def build_instruction_datasets(data_path, split, seq_length, seed, train_valid_t
     for prefix in prefixes:
         instruction_prefix(prefix)
     if pad_id is None:
-        pad_id = as_mcore_tokenizer(tokenizer).pad if tokenizer is not None else 0
+        pad_id = as_mcore_tokenizer(tokenizer).hf_pad if tokenizer is not None else None
     config = InstructionDatasetConfig(random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights),
                                       split=split, path_to_cache=data_cache_path, mmap_bin_files=mmap_bin_files,
-                                      pad_id=max(int(pad_id), 0),
+                                      pad_id=pad_id if pad_id is not None and pad_id >= 0 else 0,
                                       create_attention_mask=create_attention_mask)
     sizes = _split_sizes(train_valid_test_num_samples, weights, split)
     return _build(InstructionDataset, config, sizes, is_built_on_rank)

@@ -50,9 +50,11 @@ def vocab_size(tokenizer):
 class MCoreTokenizer:
     """What megatron-core's ``GPTDataset`` / ``GPTDatasetConfig`` read from ``config.tokenizer``.
 
-    ``eod`` (document separator), ``pad`` (pads short samples; megatron-core masks its loss and maps it to id 0),
-    ``vocab_size``, and ``unique_identifiers`` (hashed into the dataset cache file names). ``pad`` is the tokenizer's
-    pad id, or ``eod`` when it has none; megatron-core replaces a pad that equals eos/eod with -1 by itself.
+    ``eod`` (the document separator, the tokenizer's eos), ``vocab_size`` (added tokens included), ``pad`` and
+    ``unique_identifiers`` (hashed into the dataset cache file names). ``pad`` is -1, megatron-core's own "no pad
+    token" value: GPTDataset pads a short final sample with it, then gives those positions token id 0 and loss mask 0.
+    Aquila2's real pad id (<|endoftext|> = 0, ``hf_pad``) is not used, since megatron-core would also drop the loss of
+    every genuine 0 in the data (the text "<|endoftext|>" encodes to it).
     """
 
     def __init__(self, hf_tokenizer, path=None):
@@ -64,7 +66,8 @@ class MCoreTokenizer:
             raise DataError(f"tokenizer {self.path}: has no eos token, which megatron-core needs as end of document")
         self.eos = self.eod
         self.bos = hf_tokenizer.bos_token_id
-        self.pad = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else self.eod
+        self.hf_pad = hf_tokenizer.pad_token_id
+        self.pad = -1
 
     @classmethod
     def from_pretrained(cls, name_or_path, use_fast=True):
@@ -77,7 +80,6 @@ class MCoreTokenizer:
         ids["tokenizer_path"] = str(self.path)
         ids["vocab_size"] = self.vocab_size
         ids["eod"] = self.eod
-        ids["pad"] = self.pad
         return ids
 
     def tokenize(self, text):
