@@ -17,7 +17,7 @@ import torch
 
 from aquila_npu.checkpoint.hf_io import CheckpointError
 from aquila_npu.checkpoint.load_model import (LoadedModel, check_architecture, check_parallel_sizes,
-                                              load_model_for_inference, read_checkpoint)
+                                              load_model_for_inference, read_checkpoint, relayout_command)
 from aquila_npu.device.backends import FusedKernelUnavailable, FusedOps
 
 ARCH_DESTS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -133,8 +133,9 @@ def start(args: argparse.Namespace) -> Session:
     check_architecture(layout.spec, layout, architecture_flags(args), args.load)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % (tp * pp):
-        raise UsageError(f"{world} processes cannot run the tp{tp}-pp{pp} checkpoint {args.load}: start a multiple "
-                         f"of {tp * pp} (torchrun --nproc-per-node {tp * pp} ...)")
+        raise UsageError(f"{world} process(es) cannot run the tp{tp}-pp{pp} checkpoint {args.load}: start a multiple "
+                         f"of {tp * pp} (torchrun --nproc-per-node {tp * pp} ...), or convert it for one process: "
+                         f"{relayout_command(args.load, 1, 1)}")
     tokenizer = load_tokenizer(args.tokenizer_name_or_path, use_fast=not args.tokenizer_not_use_fast,
                                tokenizer_type=args.tokenizer_type)
     if vocab_size(tokenizer) > layout.spec.vocab_size:

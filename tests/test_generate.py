@@ -1,0 +1,246 @@
+"""Generation from converted checkpoints vs Hugging Face transformers' ``generate`` on the same tiny random model.
+
+The references run in this process on a model built from its config (``tiny_llama``, the weights that were saved
+and converted): never ``from_pretrained`` here (see DEVELOPERS.md). Our side runs under torchrun.
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from aquila_npu.testing.tiny_hf import TINY, tiny_llama
+from conftest import ROOT, torchrun
+
+SPECIALS = ["<|endoftext|>", "[CLS]", "</s>", "<|startofpiece|>", "<|endofpiece|>"]  # ids 0..4: pad, bos, eos
+SYLLABLES = ["ka", "lo", "mi", "ta", "ren", "shu", "po", "vex", "quin", "dar", "el", "ost", "ung", "ber", "fy"]
+CHINESE = "北京是中国的首都上海天气很好我们今天学习人工智能模型生成文本问题答案是否你好世界语言"
+PROMPTS = ["kalo mi taren", "北京是中国的首都，今天天气很好", "ber fy ost ung dar el quin vex po shu ta"]
+N_NEW = 20
+
+
+def words(rng, n):
+    return " ".join("".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(n))
+
+
+def build_assets(root, layouts=((1, 1), (2, 2))):
+    """A byte-level BPE tokenizer trained here (English + Chinese, TINY's 1003 ids, Aquila2's special tokens), the
+    tiny HF model saved with it, and Megatron conversions of it: {"hf": dir, (tp, pp): dir}."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from aquila_npu.checkpoint.convert import to_megatron
+    from aquila_npu.checkpoint.hf_io import HFReader
+
+    rng = random.Random(0)
+    corpus = []
+    for _ in range(3000):
+        corpus.append(words(rng, rng.randint(5, 15)) + ". Question: is it true? Answer: yes no Yes No")
+        corpus.append("".join(rng.choice(CHINESE) for _ in range(rng.randint(5, 20))))
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=TINY.vocab_size, special_tokens=SPECIALS,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    assert bpe.get_vocab_size() == TINY.vocab_size
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="[CLS]", eos_token="</s>", pad_token="<|endoftext|>",
+                                  unk_token="<|endoftext|>", additional_special_tokens=SPECIALS[3:])
+    hf = os.path.join(root, "hf")
+    tiny_llama().save_pretrained(hf)
+    tok.save_pretrained(hf)
+    out = {"hf": hf}
+    for tp, pp in layouts:
+        out[tp, pp] = os.path.join(root, f"mg-tp{tp}-pp{pp}")
+        to_megatron(HFReader(hf), out[tp, pp], tp, pp)
+    return out
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return build_assets(str(tmp_path_factory.mktemp("gen")))
+
+
+def hf_greedy(tokenizer, prompts, max_new_tokens, eos_token_id=None):
+    """HF generate, greedy, the prompts batched with left padding and an attention mask: generated ids per prompt,
+    cut after the EOS (HF pads finished rows)."""
+    model = tiny_llama()
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+    rows = []
+    for r in out[:, enc.input_ids.shape[1]:].tolist():
+        if eos_token_id is not None and eos_token_id in r:
+            r = r[:r.index(eos_token_id) + 1]
+        rows.append(r)
+    return rows
+
+
+def _run(assets, tmp_path, tp, pp, *flags):
+    out = tmp_path / f"out-{tp}{pp}.jsonl"
+    proc = torchrun("-m aquila_npu.generate", tp * pp,
+                    ["--load", assets[tp, pp], "--tokenizer-name-or-path", assets["hf"], "--max-new-tokens", N_NEW,
+                     *[a for p in PROMPTS for a in ("--prompt", p)], "--output", out, *flags])
+    return proc, out
+
+
+def _tokenizer(assets):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(assets["hf"])
+
+
+@pytest.mark.slow
+def test_greedy_tp2_pp2_batched_matches_hf_generate_token_for_token(assets, tmp_path):
+    tok = _tokenizer(assets)
+    free = hf_greedy(tok, PROMPTS, N_NEW)
+    # An EOS that the second prompt reaches after a few tokens: that row must stop there, the others go on.
+    eos = next(t for j, t in enumerate(free[1]) if j >= 3 and t not in free[1][:j])
+    ref = hf_greedy(tok, PROMPTS, N_NEW, eos_token_id=eos)
+    assert ref[1][-1] == eos and len(ref[1]) < N_NEW
+    proc, out = _run(assets, tmp_path, 2, 2, "--greedy", "--micro-batch-size", 3, "--eos-token-id", eos)
+    rows = [json.loads(line) for line in open(out, encoding="utf-8")]
+    assert [r["prompt"] for r in rows] == PROMPTS
+    # token_ids are the generated ids without the EOS that ended them; HF's rows end with it
+    assert [r["token_ids"] + ([eos] if r["finish_reason"] == "eos" else []) for r in rows] == ref
+    assert [r["finish_reason"] for r in rows] == ["eos" if eos in r else "length" for r in ref]
+    assert "length" in [r["finish_reason"] for r in rows]
+    for r in rows:
+        assert r["text"] == tok.decode(r["token_ids"], skip_special_tokens=True)
+        assert r["text"] in proc.stdout  # rank 0 printed it
+
+
+def test_tp1_pp1_recompute_and_top_k_1_sampling_match_hf_greedy(assets, tmp_path):
+    """One process, no KV cache (full recompute) and sampling reduced to greedy by top-k 1, one prompt at a time
+    (streamed to the console)."""
+    tok = _tokenizer(assets)
+    ref = hf_greedy(tok, PROMPTS, N_NEW)
+    proc, out = _run(assets, tmp_path, 1, 1, "--no-kv-cache", "--top-k", 1, "--temperature", 0.7)
+    rows = [json.loads(line) for line in open(out, encoding="utf-8")]
+    assert [r["token_ids"] for r in rows] == ref
+    assert rows[1]["text"] in proc.stdout  # streamed text, Chinese included
+
+
+def test_chat_templates_are_flagai_prompts():
+    from aquila_npu.inference.chat import chat_prompt, default_template
+    from aquila_npu.models.registry import get_model_spec
+
+    s = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+         "detailed, and polite answers to the human's questions.")
+    # FlagAI predict(): conv.get_prompt() + " "
+    assert chat_prompt("aquila-v1", "你好") == "<|startofpiece|>你好<|endofpiece|> "
+    assert chat_prompt("aquila-legacy", "Hi") == s + "\n\n### Human: Hi\n### Assistant:  "
+    assert chat_prompt("aquila", "Hi") == s + "###Human: Hi###Assistant: "
+    assert chat_prompt("aquila-chat", "Hi", system="S") == "S###Human: Hi###Assistant: "
+    assert default_template(get_model_spec("aquilachat2-7b")) == "aquila-v1"
+    assert default_template(get_model_spec("aquilachat2-34b")) == "aquila-legacy"
+    assert default_template(get_model_spec("aquilachat2-34b-16k")) == "aquila"
+
+
+def test_sampling_filters_like_hf_warpers():
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from aquila_npu.inference.sampling import SamplingParams, filter_logits
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    p = SamplingParams(greedy=False, temperature=0.7, top_k=10, top_p=0.8)
+    ref = logits
+    for w in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(10), TopPLogitsWarper(0.8)):
+        ref = w(None, ref)
+    ours = filter_logits(logits, p)
+    assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+    assert torch.allclose(ours[~torch.isinf(ours)], ref[~torch.isinf(ref)])
+
+
+def _fails(module, args, capsys):
+    import importlib
+
+    rc = importlib.import_module(module).entry([str(a) for a in args])
+    return rc, capsys.readouterr().err
+
+
+def test_bad_inputs_are_one_line_errors(assets, tmp_path, capsys):
+    base = ["--tokenizer-name-or-path", assets["hf"], "--prompt", "x"]
+    rc, err = _fails("aquila_npu.generate", ["--load", tmp_path / "missing", *base], capsys)
+    assert rc == 1 and "--load" in err and "no such directory" in err
+    rc, err = _fails("aquila_npu.generate", ["--load", assets[1, 1], "--tokenizer-name-or-path", tmp_path / "no",
+                                             "--prompt", "x"], capsys)
+    assert rc == 1 and "--tokenizer-name-or-path" in err
+    rc, err = _fails("aquila_npu.generate", ["--load", assets[1, 1], *base, "--num-layers", 32, "--hidden-size", 64],
+                     capsys)
+    assert rc == 1 and "--num-layers 32 (checkpoint: 4)" in err and "--hidden-size" not in err
+    rc, err = _fails("aquila_npu.generate", ["--load", assets[2, 2], *base], capsys)  # 1 process, tp2-pp2 weights
+    assert rc == 1 and "tp2-pp2" in err and "--nproc-per-node 4" in err and "convert_ckpt.py" in err
+    rc, err = _fails("aquila_npu.generate", ["--load", assets[1, 1], *base, "--tensor-model-parallel-size", 2],
+                     capsys)
+    assert rc == 1 and "--target-tensor-parallel-size 2" in err
+    rc, err = _fails("aquila_npu.generate", ["--load", assets[1, 1], *base, "--greedy", "--top-p", 0.9], capsys)
+    assert rc == 1 and "--greedy cannot be combined with --top-p" in err
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"prompt": 3}\n')
+    rc, err = _fails("aquila_npu.generate", ["--load", assets[1, 1], "--tokenizer-name-or-path", assets["hf"],
+                                             "--prompts-file", bad], capsys)
+    assert rc == 1 and "line 2" in err
+
+
+def test_help_documents_every_flag():
+    from aquila_npu.generate import build_parser
+
+    parser = build_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        for flag in action.option_strings:
+            assert flag in text
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{action.option_strings} has no help"
+
+
+# ------------------------------------------------------------------------------------------------------ scripts
+SCRIPTS = {"generate_aquila2_7b_ptd.sh": ("aquila_npu.generate", "aquila2-7b", 8, 1),
+           "generate_aquila2_34b_ptd.sh": ("aquila_npu.generate", "aquila2-34b", 8, 2),
+           "evaluate_aquila2_7b_ptd.sh": ("aquila_npu.evaluate", "aquila2-7b", 8, 1),
+           "evaluate_aquila2_34b_ptd.sh": ("aquila_npu.evaluate", "aquila2-34b", 8, 2)}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_example_script_flags_parse_and_describe_the_model(script, tmp_path):
+    """bash -n passes; run with a stand-in torchrun that records its arguments, the flags parse with the real
+    parser and the architecture flags agree with the published model."""
+    import importlib
+
+    from aquila_npu.checkpoint.load_model import check_architecture
+    from aquila_npu.inference.cli import architecture_flags
+    from aquila_npu.models.registry import get_model_spec
+    from aquila_npu.weights.mapping import Layout
+
+    path = ROOT / "examples" / "aquila2" / script
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "torchrun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$STUB_OUT"\n')
+    (stub / "torchrun").chmod(0o755)
+    record = tmp_path / "args.txt"
+    env = {k: v for k, v in os.environ.items() if k not in ("TP", "PP", "PROMPT", "PROMPTS_FILE", "OUTPUT", "CHAT")}
+    env.update(PATH=f"{stub}:{env['PATH']}", STUB_OUT=str(record), CANN_SET_ENV=str(tmp_path / "none.sh"))
+    proc = subprocess.run(["bash", str(path)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    argv = record.read_text().splitlines()
+    module, model, tp, pp = SCRIPTS[script]
+    i = argv.index("-m")
+    assert argv[i + 1] == module
+    launcher = dict(zip(argv[:i:2], argv[1:i:2]))
+    args = importlib.import_module(module).build_parser().parse_args(argv[i + 2:])
+    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (tp, pp)
+    assert int(launcher["--nproc_per_node"]) * int(launcher["--nnodes"]) == tp * pp
+    spec = get_model_spec(model)
+    check_architecture(spec, Layout(spec, tp, pp, 1), architecture_flags(args))
+    if module == "aquila_npu.evaluate":
+        assert (args.task, args.task_data_path, args.scoring) == ("boolq", "./boolq/test", "first-token")
+    assert args.load.endswith(f"-tp{tp}-pp{pp}/")
