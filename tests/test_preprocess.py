@@ -173,7 +173,8 @@ def test_instruction_alpaca_labels_ignored_exactly_on_prompt(env, tmp_path):
     prefix = tmp_path / "alpaca"
     rc, _ = _run(["--input", env["dir"] / "alpaca.parquet", "--tokenizer-name-or-path", env["tok_dir"],
                   "--output-prefix", prefix, "--workers", "1", "--log-interval", "1000",
-                  "--tokenizer-type", "PretrainedFromHF", "--handler-name", "GeneralInstructionHandler", "--append-eod"])
+                  "--tokenizer-type", "PretrainedFromHF", "--handler-name", "GeneralInstructionHandler",
+                  "--append-eod"])
     assert rc == 0
     _check_packed(prefix, [_alpaca_expected(env["tok"], r) for r in ROWS])
     assert _outputs(tmp_path) == sorted(f"alpaca_packed_{k}_document.{e}" for k in ("input_ids", "attention_mask",
@@ -339,7 +340,8 @@ def test_failed_run_keeps_previous_output(env, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--tokenizer-name-or-path", "{tmp}/no/such/tokenizer"], "--tokenizer-name-or-path: {tmp}/no/such/tokenizer does not exist"),
+    (["--tokenizer-name-or-path", "{tmp}/no/such/tokenizer"],
+     "--tokenizer-name-or-path: {tmp}/no/such/tokenizer does not exist"),
     (["--tokenizer-name-or-path", "{tmp}"], "--tokenizer-name-or-path: cannot load a tokenizer from {tmp}"),
     (["--input", "{tmp}/missing.parquet"], "--input: {tmp}/missing.parquet does not exist"),
     (["--input", "{tmp}/*.parquet"], "--input: the pattern {tmp}/*.parquet matches no"),

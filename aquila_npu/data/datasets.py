@@ -1,4 +1,4 @@
-"""Training datasets over ``tools/preprocess_data.py`` output, built with megatron-core's ``BlendedMegatronDatasetBuilder``.
+"""Training datasets over ``tools/preprocess_data.py`` output, built by megatron-core's BlendedMegatronDatasetBuilder.
 
 Pretraining: ``build_pretrain_datasets`` gives megatron-core ``GPTDataset`` (or ``BlendedDataset``) train / valid /
 test splits from ``--data-path`` (``"w1 p1 w2 p2"`` weights allowed) and ``--split``.
@@ -72,8 +72,9 @@ def _split_sizes(train_valid_test_num_samples, weights, split):
             if size is None and ratio == 0:
                 sizes[i] = 0
             elif size is None:
-                raise DataError(f"--data-path with weights needs a sample count for the {('train', 'valid', 'test')[i]} "
-                                "split (train_valid_test_num_samples), as in Megatron")
+                name = ("train", "valid", "test")[i]
+                raise DataError(f"--data-path with weights needs a sample count for the {name} split "
+                                "(train_valid_test_num_samples), as in Megatron")
     return sizes
 
 

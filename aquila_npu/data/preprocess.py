@@ -35,7 +35,8 @@ def build_parser():
         epilog="Outputs (megatron-core IndexedDataset format, readable by its IndexedDataset and GPTDataset):\n"
                "  GeneralPretrainHandler:    <prefix>_<key>_document.bin/.idx for each --json-keys key\n"
                "                             (training: --data-path <prefix>_text_document)\n"
-               "  GeneralInstructionHandler: <prefix>_packed_input_ids_document, <prefix>_packed_attention_mask_document,\n"
+               "  GeneralInstructionHandler: <prefix>_packed_input_ids_document,\n"
+               "                             <prefix>_packed_attention_mask_document,\n"
                "                             <prefix>_packed_labels_document (labels = -100 over the prompt)\n"
                "                             (training: --data-path <prefix>)\n"
                "Prompt templates (--prompt-type):\n" +

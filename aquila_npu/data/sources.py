@@ -97,7 +97,10 @@ def iter_rows(files, columns):
     """
     for path in files:
         fmt = _format(path)
-        rows = {"parquet": _parquet_rows, "jsonl": _jsonl_rows, "json": _json_rows}[fmt](path, columns)
+        if fmt == "parquet":
+            rows = _parquet_rows(path, columns)
+        else:
+            rows = (_row_from_object(obj, columns, where) for where, obj in iter_json_objects(path))
         n = 0
         for n, row in enumerate(rows, 1):
             yield row
@@ -145,7 +148,18 @@ def _row_from_object(obj, columns, where):
     return tuple(columns.value(i, obj.get(name), where) for i, name in enumerate(columns.names))
 
 
-def _jsonl_rows(path, columns):
+def iter_json_objects(path):
+    """(where, object) for every JSON value of a ``.jsonl`` file (one per non-blank line) or a ``.json`` file (JSON
+    lines, or one array decoded item by item); ``where`` is "FILE line N" / "FILE row N". Raises ``DataError`` for
+    invalid JSON or UTF-8."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if path.lower().endswith(".json") and head.startswith(b"["):
+        return _json_array_objects(path)
+    return _jsonl_objects(path)
+
+
+def _jsonl_objects(path):
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{path} line {lineno}"
@@ -156,27 +170,17 @@ def _jsonl_rows(path, columns):
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}: invalid JSON ({err})") from None
-            yield _row_from_object(obj, columns, where)
+            yield where, obj
 
 
-def _json_rows(path, columns):
-    """A ``.json`` file: JSON lines, or one array of objects decoded incrementally."""
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-    if not head.startswith(b"["):
-        yield from _jsonl_rows(path, columns)
-        return
-    yield from _json_array_rows(path, columns)
-
-
-def _json_array_rows(path, columns):
+def _json_array_objects(path):
     decoder = json.JSONDecoder()
     bytes_decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
     buf, pos, bad_at, eof, row = "", 0, None, False, 0
     with open(path, "rb") as f:
 
         def more():
-            nonlocal buf, pos, bad_at, eof
+            nonlocal buf, bad_at, eof
             chunk = f.read(_READ_BYTES)
             eof = not chunk
             text = bytes_decoder.decode(chunk, final=eof)
@@ -225,7 +229,7 @@ def _json_array_rows(path, columns):
             if bad_at is not None and pos <= bad_at < end:
                 raise DataError(f"{where}: not valid UTF-8")
             row += 1
-            yield _row_from_object(obj, columns, where)
+            yield where, obj
             pos = end
             if pos > _READ_BYTES:
                 buf = buf[pos:]

@@ -6,8 +6,8 @@ text that ends it are trained. Segments are tokenized one by one, so the masked 
 
 ``alpaca`` (ModelLink's ``GeneralInstructionHandler``; the default)::
 
-    "\\n" + SYSTEM + "\\n" + "### Instruction:\\n" + instruction + "\\n" + input + "\\n" + "### Response:\\n"   <- masked
-    output + "\\n"                                                                                       <- trained
+    "\\n" + SYSTEM + "\\n" + "### Instruction:\\n" + instruction + "\\n" + input + "\\n" + "### Response:\\n"  masked
+    output + "\\n"                                                                                     trained
 
 AquilaChat2 (FlagAI / FastChat ``conversation.py``), per turn: masked ``user_prefix + question + user_suffix +
 assistant_prefix``, trained ``answer + assistant_suffix``; the system text comes first, masked.
@@ -16,8 +16,8 @@ assistant_prefix``, trained ``answer + assistant_suffix``; the system text comes
 from dataclasses import dataclass
 
 ALPACA_SYSTEM = ("Below is an instruction that describes a task, paired with an input that provides further context. "
-                 "Write a response that appropriately completes the request. Please note that you need to think through "
-                 "your response logically and step by step.")
+                 "Write a response that appropriately completes the request. Please note that you need to think "
+                 "through your response logically and step by step.")
 AQUILA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 
@@ -40,7 +40,8 @@ class Template:
         return instruction + "\n" + inp if inp else instruction
 
     def segments(self, turns, system=None):
-        """[(text, trained)] for ``turns`` = [(user, assistant), ...]; ``system`` replaces the template's system text."""
+        """[(text, trained)] for ``turns`` = [(user, assistant), ...]; ``system`` replaces the template's system
+        text."""
         out = []
         prompt = self.system_format.format(system=self.system if system is None else system)
         for user, assistant in turns:

@@ -15,7 +15,8 @@ def load_tokenizer(name_or_path, use_fast=True, tokenizer_type="PretrainedFromHF
     when the path does not exist or holds no loadable tokenizer.
     """
     if tokenizer_type not in TOKENIZER_TYPES:
-        raise DataError(f"--tokenizer-type {tokenizer_type!r} is not supported (choose from {', '.join(TOKENIZER_TYPES)})")
+        raise DataError(f"--tokenizer-type {tokenizer_type!r} is not supported "
+                        f"(choose from {', '.join(TOKENIZER_TYPES)})")
     if not name_or_path:
         raise DataError("--tokenizer-name-or-path is required")
     local = os.path.exists(name_or_path)

@@ -49,7 +49,8 @@ class IndexedDatasetsWriter:
         """Append documents: ``flat`` holds their tokens end to end, ``lengths`` their sizes."""
         builder = self.builders[name]
         dtype = builder.dtype
-        if len(flat) and np.issubdtype(dtype, np.unsignedinteger) and (flat.min() < 0 or flat.max() > np.iinfo(dtype).max):
+        if len(flat) and np.issubdtype(dtype, np.unsignedinteger) and not (
+                0 <= flat.min() and flat.max() <= np.iinfo(dtype).max):
             raise ValueError(f"token id out of range for {np.dtype(dtype).name} in {self.prefixes[name][0]}")
         start = 0
         for n in lengths.tolist():
