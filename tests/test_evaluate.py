@@ -17,7 +17,7 @@ import torch
 
 from aquila_npu.testing.tiny_hf import tiny_llama
 from conftest import read_json, torchrun
-from test_generate import build_assets, words
+from test_generate import assert_help_documents_every_flag, build_assets, words
 
 LMEVAL_TASK = """task: boolq_local
 dataset_path: json
@@ -83,9 +83,9 @@ def lm_eval_reference(setup_data):
     return rows, results["results"]["boolq_local"]["acc,none"]
 
 
-def _evaluate(assets, data, tmp_path, tp, pp, *flags):
+def _evaluate(assets, data, tmp_path, tp, pp, *flags, dp=1):
     out = tmp_path / f"boolq-{tp}{pp}.json"
-    proc = torchrun("-m aquila_npu.evaluate", tp * pp,
+    proc = torchrun("-m aquila_npu.evaluate", tp * pp * dp,
                     ["--task", "boolq", "--task-data-path", data, "--load", assets[tp, pp],
                      "--tokenizer-name-or-path", assets["hf"], "--micro-batch-size", 4, "--output", out, *flags])
     return proc, read_json(out)
@@ -120,13 +120,14 @@ def test_loglikelihood_tp2_pp2_equals_lm_eval(setup_data, lm_eval_reference, tmp
 
 
 def test_first_token_scoring_equals_hf_next_token_logits(setup_data, tmp_path):
-    """ModelLink's scoring: log-softmax of the logits after the prompt at encode("Yes")[-1] vs encode("No")[-1]."""
+    """ModelLink's scoring: log-softmax of the logits after the prompt at encode("Yes")[-1] vs encode("No")[-1].
+    Two data-parallel replicas share the rows."""
     from transformers import AutoTokenizer
 
     from aquila_npu.evaluation.boolq import BoolQ, prompt
 
     assets, data, _, _ = setup_data
-    _, report = _evaluate(assets, data, tmp_path, 1, 1, "--scoring", "first-token")
+    _, report = _evaluate(assets, data, tmp_path, 1, 1, "--scoring", "first-token", dp=2)
     tok = AutoTokenizer.from_pretrained(assets["hf"])
     yes, no = tok.encode("Yes")[-1], tok.encode("No")[-1]
     model = tiny_llama()
@@ -185,13 +186,7 @@ def test_bad_paths_and_flags(setup_data, tmp_path, capsys):
 def test_help_documents_every_flag():
     from aquila_npu.evaluate import build_parser
 
-    parser = build_parser()
-    text = parser.format_help()
-    for action in parser._actions:
-        for flag in action.option_strings:
-            assert flag in text
-        if action.option_strings and action.dest != "help":
-            assert action.help, f"{action.option_strings} has no help"
+    assert_help_documents_every_flag(build_parser())
 
 
 def test_task_registry_is_extensible():

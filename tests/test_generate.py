@@ -190,16 +190,19 @@ def test_bad_inputs_are_one_line_errors(assets, tmp_path, capsys):
     assert rc == 1 and "line 2" in err
 
 
-def test_help_documents_every_flag():
-    from aquila_npu.generate import build_parser
-
-    parser = build_parser()
+def assert_help_documents_every_flag(parser):
     text = parser.format_help()
     for action in parser._actions:
         for flag in action.option_strings:
             assert flag in text
         if action.option_strings and action.dest != "help":
             assert action.help, f"{action.option_strings} has no help"
+
+
+def test_help_documents_every_flag():
+    from aquila_npu.generate import build_parser
+
+    assert_help_documents_every_flag(build_parser())
 
 
 # ------------------------------------------------------------------------------------------------------ scripts
