@@ -69,7 +69,7 @@ def build_parser():
                         "downloads")
     g.add_argument("--tokenizer-not-use-fast", action="store_true",
                    help="load the tokenizer with use_fast=False (the Python implementation where transformers still "
-                        "has one; token ids are the same)")
+                        "has one; ModelLink's generate / evaluate scripts pass it)")
     g.add_argument("--append-eod", action="store_true",
                    help="append the end-of-document token (the tokenizer's eos, </s> = 100007 for Aquila2) to every "
                         "document; for instruction data it is trained (label kept), and not added twice when the "
@@ -147,20 +147,26 @@ def _results(handler, spec, rows, workers, chunk_size, log_interval):
             yield handler.encode(chunk)
         return
     global _handler
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     _handler = handler  # a forked worker inherits it instead of loading the tokenizer again
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(spec,))
     try:
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(spec,)) as pool:
-            pending = deque()
-            for chunk in _chunks(rows, chunk_size, log_interval):
-                pending.append(pool.apply_async(_encode, (chunk,)))
-                if len(pending) >= 2 * workers:
-                    yield pending.popleft().get()
-            while pending:
-                yield pending.popleft().get()
+        pending = deque()
+        for chunk in _chunks(rows, chunk_size, log_interval):
+            pending.append(pool.submit(_encode, chunk))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    except BrokenProcessPool as err:
+        raise RuntimeError(f"a --workers process died ({err}); out of memory? try fewer --workers") from None
     finally:
         _handler = None
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run(args):
