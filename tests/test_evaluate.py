@@ -150,7 +150,7 @@ def _entry(args, capsys):
 
 
 @pytest.mark.parametrize("content,message", [
-    ('{"question": "q", "passage": "p", "answer": true}\n{"question": "q", "passage": "p"\n', "line 2: not valid JSON"),
+    ('{"question": "q", "passage": "p", "answer": true}\n{"question": "q", "passage": "p"\n', "line 2: invalid JSON"),
     ('{"question": "q", "passage": "p", "answer": true}\n\n{"question": "q", "passage": "p"}\n', "line 3: no 'answer'"),
     ('{"question": "q", "passage": "p", "answer": "yes"}\n', "line 1: 'answer' is 'yes', expected true or false"),
     ('{"question": "", "passage": "p", "answer": true}\n', "line 1: 'question' is missing"),

@@ -28,22 +28,22 @@ def _answer(row) -> bool:
     elif "label" in d:
         value, field = d["label"], "label"
     else:
-        raise DataError(f"{row.file} line {row.line}: no 'answer' field")
+        raise DataError(f"{row.where}: no 'answer' field")
     if isinstance(value, bool):
         return value
     if field == "label" and value in (0, 1):
         return bool(value)
-    raise DataError(f"{row.file} line {row.line}: '{field}' is {value!r}, expected true or false")
+    raise DataError(f"{row.where}: '{field}' is {value!r}, expected true or false")
 
 
 def parse_row(row) -> dict:
     d = row.data
     for field in ("question", "passage"):
         if not isinstance(d.get(field), str) or not d[field].strip():
-            raise DataError(f"{row.file} line {row.line}: '{field}' is missing or not a non-empty string")
+            raise DataError(f"{row.where}: '{field}' is missing or not a non-empty string")
     title = d.get("title", "")
     if not isinstance(title, str):
-        raise DataError(f"{row.file} line {row.line}: 'title' is not a string")
+        raise DataError(f"{row.where}: 'title' is not a string")
     return {"file": row.file, "line": row.line, "question": d["question"], "passage": d["passage"],
             "title": title, "answer": _answer(row)}
 

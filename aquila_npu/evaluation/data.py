@@ -1,13 +1,14 @@
-"""Reading evaluation data: JSON-lines files, one file or every ``*.jsonl`` / ``*.json`` file of a folder."""
+"""Reading evaluation data: JSON-lines files, one file or every ``*.jsonl`` / ``*.json`` file of a folder (read with
+the data pipeline's ``iter_json_objects``)."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Iterator, List
 
 from aquila_npu.data.errors import DataError
+from aquila_npu.data.sources import iter_json_objects
 
 __all__ = ["DataError", "Row", "data_files", "read_jsonl"]
 
@@ -15,7 +16,8 @@ __all__ = ["DataError", "Row", "data_files", "read_jsonl"]
 @dataclass(frozen=True)
 class Row:
     file: str
-    line: int  # 1-based line number in the file
+    line: int  # 1-based line (JSON lines) or item (JSON array) number in the file
+    where: str  # "FILE line N" / "FILE row N", for messages
     data: dict
 
 
@@ -33,19 +35,9 @@ def data_files(path: str) -> List[str]:
 
 
 def read_jsonl(path: str) -> Iterator[Row]:
-    """Every non-blank line of every data file as a JSON object."""
+    """Every JSON object of every data file (JSON lines, or a ``.json`` array), with where it stands."""
     for file in data_files(path):
-        try:
-            with open(file, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{file} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
-                    if not isinstance(obj, dict):
-                        raise DataError(f"{file} line {n}: expected a JSON object, got {type(obj).__name__}")
-                    yield Row(file, n, obj)
-        except UnicodeDecodeError as e:
-            raise DataError(f"{file}: not UTF-8 text ({e.reason})") from None
+        for where, obj in iter_json_objects(file):
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            yield Row(file, int(where.rsplit(" ", 1)[1]), where, obj)
