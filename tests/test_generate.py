@@ -127,6 +127,36 @@ def test_tp1_pp1_recompute_and_top_k_1_sampling_match_hf_greedy(assets, tmp_path
     assert rows[1]["text"] in proc.stdout  # streamed text, Chinese included
 
 
+NPU_WORKER = """
+import json, sys
+from aquila_npu.checkpoint.load_model import load_model_for_inference
+from aquila_npu.device.backends import FusedOps
+from aquila_npu.device.setup import setup
+from aquila_npu.inference.generation import TextGenerator
+from aquila_npu.testing import npu_emulator
+load, prompts, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+with npu_emulator.installed() as fake:
+    dev = setup("cpu", FusedOps.all(), kernels="npu")
+    gen = TextGenerator.from_loaded(load_model_for_inference(load, dev), dev.torch_device)
+    print(json.dumps({"ids": [g.token_ids for g in gen.generate(prompts, n)], "calls": dict(fake.calls)}))
+"""
+
+
+def test_ascend_fused_kernels_through_emulator_match_hf(assets):
+    """The NPU backend (fused RMSNorm, flash attention with the KV cache, fused RoPE, SwiGLU; torch_npu emulated on
+    the CPU) generates HF's greedy tokens."""
+    tok = _tokenizer(assets)
+    ref = hf_greedy(tok, PROMPTS, N_NEW)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-c", NPU_WORKER, assets[1, 1], json.dumps([tok.encode(p) for p in PROMPTS]),
+                           str(N_NEW)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["ids"] == ref
+    for op in ("npu_rms_norm", "npu_fusion_attention", "npu_rotary_mul", "npu_swiglu"):
+        assert out["calls"].get(op, 0) > 0, op
+
+
 def test_chat_templates_are_flagai_prompts():
     from aquila_npu.inference.chat import chat_prompt, default_template
     from aquila_npu.models.registry import get_model_spec
