@@ -20,7 +20,9 @@ import sys
 from typing import List, Optional
 
 import torch
+from megatron.core import parallel_state as ps
 
+from aquila_npu.evaluation.scoring import Scorer
 from aquila_npu.evaluation.tasks import get_task, load_tasks, summarize
 from aquila_npu.inference import cli
 
@@ -61,10 +63,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise cli.UsageError(f"--output {args.output}: the folder does not exist")
     docs = task.load(args.task_data_path, args.limit)  # data errors before any model is loaded
     session = cli.start(args)
-    from megatron.core import parallel_state as ps
-
-    from aquila_npu.evaluation.scoring import Scorer
-
     loaded = session.loaded
     max_length = min(args.seq_length or loaded.spec.max_position_embeddings, loaded.spec.max_position_embeddings)
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()

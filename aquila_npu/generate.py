@@ -22,9 +22,11 @@ import sys
 from typing import List, Optional
 
 import torch
+from megatron.core import parallel_state as ps
 
 from aquila_npu.inference import cli
 from aquila_npu.inference.chat import CHAT_TEMPLATES, chat_prompt, default_template
+from aquila_npu.inference.generation import TextGenerator
 from aquila_npu.inference.sampling import SamplingParams
 
 PROG = "python -m aquila_npu.generate"
@@ -154,10 +156,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
         raise cli.UsageError(f"--output {args.output}: the folder does not exist")
     session = cli.start(args)
-    from megatron.core import parallel_state as ps
-
-    from aquila_npu.inference.generation import TextGenerator
-
     tok, loaded = session.tokenizer, session.loaded
     template = (args.chat_template or default_template(loaded.spec)) if args.chat else None
     texts = [chat_prompt(template, p, system=args.system_prompt) if template else p for p in prompts]

@@ -18,7 +18,13 @@ import torch
 from aquila_npu.checkpoint.hf_io import CheckpointError
 from aquila_npu.checkpoint.load_model import (LoadedModel, check_architecture, check_parallel_sizes,
                                               load_model_for_inference, read_checkpoint, relayout_command)
+from aquila_npu.data.errors import DataError
+from aquila_npu.data.tokenizer import load_tokenizer, vocab_size
 from aquila_npu.device.backends import FusedKernelUnavailable, FusedOps
+from aquila_npu.device.setup import setup
+from aquila_npu.inference.generation import PromptTooLong
+from aquila_npu.parallel import destroy_model_parallel
+from aquila_npu.weights.mapping import LayoutError
 
 ARCH_DESTS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
               "max_position_embeddings", "norm_epsilon", "rotary_base", "group_query_attention",
@@ -121,9 +127,6 @@ class Session:
 
 def start(args: argparse.Namespace) -> Session:
     """Tokenizer, device, model-parallel state and this rank's model stage from the parsed flags."""
-    from aquila_npu.data.tokenizer import load_tokenizer, vocab_size
-    from aquila_npu.device.setup import setup
-
     check_paths(args)
     # Every input error before any process group exists (all ranks fail alike, nothing hangs).
     _, layout, _ = read_checkpoint(args.load)
@@ -175,10 +178,6 @@ def run_main(prog: str, main: Callable[[Optional[List[str]]], int], argv: Option
              expected: Tuple[type, ...] = ()) -> int:
     """Run ``main``; input errors (ours, and ``expected``) end with one line ``prog: error: ...`` on stderr and
     exit status 1 instead of a traceback."""
-    from aquila_npu.data.errors import DataError
-    from aquila_npu.inference.generation import PromptTooLong
-    from aquila_npu.weights.mapping import LayoutError
-
     errors = (CheckpointError, UsageError, FusedKernelUnavailable, DataError, PromptTooLong, LayoutError, *expected)
     try:
         return main(argv)
@@ -186,8 +185,6 @@ def run_main(prog: str, main: Callable[[Optional[List[str]]], int], argv: Option
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
-        from aquila_npu.parallel import destroy_model_parallel
-
         destroy_model_parallel()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
