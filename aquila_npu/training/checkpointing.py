@@ -3,7 +3,8 @@ LR scheduler, RNG state and consumed samples.
 
     <save>/latest_checkpointed_iteration.txt
     <save>/iter_0000100/mp_rank_TT[_PPP]/model_optim_rng.pt   model, optimizer, scheduler, rng, args (DP rank 0)
-    <save>/iter_0000100/mp_rank_TT[_PPP]/distrib_optim.pt     --use-distributed-optimizer: gathered optimizer state
+    <save>/iter_0000100/mp_rank_TT[_PPP]/distrib_optim_dpRRR.pt   --use-distributed-optimizer: DP rank RRR's shard
+                                                             (resuming it needs the same data-parallel size)
 
 Every rank writes under ``<save>/.staging-iter_0000100/``; after a barrier the staging directory is renamed into
 place and only then does the tracker file move (written to a temporary name, then renamed): a crash at any point
@@ -27,7 +28,29 @@ from aquila_npu.checkpoint.hf_io import CheckpointError
 from aquila_npu.weights.load import load_stage_state
 from aquila_npu.weights.mapping import Layout
 
-DIST_OPT_FILE = "distrib_optim.pt"
+
+
+def _dist_opt_file(dp_rank: int) -> str:
+    return f"distrib_optim_dp{dp_rank:03d}.pt"
+
+
+def _shards(optimizer):
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
+def _dist_opt_state(optimizer) -> list:
+    """This DP rank's shard of main params and Adam state (megatron-core's bucket-space representation)."""
+    states = []
+    for opt in _shards(optimizer):
+        state = opt.get_parameter_state_dp_reshardable()
+        for key, per_dtype in state.items():
+            if isinstance(key, int):
+                for buckets in per_dtype.values():
+                    for bucket in buckets:
+                        for elem in bucket:
+                            elem["padding"] = False
+        states.append(state)
+    return states
 
 
 def peek(root: Optional[str]):
@@ -76,14 +99,15 @@ def save(root: str, iteration: int, *, model, optimizer, scheduler, layout: Layo
         os.makedirs(staging, exist_ok=True)
     torch.distributed.barrier()
     rank_dir = os.path.join(staging, megatron_io.rank_dir(iteration, tp, pp, layout.pp))
-    if use_distributed_optimizer:  # collective over the data-parallel group; DP rank 0 writes
+    if use_distributed_optimizer:  # every DP rank its own shard
         os.makedirs(rank_dir, exist_ok=True)
-        optimizer.save_parameter_state(os.path.join(rank_dir, DIST_OPT_FILE))
+        torch.save(_dist_opt_state(optimizer), os.path.join(rank_dir, _dist_opt_file(dp)))
     if dp == 0:
         sd = {k: v for k, v in model.module.state_dict().items() if not k.endswith("_extra_state")}
         extra = {"optimizer": optimizer.state_dict(), "opt_param_scheduler": scheduler.state_dict(),
                  "rng_state": _rng_state(), "consumed_train_samples": consumed_samples,
-                 "training_args": vars(args), "distributed_optimizer": use_distributed_optimizer}
+                 "training_args": vars(args), "distributed_optimizer": use_distributed_optimizer,
+                 "data_parallel_size": ps.get_data_parallel_world_size()}
         megatron_io.save_rank(staging, iteration, layout, pp, tp, sd, params_dtype, extra)
     torch.distributed.barrier()
     if first:
@@ -130,8 +154,22 @@ def load(root: str, *, model, optimizer, scheduler, layout: Layout, params_dtype
                                   "--use-distributed-optimizer; pass the same flag, or --no-load-optim")
         optimizer.load_state_dict(ck["optimizer"])
         if ck.get("distributed_optimizer"):
-            optimizer.load_parameter_state(
-                os.path.join(megatron_io.rank_path(root, iteration, tp, pp, layout.pp), DIST_OPT_FILE))
+            path = os.path.join(megatron_io.rank_path(root, iteration, tp, pp, layout.pp),
+                                _dist_opt_file(ps.get_data_parallel_rank()))
+            saved_dp = ck.get("data_parallel_size")
+            if saved_dp != ps.get_data_parallel_world_size() or not os.path.exists(path):
+                raise CheckpointError(f"--load {root}: its distributed-optimizer state was saved by {saved_dp} "
+                                      f"data-parallel ranks, this run has {ps.get_data_parallel_world_size()}; "
+                                      "use the same number of processes, or --no-load-optim")
+            states = torch.load(path, map_location="cpu", weights_only=False)
+            for opt, state in zip(_shards(optimizer), states):
+                # Without Apex/TE, megatron-core 0.16's DistributedOptimizer.load_state_dict gives every parameter's
+                # Adam state one shared 'step' tensor, which each parameter's update then increments: un-share it
+                # (the saved per-parameter steps are copied in next).
+                for st in opt.optimizer.state.values():
+                    if isinstance(st.get("step"), torch.Tensor):
+                        st["step"] = st["step"].clone()
+                opt.load_parameter_state_from_dp_reshardable(state)
         scheduler.load_state_dict(ck["opt_param_scheduler"])
         what.append("optimizer and scheduler")
     if not no_load_rng and "rng_state" in ck:

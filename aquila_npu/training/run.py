@@ -178,6 +178,9 @@ def run(args) -> int:
             skipped += int(out["skipped"])
             if not math.isfinite(out["lm_loss"]) and ps.is_pipeline_last_stage():
                 raise FloatingPointError(f"loss is {out['lm_loss']} at iteration {iteration}")
+            if reporter.is_writer and out["loss_tokens"] == 0:
+                print(f"warning: iteration {iteration} had no tokens to learn from (all masked: instruction prompts "
+                      f"longer than --seq-length {args.seq_length}?)", flush=True)
             if iteration % args.log_interval == 0:
                 tokens_per_device = args.global_batch_size * args.seq_length / step_time / world
                 tflops = tokens_per_device * flops_per_token / 1e12

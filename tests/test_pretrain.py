@@ -1,0 +1,192 @@
+"""aquila_npu.pretrain (issue 5): layouts agree, resume is exact, SFT learns responses, the loss counts exactly the
+response tokens (checked against Hugging Face's own loss), and flags fail clearly."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, torchrun
+
+from aquila_npu.checkpoint.convert import to_megatron
+from aquila_npu.checkpoint.hf_io import HFReader
+from aquila_npu.data.templates import ALPACA_SYSTEM
+from aquila_npu.testing.tiny_hf import tiny_llama
+from aquila_npu.testing.tiny_tokenizer import train_tokenizer
+
+NOUNS = ["apple", "sky", "grass", "snow", "coal", "sun", "rose", "sea", "cloud", "leaf", "milk", "fire"]
+COLORS = ["red", "blue", "green", "white", "black", "yellow", "pink", "blue", "grey", "green", "white", "orange"]
+
+
+def _rows():
+    rng = random.Random(0)
+    rows = []
+    for _ in range(48):
+        i = rng.randrange(len(NOUNS))
+        rows.append({"instruction": f"What color is the {NOUNS[i]}?", "input": "",
+                     "output": f"The {NOUNS[i]} is {COLORS[i]}."})
+    return rows
+
+
+def _preprocess(rows, tok, prefix, *extra):
+    from aquila_npu.data.preprocess import main as preprocess
+
+    src = prefix + ".jsonl"
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    with open(src, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    assert preprocess(["--input", src, "--tokenizer-name-or-path", tok, "--output-prefix", prefix,
+                       "--tokenizer-type", "PretrainedFromHF", "--handler-name", "GeneralInstructionHandler",
+                       "--workers", "1", "--log-interval", "1000", *extra]) == 0
+    return prefix
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Tokenizer, the tiny HF model, its tp1-pp1 and tp2-pp2 conversions, instruction data."""
+    d = str(tmp_path_factory.mktemp("pretrain"))
+    corpus = [f"{r['instruction']} {r['output']}" for r in _rows()] * 20
+    corpus += [ALPACA_SYSTEM + "\n\n### Instruction:\n\n### Response:\n"] * 50  # the prompt template: few tokens
+    tok = train_tokenizer(os.path.join(d, "tok"), corpus, vocab_size=1000)
+    hf = os.path.join(d, "hf")
+    tiny_llama().save_pretrained(hf)
+    out = {"tok": tok, "hf": hf, "dir": d}
+    for tp, pp in ((1, 1), (2, 2)):
+        out[tp, pp] = os.path.join(d, f"mg-tp{tp}-pp{pp}")
+        to_megatron(HFReader(hf), out[tp, pp], tp, pp)
+    out["sft"] = _preprocess(_rows(), tok, os.path.join(d, "sft", "alpaca"), "--append-eod")
+    return out
+
+
+COMMON = ["--micro-batch-size", 2, "--global-batch-size", 4, "--seq-length", 32, "--lr", 1e-3,
+          "--lr-decay-style", "constant", "--clip-grad", 1.0, "--log-interval", 1, "--eval-interval", 1000]
+
+
+def _metrics(path, key="lm_loss"):
+    with open(path) as f:
+        recs = [json.loads(line) for line in f]
+    return [r[key] for r in recs if key in r]
+
+
+def _train(nproc, metrics, *args):
+    torchrun("-m aquila_npu.pretrain", nproc, [*COMMON, "--metrics-file", metrics, *args])
+    return _metrics(metrics)
+
+
+@pytest.mark.slow
+def test_tp1_and_tp2_pp2_give_the_same_losses_from_one_checkpoint(assets, tmp_path):
+    runs = {}
+    for tp, pp in ((1, 1), (2, 2)):
+        runs[tp, pp] = _train(tp * pp, tmp_path / f"m{tp}{pp}.jsonl", "--load", assets[tp, pp], "--mock-data",
+                              "--tokenizer-name-or-path", assets["tok"], "--train-iters", 4,
+                              "--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp)
+    a, b = np.array(runs[1, 1]), np.array(runs[2, 2])
+    assert len(a) == len(b) == 4 and len(set(a)) == 4  # the weights move: the losses differ per iteration
+    assert np.max(np.abs(a - b) / np.abs(a)) < 1e-3, (a, b)
+    ga, gb = (np.array(_metrics(tmp_path / f"m{t}{p}.jsonl", "grad_norm")) for t, p in ((1, 1), (2, 2)))
+    assert np.max(np.abs(ga - gb) / ga) < 1e-3, (ga, gb)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc,flags", [(1, ["--hidden-dropout", 0.1, "--attention-dropout", 0.1]),
+                                         (2, ["--use-distributed-optimizer", "--bf16"])],
+                         ids=["dropout", "dp2-distributed-optimizer-bf16"])
+def test_resume_reproduces_later_iterations_exactly(assets, tmp_path, nproc, flags):
+    base = ["--load", assets[1, 1], "--mock-data", "--tokenizer-name-or-path", assets["tok"], "--train-iters", 5,
+            "--lr-decay-style", "cosine", "--lr-warmup-iters", 1, "--min-lr", 1e-4, *flags]
+    straight = _train(nproc, tmp_path / "straight.jsonl", *base)
+    ck = tmp_path / "ck"
+    first = _train(nproc, tmp_path / "first.jsonl", *base, "--save", ck, "--save-interval", 2, "--exit-interval", 2,
+                   "--tensorboard-dir", tmp_path / "tb")
+    assert (ck / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert not [p for p in os.listdir(ck) if p.startswith(".")]  # no staging left behind
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+    resumed = _train(nproc, tmp_path / "resumed.jsonl", *[a if a != assets[1, 1] else ck for a in base])
+    assert first == straight[:2]
+    assert resumed == straight[2:], (straight, resumed)  # bit for bit
+    lrs = _metrics(tmp_path / "straight.jsonl", "learning_rate")
+    assert _metrics(tmp_path / "resumed.jsonl", "learning_rate") == lrs[2:]
+
+
+@pytest.mark.slow
+def test_sft_lowers_the_response_loss(assets, tmp_path):
+    losses = _train(1, tmp_path / "sft.jsonl", "--load", assets[1, 1], "--finetune", "--is-instruction-dataset",
+                    "--data-path", assets["sft"], "--split", "100,0,0", "--tokenizer-name-or-path", assets["tok"],
+                    "--train-iters", 30, "--lr", 3e-3, "--save", tmp_path / "sft-ck", "--seq-length", 128)
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3]), losses
+    meta = torch.load(tmp_path / "sft-ck/iter_0000030/mp_rank_00/model_optim_rng.pt", weights_only=False)
+    assert meta["iteration"] == 30 and meta["consumed_train_samples"] == 120  # --finetune started at 0
+
+
+def test_loss_counts_exactly_the_response_tokens(assets, tmp_path):
+    """A batch of a sample whose response lies beyond --seq-length (prompt only in the window) and a normal one: our
+    first-iteration loss equals Hugging Face's own causal-LM loss over the normal sample's response tokens."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from transformers import AutoModelForCausalLM
+
+    rows = [{"instruction": "What color is the sky? " * 40, "input": "", "output": "The sky is blue."},
+            {"instruction": "What color is the sea?", "input": "", "output": "The sea is blue."}]
+    prefix = _preprocess(rows, assets["tok"], str(tmp_path / "mask" / "alpaca"), "--append-eod")
+    ids = IndexedDataset(prefix + "_packed_input_ids_document")
+    labels = IndexedDataset(prefix + "_packed_labels_document")
+    seq = len(ids[1]) + 3  # the normal sample fits (padded); the long one's response lies beyond the window
+    assert (labels[0][: seq + 1] == -100).all() and (labels[1] != -100).any()
+    hf = AutoModelForCausalLM.from_pretrained(assets["hf"]).eval()
+    with torch.no_grad():
+        x = torch.tensor(ids[1], dtype=torch.long)[None]
+        expected = hf(x, labels=torch.tensor(labels[1], dtype=torch.long)[None]).loss.item()
+        everything = hf(x, labels=x).loss.item()  # counting the prompt too: the test can tell the two apart
+    (loss,) = _train(1, tmp_path / "m.jsonl", "--load", assets[1, 1], "--finetune", "--is-instruction-dataset",
+                     "--data-path", prefix, "--split", "100,0,0", "--tokenizer-name-or-path", assets["tok"],
+                     "--train-iters", 1, "--global-batch-size", 2, "--seq-length", seq)
+    assert abs(loss - expected) < 1e-4 * expected, (loss, expected)
+    assert abs(everything - expected) > 1e-2
+
+
+def _pretrain_cli(*args, cwd=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "aquila_npu.pretrain", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=cwd)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model", "aquila2-tiny", "--mock-data", "--train-iters", 1, "--num-layers", 8],
+     "--num-layers 8 contradicts --model aquila2-tiny, which has 4"),
+    (["--model", "aquila2-tiny", "--mock-data", "--train-iters", 1, "--bf16", "--fp16"], "exclude each other"),
+    (["--model", "aquila2-tiny", "--train-iters", 1], "--data-path is required"),
+    (["--model", "nope", "--mock-data", "--train-iters", 1], "--model nope: unknown"),
+    (["--model", "aquila2-tiny", "--mock-data", "--train-iters", 1, "--no-such-flag"], "unrecognized arguments"),
+    (["--model", "aquila2-tiny", "--mock-data", "--train-iters", 1, "--global-batch-size", 3,
+      "--micro-batch-size", 2], "--global-batch-size 3 is not a multiple"),
+    (["--mock-data", "--train-iters", 1, "--num-layers", 2], "no architecture"),
+])
+def test_bad_flags_are_clear_errors(args, needle):
+    proc = _pretrain_cli(*args)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr[-2000:]
+
+
+def test_checkpoint_layout_or_architecture_mismatch_names_the_fix(assets):
+    proc = _pretrain_cli("--load", assets[2, 2], "--mock-data", "--train-iters", 1, "--tokenizer-name-or-path",
+                         assets["tok"])
+    assert proc.returncode == 2 and "tools/checkpoint/convert_ckpt.py" in proc.stderr
+    assert "--target-tensor-parallel-size 1" in proc.stderr, proc.stderr[-2000:]
+    proc = _pretrain_cli("--load", assets[1, 1], "--mock-data", "--train-iters", 1, "--hidden-size", 128)
+    assert proc.returncode == 2 and "--hidden-size 128 contradicts the --load checkpoint" in proc.stderr
+    proc = _pretrain_cli("--load", assets["dir"], "--finetune", "--mock-data", "--train-iters", 1, "--model",
+                         "aquila2-tiny")
+    assert proc.returncode == 2 and "no checkpoint there" in proc.stderr
+
+
+def test_help_lists_the_flags_users_pass():
+    out = _pretrain_cli("--help").stdout
+    for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--sequence-parallel",
+                 "--num-query-groups", "--global-batch-size", "--lr-decay-style", "--use-distributed-optimizer",
+                 "--recompute-granularity", "--use-flash-attn", "--use-fused-rmsnorm", "--finetune",
+                 "--is-instruction-dataset", "--no-shared-storage", "--tensorboard-dir", "--metrics-file", "--model"):
+        assert flag in out, flag
