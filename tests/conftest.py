@@ -40,3 +40,22 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not present: {SHARED_DATA} (a user's clone has no ../shared)")
     return SHARED_DATA
+
+
+def stub_torchrun_argv(script, tmp_path, **env_vars):
+    """Run an example script with a stand-in ``torchrun`` that records its arguments (no CANN, no devices);
+    returns (launcher flags dict, module, the module's argv)."""
+    stub = tmp_path / "stub-bin"
+    stub.mkdir(exist_ok=True)
+    (stub / "torchrun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$STUB_OUT"\n')
+    (stub / "torchrun").chmod(0o755)
+    record = tmp_path / "torchrun-args.txt"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TP", "PP", "PROMPT", "PROMPTS_FILE", "OUTPUT", "CHAT", "DATA_PATH", "CKPT_SAVE_DIR")}
+    env.update(PATH=f"{stub}:{env['PATH']}", STUB_OUT=str(record), CANN_SET_ENV=str(tmp_path / "none.sh"),
+               **{k: str(v) for k, v in env_vars.items()})
+    proc = subprocess.run(["bash", str(script)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    argv = record.read_text().splitlines()
+    i = argv.index("-m")
+    return dict(zip(argv[:i:2], argv[1:i:2])), argv[i + 1], argv[i + 2:]

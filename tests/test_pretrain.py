@@ -190,3 +190,48 @@ def test_help_lists_the_flags_users_pass():
                  "--recompute-granularity", "--use-flash-attn", "--use-fused-rmsnorm", "--finetune",
                  "--is-instruction-dataset", "--no-shared-storage", "--tensorboard-dir", "--metrics-file", "--model"):
         assert flag in out, flag
+
+
+TRAIN_SCRIPTS = {"pretrain_aquila2_7b_ptd.sh": ("aquila2-7b", 8, 1, False),
+                 "pretrain_aquila2_34b_ptd_16p.sh": ("aquila2-34b", 8, 2, False),
+                 "tune_aquila2_7b_ptd.sh": ("aquila2-7b", 8, 1, True),
+                 "tune_aquila2_34b_ptd_16p.sh": ("aquila2-34b", 8, 2, True)}
+
+
+@pytest.mark.parametrize("script", sorted(TRAIN_SCRIPTS))
+def test_example_scripts_parse_with_the_real_parser_and_describe_the_model(script, tmp_path):
+    import dataclasses
+
+    from conftest import stub_torchrun_argv
+
+    from aquila_npu.models.registry import get_model_spec
+    from aquila_npu.training import architecture
+    from aquila_npu.training.arguments import parse
+
+    path = ROOT / "examples" / "aquila2" / script
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    launcher, module, argv = stub_torchrun_argv(path, tmp_path)
+    model, tp, pp, tune = TRAIN_SCRIPTS[script]
+    assert module == "aquila_npu.pretrain"
+    args = parse(argv)
+    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (tp, pp)
+    assert int(launcher["--nproc_per_node"]) * int(launcher["--nnodes"]) == 16 if pp == 2 else 8
+    spec = get_model_spec(model)
+    # the flags agree with the published architecture (as if loading its converted checkpoint)
+    got, divisible = architecture.resolve(args, {"spec": dataclasses.asdict(spec), "make_vocab_size_divisible_by": 1})
+    assert got == spec and divisible == 1
+    assert args.load.endswith(f"-tp{tp}-pp{pp}/") and args.save
+    assert (args.finetune, args.is_instruction_dataset) == (tune, tune)
+    assert args.data_path == ([f"./finetune_dataset/Aquila2-{model[8:].upper()}/alpaca"] if tune else
+                              [f"./dataset/Aquila2-{model[8:].upper()}/alpaca_text_document"])
+
+
+@pytest.mark.slow
+def test_tiny_cpu_script_trains_and_saves(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", CKPT_SAVE_DIR=str(tmp_path / "ck"),
+               TRAIN_ITERS="4", MASTER_PORT=str(__import__("conftest")._free_port()))
+    proc = subprocess.run(["bash", str(ROOT / "examples/aquila2/pretrain_aquila2_tiny_cpu.sh"), "--log-interval", "1"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "iteration        4/       4" in proc.stdout
+    assert (tmp_path / "ck/iter_0000004/mp_rank_01/model_optim_rng.pt").exists()

@@ -80,6 +80,9 @@ def build(args, dev, spec, layout):
     warmup = args.lr_warmup_iters
     if args.lr_warmup_fraction is not None:
         warmup = int(args.lr_warmup_fraction * decay_iters)
+    if warmup and warmup >= decay_iters:
+        raise ArgumentError(f"LR warm-up ({warmup} iterations) must be shorter than the decay "
+                            f"(--lr-decay-iters / --train-iters: {decay_iters})")
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup * gbs,
         lr_decay_steps=max(decay_iters, 1) * gbs, lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
