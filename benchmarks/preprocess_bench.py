@@ -7,10 +7,11 @@ Generates a corpus of ``--docs`` documents (seeded random English-like text with
 about 600 bytes on average) in a temporary directory, then runs the real command line once per worker count on it and
 prints docs/s for each: the tool's own figure (from its last line: reading, tokenizing and writing, after start-up)
 and the end-to-end one (wall clock of the whole command, Python and megatron-core imports included), with the ratios
-to the first worker count, and the CPU seconds each run used (all its processes). With ``--repeat N`` the worker counts
-are run N times, interleaved, and the best run of each is reported (on a shared machine other jobs slow some runs).
-The outputs of all runs are checked to be byte-identical. Uses the real Aquila2 tokenizer when ../shared/data is
-present (or --tokenizer DIR), else a byte-level BPE trained here on the corpus.
+to the first worker count, and the CPU seconds each run used (all its processes; CPU s / wall s is how many cores
+it actually got: at most 1 for --workers 1, near N for --workers N on an idle machine). With ``--repeat N`` the
+worker counts are run N times, interleaved, and the best run of each is reported (on a shared machine other jobs slow
+some runs). The outputs of all runs are checked to be byte-identical. Uses the real Aquila2 tokenizer when
+../shared/data is present (or --tokenizer DIR), else a byte-level BPE trained here on the corpus.
 """
 
 import argparse
@@ -114,7 +115,8 @@ def main():
             for w in args.workers:
                 r = run_tool(corpus, tokenizer, os.path.join(work, f"out_w{w}"), w)
                 print(f"  run {rep + 1}, --workers {w}: {r['docs_s']:.0f} docs/s (tool), {r['wall']:.1f} s wall, "
-                      f"{r['cpu']:.1f} CPU s, load average {os.getloadavg()[0]:.2f}", flush=True)
+                      f"{r['cpu']:.1f} CPU s ({r['cpu'] / r['wall']:.2f} cores busy on average), "
+                      f"load average {os.getloadavg()[0]:.2f}", flush=True)
                 if w not in results or r["docs_s"] > results[w]["docs_s"]:
                     results[w] = r
         outputs = {w: [open(os.path.join(work, f"out_w{w}_text_document{e}"), "rb").read() for e in (".bin", ".idx")]
