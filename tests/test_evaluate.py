@@ -17,7 +17,7 @@ import torch
 
 from aquila_npu.testing.tiny_hf import tiny_llama
 from conftest import read_json, torchrun
-from test_generate import assert_help_documents_every_flag, build_assets, words
+from test_generate import assert_help_documents_every_flag, build_assets, subprocess_env, words
 
 LMEVAL_TASK = """task: boolq_local
 dataset_path: json
@@ -68,8 +68,8 @@ def lm_eval_reference(setup_data):
     tasks.mkdir()
     (tasks / "boolq_local.yaml").write_text(LMEVAL_TASK.format(files=json.dumps(files)))
     out = root / "lmeval_out"
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(root / "hf_datasets_cache"), PYTHONWARNINGS="ignore")
+    env = subprocess_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                         HF_DATASETS_CACHE=str(root / "hf_datasets_cache"))
     proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
                            f"pretrained={assets['hf']},dtype=float32", "--tasks", "boolq_local", "--include_path",
                            str(tasks), "--device", "cpu", "--batch_size", "4", "--output_path", str(out),

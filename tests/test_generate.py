@@ -23,6 +23,18 @@ PROMPTS = ["kalo mi taren", "北京是中国的首都，今天天气很好", "be
 N_NEW = 20
 
 
+# torch.distributed's environment: a test that ran setup() in the pytest process leaves these behind (and a process
+# group holding MASTER_PORT); a plain subprocess must not inherit them.
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+            "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def subprocess_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", **extra)
+    return env
+
+
 def words(rng, n):
     return " ".join("".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(n))
 
@@ -147,7 +159,7 @@ def test_ascend_fused_kernels_through_emulator_match_hf(assets):
     the CPU) generates HF's greedy tokens."""
     tok = _tokenizer(assets)
     ref = hf_greedy(tok, PROMPTS, N_NEW)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+    env = subprocess_env()
     proc = subprocess.run([sys.executable, "-c", NPU_WORKER, assets[1, 1], json.dumps([tok.encode(p) for p in PROMPTS]),
                            str(N_NEW)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

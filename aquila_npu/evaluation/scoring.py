@@ -28,24 +28,25 @@ class _Input:
     targets: List[Tuple[int, int]]  # (position whose logits predict, token id)
 
 
+@dataclass
 class Scorer:
     """``model``: this rank's stage (full-vocab logits); ``vocab_size``: the real vocabulary; ``max_length``: the
-    longest sequence the model takes; ``batch_size``: sequences per forward pass."""
+    longest sequence the model takes; ``batch_size``: sequences per forward pass; ``progress``: a progress bar."""
 
-    def __init__(self, model, tokenizer, *, vocab_size: int, max_length: int, batch_size: int, device,
-                 pad_id: int = 0, progress: bool = False, desc: str = "scoring"):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.vocab_size = vocab_size
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.device = device
-        self.pad_id = pad_id
-        self.progress = progress
-        self.desc = desc
-        bos = getattr(tokenizer, "bos_token_id", None)
-        prefix = bos if bos is not None else getattr(tokenizer, "eos_token_id", None)
-        self._prefix_text = tokenizer.decode([prefix]) if prefix is not None else None
+    model: object
+    tokenizer: object
+    vocab_size: int
+    max_length: int
+    batch_size: int
+    device: object
+    pad_id: int = 0
+    progress: bool = False
+    desc: str = "scoring"
+
+    def __post_init__(self):
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        prefix = bos if bos is not None else getattr(self.tokenizer, "eos_token_id", None)
+        self._prefix_text = self.tokenizer.decode([prefix]) if prefix is not None else None
 
     # ---------------------------------------------------------------- tokenisation (lm-evaluation-harness's rules)
     def encode(self, text: str) -> List[int]:

@@ -179,12 +179,13 @@ def run_main(prog: str, main: Callable[[Optional[List[str]]], int], argv: Option
     """Run ``main``; input errors (ours, and ``expected``) end with one line ``prog: error: ...`` on stderr and
     exit status 1 instead of a traceback."""
     errors = (CheckpointError, UsageError, FusedKernelUnavailable, DataError, PromptTooLong, LayoutError, *expected)
+    started_here = not torch.distributed.is_initialized()
     try:
         return main(argv)
     except errors as e:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
-        destroy_model_parallel()
-        if torch.distributed.is_initialized():
+        if started_here and torch.distributed.is_initialized():  # only what main() set up
+            destroy_model_parallel()
             torch.distributed.destroy_process_group()

@@ -69,26 +69,25 @@ def _broadcast_next_tokens(next_tokens: Optional[torch.Tensor], batch: int, devi
     return next_tokens
 
 
+@dataclass
 class TextGenerator:
-    """Generation for one loaded model stage (``aquila_npu.checkpoint.load_model.LoadedModel`` or the same fields).
+    """Generation for one loaded model stage (``from_loaded``: from ``checkpoint.load_model.LoadedModel``).
 
     ``model``: this rank's GPTModel stage (``parallel_output=False``); ``vocab_size``: the real vocabulary (logits of
-    the padded entries are never chosen); ``max_sequence_length``: prompt + generated tokens at most (default: the
-    model's max_position_embeddings).
+    the padded entries are never chosen); ``max_sequence_length``: prompt + generated tokens at most.
     """
 
-    def __init__(self, model, *, hidden_size: int, params_dtype: torch.dtype, vocab_size: int, padded_vocab: int,
-                 max_sequence_length: int, device: torch.device):
-        self.model = model
-        self.hidden_size = hidden_size
-        self.params_dtype = params_dtype
-        self.vocab_size = vocab_size
-        self.padded_vocab = padded_vocab
-        self.max_sequence_length = max_sequence_length
-        self.device = device
+    model: torch.nn.Module
+    hidden_size: int
+    params_dtype: torch.dtype
+    vocab_size: int
+    padded_vocab: int
+    max_sequence_length: int
+    device: torch.device
 
     @classmethod
     def from_loaded(cls, loaded, device: torch.device, max_sequence_length: Optional[int] = None) -> "TextGenerator":
+        """``max_sequence_length`` defaults to (and is capped at) the model's max_position_embeddings."""
         spec = loaded.spec
         return cls(loaded.model, hidden_size=spec.hidden_size, params_dtype=loaded.params_dtype,
                    vocab_size=spec.vocab_size, padded_vocab=loaded.padded_vocab,
