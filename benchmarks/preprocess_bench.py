@@ -11,7 +11,7 @@ to the first worker count, and the CPU seconds each run used (all its processes;
 it actually got: at most 1 for --workers 1, near N for --workers N on an idle machine). With ``--repeat N`` the
 worker counts are run N times, interleaved, and the best run of each is reported (on a shared machine other jobs slow
 some runs). The outputs of all runs are checked to be byte-identical. Uses the real Aquila2 tokenizer when
-../shared/data is present (or --tokenizer DIR), else a byte-level BPE trained here on the corpus.
+../shared/data is present (or --tokenizer DIR), else (or with --tokenizer generated) a byte-level BPE trained here on the corpus.
 """
 
 import argparse
@@ -94,7 +94,8 @@ def main():
     p.add_argument("--format", choices=["parquet", "jsonl"], default="parquet")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeat", type=int, default=1, help="run each worker count this many times (interleaved)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the real Aquila2 one if present)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory, or 'generated' (default: the real Aquila2 one if present)")
     p.add_argument("--workdir", default=None, help="where the corpus and outputs go (default: a temporary directory)")
     args = p.parse_args()
     work = args.workdir or tempfile.mkdtemp(prefix="aquila_preprocess_bench_")
@@ -103,9 +104,9 @@ def main():
         corpus = os.path.join(work, f"corpus.{args.format}")
         texts = make_corpus(corpus, args.docs, args.format)
         nbytes = sum(len(t.encode("utf-8")) for t in texts)
-        tokenizer = args.tokenizer or (REAL_TOKENIZER if os.path.isdir(REAL_TOKENIZER) else None)
+        tokenizer = args.tokenizer or (REAL_TOKENIZER if os.path.isdir(REAL_TOKENIZER) else "generated")
         which = "real Aquila2 (100,008 tokens)" if tokenizer == REAL_TOKENIZER else tokenizer
-        if tokenizer is None:
+        if tokenizer == "generated":
             tokenizer = make_tokenizer(os.path.join(work, "tokenizer"), texts[:2000])
             which = "byte-level BPE trained here (8,000 tokens)"
         print(f"corpus: {args.docs} documents, {nbytes / 1e6:.1f} MB of text, {args.format}; tokenizer: {which}")
