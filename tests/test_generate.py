@@ -16,7 +16,6 @@ import torch
 from aquila_npu.testing.tiny_hf import TINY, tiny_llama
 from conftest import ROOT, torchrun
 
-SPECIALS = ["<|endoftext|>", "[CLS]", "</s>", "<|startofpiece|>", "<|endofpiece|>"]  # ids 0..4: pad, bos, eos
 SYLLABLES = ["ka", "lo", "mi", "ta", "ren", "shu", "po", "vex", "quin", "dar", "el", "ost", "ung", "ber", "fy"]
 CHINESE = "北京是中国的首都上海天气很好我们今天学习人工智能模型生成文本问题答案是否你好世界语言"
 PROMPTS = ["kalo mi taren", "北京是中国的首都，今天天气很好", "ber fy ost ung dar el quin vex po shu ta"]
@@ -42,29 +41,18 @@ def words(rng, n):
 def build_assets(root, layouts=((1, 1), (2, 2))):
     """A byte-level BPE tokenizer trained here (English + Chinese, TINY's 1003 ids, Aquila2's special tokens), the
     tiny HF model saved with it, and Megatron conversions of it: {"hf": dir, (tp, pp): dir}."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     from aquila_npu.checkpoint.convert import to_megatron
     from aquila_npu.checkpoint.hf_io import HFReader
+    from aquila_npu.testing.tiny_tokenizer import train_tokenizer
 
     rng = random.Random(0)
     corpus = []
     for _ in range(3000):
         corpus.append(words(rng, rng.randint(5, 15)) + ". Question: is it true? Answer: yes no Yes No")
         corpus.append("".join(rng.choice(CHINESE) for _ in range(rng.randint(5, 20))))
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=TINY.vocab_size, special_tokens=SPECIALS,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                        show_progress=False))
-    assert bpe.get_vocab_size() == TINY.vocab_size
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="[CLS]", eos_token="</s>", pad_token="<|endoftext|>",
-                                  unk_token="<|endoftext|>", additional_special_tokens=SPECIALS[3:])
     hf = os.path.join(root, "hf")
+    train_tokenizer(hf, corpus, TINY.vocab_size, exact_size=True)  # pad 0, bos 1, eos 2 as TINY
     tiny_llama().save_pretrained(hf)
-    tok.save_pretrained(hf)
     out = {"hf": hf}
     for tp, pp in layouts:
         out[tp, pp] = os.path.join(root, f"mg-tp{tp}-pp{pp}")
