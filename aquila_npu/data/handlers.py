@@ -52,6 +52,7 @@ class PretrainHandler:
     ``--append-eod``), written to ``<prefix>_<key>_document``. Empty texts produce no document (as in Megatron)."""
 
     prefix_suffix = ""
+    token_dtype = None  # megatron-core's choice for the vocabulary size (uint16 or int32)
 
     def __init__(self, spec, tokenizer):
         self.tokenizer = tokenizer
@@ -89,6 +90,7 @@ class InstructionHandler:
     """
 
     prefix_suffix = "_packed"
+    token_dtype = np.int32  # labels hold -100
 
     def __init__(self, spec, tokenizer):
         if spec.prompt_type not in TEMPLATES:

@@ -209,10 +209,10 @@ def _run(args):
     base = args.output_prefix + handler.prefix_suffix
     out_dir = os.path.dirname(os.path.abspath(base))
     os.makedirs(out_dir, exist_ok=True)
-    tokens = token_dtype(vocab_size(tokenizer)) if handler.prefix_suffix == "" else np.int32
+    tokens = handler.token_dtype or token_dtype(vocab_size(tokenizer))
     prefixes = {name: (f"{base}_{name}", tokens) for name in handler.outputs}
     print(f"{PROG}: {len(files)} input file(s), {args.handler_name}"
-          f"{'' if handler.prefix_suffix == '' else ' (' + spec.prompt_type + ' template)'}, "
+          f"{' (' + spec.prompt_type + ' template)' if args.handler_name != PRETRAIN else ''}, "
           f"{args.workers} worker(s)", file=sys.stderr, flush=True)
     progress = Progress(args.log_interval)
     with IndexedDatasetsWriter(prefixes) as writer:
