@@ -12,7 +12,7 @@ from aquila_npu.training.arguments import ArgumentError
 ARCH_FLAGS = {"num_layers": "num_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "intermediate_size",
               "num_attention_heads": "num_attention_heads", "num_query_groups": "num_key_value_heads",
               "max_position_embeddings": "max_position_embeddings", "rotary_base": "rope_theta",
-              "norm_epsilon": "rms_norm_eps"}
+              "norm_epsilon": "rms_norm_eps", "vocab_size": "vocab_size"}
 
 
 def _same_architecture(a: ModelSpec, b: ModelSpec) -> bool:
@@ -48,13 +48,15 @@ def resolve(args, checkpoint: Optional[dict] = None, tokenizer_vocab: Optional[i
         if missing:
             raise ArgumentError("no architecture: give --model NAME, --load a checkpoint, or the flags "
                                 + ", ".join("--" + m.replace("_", "-") for m in missing))
-        if tokenizer_vocab is None:
-            raise ArgumentError("a model built from flags takes its vocabulary size from --tokenizer-name-or-path")
+        vocab = given.get("vocab_size", tokenizer_vocab)
+        if vocab is None:
+            raise ArgumentError("a model built from flags takes its vocabulary size from --vocab-size or "
+                                "--tokenizer-name-or-path")
         heads = given["num_attention_heads"]
         spec = ModelSpec(
             name="custom", hidden_size=given["hidden_size"], intermediate_size=given["ffn_hidden_size"],
             num_layers=given["num_layers"], num_attention_heads=heads,
-            num_key_value_heads=given.get("num_query_groups", heads), vocab_size=tokenizer_vocab,
+            num_key_value_heads=given.get("num_query_groups", heads), vocab_size=vocab,
             max_position_embeddings=given.get("max_position_embeddings") or args.seq_length or 2048,
             rms_norm_eps=given.get("norm_epsilon", 1e-5), rope_theta=float(given.get("rotary_base", 10000.0)),
             torch_dtype="bfloat16" if args.bf16 else "float16" if args.fp16 else "float32", source="flags")

@@ -25,6 +25,9 @@ def _model(p):
     g.add_argument("--num-query-groups", type=int, help="key/value heads with --group-query-attention")
     g.add_argument("--seq-length", type=int, help="training sequence length")
     g.add_argument("--max-position-embeddings", type=int)
+    g.add_argument("--vocab-size", type=int,
+                   help="vocabulary size (unpadded) of a model built from the flags; default: the tokenizer's "
+                        "(needed with --mock-data and no tokenizer, as the benchmark does)")
     g.add_argument("--position-embedding-type", default="rope", choices=["rope"])
     g.add_argument("--rotary-base", type=float, help="RoPE theta (default 10000)")
     g.add_argument("--normalization", default="RMSNorm", choices=["RMSNorm"])

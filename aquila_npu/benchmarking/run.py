@@ -1,0 +1,257 @@
+"""Measure training throughput: run ``aquila_npu.pretrain`` with ``--mock-data --metrics-file`` in a subprocess
+(``torchrun`` for several processes), drop the warm-up iterations, aggregate the rest."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from aquila_npu.benchmarking import environment
+from aquila_npu.device.backends import FusedOps
+from aquila_npu.flops import training_flops_per_token
+from aquila_npu.models.registry import ModelSpec, get_model_spec, padded_vocab_size
+
+SCHEMA = "aquila_npu.benchmark/1"
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FORMULA = "6 * [L * (2*h*h*(1 + g/a) + 2*s*h + 3*h*f) + h*V] per token (aquila_npu.flops, docs/benchmark.md)"
+
+
+class BenchmarkError(RuntimeError):
+    """A run that could not be measured (the training process failed, or logged nothing to measure)."""
+
+
+@dataclass
+class Settings:
+    model: str
+    num_layers: Optional[int]
+    seq_length: Optional[int]
+    micro_batch_size: int
+    global_batch_size: Optional[int]
+    tp: int
+    pp: int
+    nproc: int
+    dtype: str  # bf16 / fp16 / fp32
+    device: str  # npu / cuda / cpu (resolved)
+    warmup: int
+    iters: int
+    fused_switches: List[str]  # FusedOps field names the "fused" run turns on
+    peak_tflops: Optional[float] = None
+    extra: List[str] = field(default_factory=list)  # passed to aquila_npu.pretrain verbatim
+    timeout: Optional[float] = None
+
+
+def model_spec(model: str, num_layers: Optional[int] = None, seq_length: Optional[int] = None) -> ModelSpec:
+    """The registry architecture, ``num_layers`` deep (same width), with positions for ``seq_length`` tokens."""
+    spec = get_model_spec(model)
+    if num_layers is not None and num_layers != spec.num_layers:
+        spec = spec.replace(num_layers=num_layers, name=f"{spec.name}-{num_layers}l")
+    if seq_length is not None and seq_length > spec.max_position_embeddings:
+        spec = spec.replace(max_position_embeddings=seq_length)  # RoPE: no learned positions to run out of
+    return spec
+
+
+def pretrain_argv(s: Settings, spec: ModelSpec, fused: bool, metrics_file: str) -> List[str]:
+    """Flags of the training entry point for one measured run."""
+    if spec == get_model_spec(s.model):
+        arch = ["--model", s.model]
+    else:  # a derived architecture: every shape flag, the vocabulary by --vocab-size (no tokenizer with mock data)
+        arch = ["--num-layers", spec.num_layers, "--hidden-size", spec.hidden_size,
+                "--ffn-hidden-size", spec.intermediate_size, "--num-attention-heads", spec.num_attention_heads,
+                "--max-position-embeddings", spec.max_position_embeddings, "--vocab-size", spec.vocab_size,
+                "--rotary-base", spec.rope_theta, "--norm-epsilon", spec.rms_norm_eps]
+        if spec.num_key_value_heads != spec.num_attention_heads:
+            arch += ["--group-query-attention", "--num-query-groups", spec.num_key_value_heads]
+    argv = [*arch, "--seq-length", seq_length(s, spec), "--mock-data", "--train-iters", s.warmup + s.iters,
+            "--micro-batch-size", s.micro_batch_size, "--tensor-model-parallel-size", s.tp,
+            "--pipeline-model-parallel-size", s.pp, "--lr", "1e-5", "--lr-decay-style", "constant",
+            "--log-interval", 1, "--eval-interval", s.warmup + s.iters + 1, "--metrics-file", metrics_file,
+            "--device", s.device]
+    if s.global_batch_size:
+        argv += ["--global-batch-size", s.global_batch_size]
+    if s.dtype != "fp32":
+        argv.append(f"--{s.dtype}")
+    if s.peak_tflops is not None:
+        argv += ["--device-peak-tflops", s.peak_tflops]
+    if fused:
+        argv += [FusedOps.FLAGS[name] for name in s.fused_switches]
+    return [str(a) for a in argv] + list(s.extra)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_command(nproc: int, argv: List[str]) -> List[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "aquila_npu.pretrain", *argv]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+            str(_free_port()), "-m", "aquila_npu.pretrain", *argv]
+
+
+def _run(cmd: List[str], log_path: str, timeout: Optional[float], echo) -> int:
+    """Run the training process, its output to ``log_path``; ``echo`` gets its iteration lines as they come."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
+    deadline = time.monotonic() + timeout if timeout else None
+    with open(log_path, "w") as log:
+        log.write("$ " + shlex.join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1)
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                if echo and line.startswith(" iteration"):
+                    echo(line.rstrip())
+                if deadline and time.monotonic() > deadline:
+                    proc.kill()
+                    raise BenchmarkError(f"the training run passed --timeout {timeout:g}s; log: {log_path}")
+            return proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _tail(path: str, lines: int = 40) -> str:
+    with open(path) as f:
+        return "".join(f.readlines()[-lines:])
+
+
+def read_metrics(path: str) -> List[dict]:
+    """The training iterations of a --metrics-file (validation lines left out)."""
+    with open(path) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    return [r for r in recs if "step_time_s" in r]
+
+
+def peak_memory(records: List[dict]) -> dict:
+    """Largest memory figures the writing rank logged: the accelerator allocator's, or the host RSS on CPU."""
+    mem = {}
+    for r in records:
+        for key, value in (r.get("memory") or {}).items():
+            mem[key] = max(mem.get(key, 0.0), value)
+    if "max_allocated_gb" in mem:
+        return {"peak_memory_gb": mem["max_allocated_gb"], "peak_memory_kind": "device max allocated", **mem}
+    if "max_rss_gb" in mem:
+        return {"peak_memory_gb": mem["max_rss_gb"], "peak_memory_kind": "host max RSS", **mem}
+    return {"peak_memory_gb": None, "peak_memory_kind": None}
+
+
+def aggregate(records: List[dict], *, warmup: int, tokens_per_step: int, world: int,
+              flops_per_token: float) -> dict:
+    """Median step time of the iterations after ``warmup`` and the figures that follow from it."""
+    measured = [r for r in records if r["iteration"] > warmup]
+    if not measured:
+        raise BenchmarkError(f"no iteration after the {warmup} warm-up iterations was logged")
+    times = [r["step_time_s"] for r in measured]
+    step = statistics.median(times)
+    tokens = tokens_per_step / step / world
+    return {"measured_iterations": [r["iteration"] for r in measured], "step_times_s": times,
+            "step_time_s": step, "step_time_s_mean": statistics.fmean(times), "step_time_s_min": min(times),
+            "step_time_s_max": max(times), "tokens_per_sec_per_device": tokens,
+            "tflops_per_device": tokens * flops_per_token / 1e12, "final_lm_loss": measured[-1]["lm_loss"],
+            **peak_memory(measured)}
+
+
+def measure(s: Settings, spec: ModelSpec, fused: bool, workdir: str, echo=print) -> dict:
+    """One training run (fused or plain kernels), aggregated."""
+    tag = "fused" if fused else "unfused"
+    metrics = os.path.join(workdir, f"metrics-{tag}.jsonl")
+    log_path = os.path.join(workdir, f"train-{tag}.log")
+    if os.path.exists(metrics):
+        os.remove(metrics)
+    cmd = launch_command(s.nproc, pretrain_argv(s, spec, fused, metrics))
+    rc = _run(cmd, log_path, s.timeout, echo)
+    if rc != 0:
+        raise BenchmarkError(f"the {tag} training run exited with status {rc}:\n$ {shlex.join(cmd)}\n"
+                             f"{_tail(log_path)}(full log: {log_path})")
+    records = read_metrics(metrics) if os.path.exists(metrics) else []
+    gbs = records[0]["global_batch_size"] if records else 0
+    out = {"fused": fused, "switches": [FusedOps.FLAGS[n] for n in s.fused_switches] if fused else [],
+           "command": shlex.join(cmd), "global_batch_size": gbs}
+    out.update(aggregate(records, warmup=s.warmup, tokens_per_step=gbs * seq_length(s, spec), world=s.nproc,
+                         flops_per_token=flops(s, spec)))
+    return out
+
+
+def seq_length(s: Settings, spec: ModelSpec) -> int:
+    return s.seq_length or spec.max_position_embeddings
+
+
+def flops(s: Settings, spec: ModelSpec) -> float:
+    """Model FLOPs per trained token, with the vocabulary padded as the training run pads it (to a multiple of
+    tp, --make-vocab-size-divisible-by 1)."""
+    return training_flops_per_token(spec, seq_length(s, spec), padded_vocab_size(spec.vocab_size, 1, s.tp))
+
+
+def settings_record(s: Settings, spec: ModelSpec, gbs: int) -> dict:
+    padded = padded_vocab_size(spec.vocab_size, 1, s.tp)
+    return {"model": s.model, "architecture": dataclasses.asdict(spec), "num_layers": spec.num_layers,
+            "hidden_size": spec.hidden_size, "ffn_hidden_size": spec.intermediate_size,
+            "num_attention_heads": spec.num_attention_heads, "num_query_groups": spec.num_key_value_heads,
+            "vocab_size": spec.vocab_size, "padded_vocab_size": padded, "parameters": spec.num_parameters(padded),
+            "seq_length": seq_length(s, spec), "micro_batch_size": s.micro_batch_size, "global_batch_size": gbs,
+            "tensor_model_parallel_size": s.tp, "pipeline_model_parallel_size": s.pp,
+            "data_parallel_size": s.nproc // (s.tp * s.pp), "nproc": s.nproc, "dtype": s.dtype,
+            "warmup_iters": s.warmup, "iters": s.iters,
+            "fused_switches": [FusedOps.FLAGS[n] for n in s.fused_switches], "extra_args": list(s.extra),
+            "data": "--mock-data (random tokens)"}
+
+
+def run_benchmark(s: Settings, *, fused_mode: str, log_dir: Optional[str] = None, label: Optional[str] = None,
+                  echo=print) -> dict:
+    """Measure the unfused and/or fused runs (``fused_mode`` off / on / both) on ``s.device`` and build the
+    result record. Where the device cannot build the fused modules, ``both`` measures the unfused run only and
+    says why; ``on`` is an error."""
+    spec = model_spec(s.model, s.num_layers, s.seq_length)
+    cannot_fuse = None
+    if fused_mode != "off":
+        cannot_fuse = environment.fused_unavailable(
+            s.device, FusedOps(**{n: True for n in s.fused_switches}))
+        if cannot_fuse and fused_mode == "on":
+            raise BenchmarkError(f"--fused on: {cannot_fuse}")
+        if cannot_fuse:
+            echo(f"benchmark: no fused run on {s.device}: {cannot_fuse}")
+    variants = [False, True] if fused_mode == "both" and not cannot_fuse else [fused_mode == "on"]
+    workdir = log_dir or tempfile.mkdtemp(prefix="aquila-bench-")
+    os.makedirs(workdir, exist_ok=True)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    runs = {}
+    for fused in variants:
+        tag = "fused" if fused else "unfused"
+        echo(f"benchmark: {tag} run, {s.warmup} warm-up + {s.iters} measured iterations")
+        runs[tag] = measure(s, spec, fused, workdir, echo=echo)  # on failure the temporary logs stay
+    if not log_dir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    device = environment.describe(s.device, s.nproc, s.peak_tflops)
+    for r in runs.values():  # MFU once the device, and so its peak, is known
+        r["mfu"] = r["tflops_per_device"] / device["peak_tflops"] if device["peak_tflops"] else None
+    if label and device["is_cpu"] and "cpu" not in label.lower():
+        label = f"CPU: {label}"  # CPU figures stay labelled as such
+    result = {"schema": SCHEMA, "label": label or device["label"], "device": device,
+              "software": environment.software(s.device),
+              "settings": settings_record(s, spec, next(iter(runs.values()))["global_batch_size"]),
+              "flops_per_token": flops(s, spec), "flops_formula": FORMULA, "runs": runs, "fused_vs_unfused": None,
+              "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "logs": workdir if log_dir else None}
+    if fused_mode == "both":
+        if cannot_fuse:
+            result["fused_vs_unfused"] = {"available": False, "reason": cannot_fuse}
+        else:
+            ratio = runs["fused"]["tokens_per_sec_per_device"] / runs["unfused"]["tokens_per_sec_per_device"]
+            result["fused_vs_unfused"] = {"available": True, "throughput_ratio": ratio}
+    return result
