@@ -81,11 +81,14 @@ def _train(nproc, metrics, *args):
 
 @pytest.mark.slow
 def test_tp1_and_tp2_pp2_give_the_same_losses_from_one_checkpoint(assets, tmp_path):
+    """tp2-pp2 also runs with sequence parallelism and full activation recomputation: neither may change the math."""
     runs = {}
     for tp, pp in ((1, 1), (2, 2)):
         runs[tp, pp] = _train(tp * pp, tmp_path / f"m{tp}{pp}.jsonl", "--load", assets[tp, pp], "--mock-data",
                               "--tokenizer-name-or-path", assets["tok"], "--train-iters", 4,
-                              "--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp)
+                              "--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp,
+                              *(["--sequence-parallel", "--recompute-granularity", "full", "--recompute-method",
+                                 "uniform", "--recompute-num-layers", 1] if tp > 1 else []))
     a, b = np.array(runs[1, 1]), np.array(runs[2, 2])
     assert len(a) == len(b) == 4 and len(set(a)) == 4  # the weights move: the losses differ per iteration
     assert np.max(np.abs(a - b) / np.abs(a)) < 1e-3, (a, b)
