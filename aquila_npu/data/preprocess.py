@@ -11,6 +11,7 @@ The main process reads rows (streaming) and writes the output; ``--workers N`` p
 """
 
 import argparse
+import gc
 import multiprocessing
 import os
 import sys
@@ -153,12 +154,13 @@ def _results(handler, spec, rows, workers, chunk_size, log_interval):
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     _handler = handler  # a forked worker inherits it instead of loading the tokenizer again
+    gc.freeze()  # forked workers' garbage collection then leaves the parent's objects (and their pages) alone
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(spec,))
     try:
         pending = deque()
         for chunk in _chunks(rows, chunk_size, log_interval):
             pending.append(pool.submit(_encode, chunk))
-            if len(pending) >= 2 * workers:
+            if len(pending) >= 4 * workers:  # a few chunks queued per worker, memory bounded
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
@@ -167,6 +169,7 @@ def _results(handler, spec, rows, workers, chunk_size, log_interval):
     finally:
         _handler = None
         pool.shutdown(wait=True, cancel_futures=True)
+        gc.unfreeze()
 
 
 def run(args):
