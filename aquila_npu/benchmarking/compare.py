@@ -70,7 +70,7 @@ def rows(results: List[dict], sources: Optional[List[str]] = None) -> List[Row]:
     return out
 
 
-def _num(x: float) -> str:
+def fmt(x: float) -> str:
     return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
 
 
@@ -80,7 +80,7 @@ def table(results: List[dict], sources: Optional[List[str]] = None) -> str:
     first = rs[0].tokens_per_sec
     head = ["Device", "Model", "Setup", "Kernels", "Iters", "tokens/p/s", "s/step", "TFLOP/s/device", "MFU",
             "Peak mem (GB)", "vs first"]
-    body = [[r.device, r.model, r.setup, r.kernels, str(r.iters), _num(r.tokens_per_sec), f"{r.step_time_s:.3g}",
+    body = [[r.device, r.model, r.setup, r.kernels, str(r.iters), fmt(r.tokens_per_sec), f"{r.step_time_s:.3g}",
              f"{r.tflops:.3g}", f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a",
              f"{r.memory_gb:.2f}" if r.memory_gb is not None else "n/a", f"{r.tokens_per_sec / first:.2f}x"]
             for r in rs]

@@ -116,4 +116,6 @@ def describe(kind: str, nproc: int, peak_override: Optional[float]) -> dict:
            "is_cpu": kind == "cpu"}
     if kind == "cpu":
         out.update(cores=os.cpu_count(), note=CPU_NOTE)
+    out["host"] = {"cpu": cpu_model(), "cores": os.cpu_count(),
+                   "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     return out

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import List
 
-from aquila_npu.benchmarking.compare import rows
+from aquila_npu.benchmarking.compare import fmt, rows
 
 
 class PlotUnavailable(RuntimeError):
@@ -29,7 +29,7 @@ def plot(results: List[dict], path: str) -> str:
     for ax, values, title in ((axes[0], [r.tokens_per_sec for r in rs], "tokens/s per device"),
                               (axes[1], [r.tflops for r in rs], "model TFLOP/s per device")):
         bars = ax.bar(range(len(rs)), values, color=["#9e9e9e" if r.is_cpu else "#1f77b4" for r in rs])
-        ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], fontsize=8)
+        ax.bar_label(bars, labels=[fmt(v) for v in values], fontsize=8)
         ax.set_xticks(range(len(rs)), labels, fontsize=7)
         ax.set_title(title)
         ax.margins(y=0.15)
