@@ -7,6 +7,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -286,6 +287,13 @@ def test_a_failing_training_run_shows_its_error(tmp_path, capsys):
     assert "the unfused training run exited with status 2" in err
     assert "--bf16 and --fp16 exclude each other" in err  # the training process's own message
     assert not (tmp_path / "r.json").exists()
+
+
+def test_timeout_stops_the_training_run(tmp_path, capsys):
+    t = time.monotonic()
+    rc, _, err = _main(capsys, "--iters", 1000, "--timeout", 2, "--output", tmp_path / "r.json", cwd=tmp_path)
+    assert rc == 1 and "passed --timeout 2s and was stopped" in err
+    assert time.monotonic() - t < 60 and not (tmp_path / "r.json").exists()
 
 
 def test_help_documents_every_flag():

@@ -8,11 +8,13 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -102,28 +104,35 @@ def launch_command(nproc: int, argv: List[str]) -> List[str]:
 
 
 def _run(cmd: List[str], log_path: str, timeout: Optional[float], echo) -> int:
-    """Run the training process, its output to ``log_path``; ``echo`` gets its iteration lines as they come."""
+    """Run the training process (in its own process group), its output to ``log_path``; ``echo`` gets its iteration
+    lines as they come. Past ``timeout`` seconds the group (torchrun and its workers) is killed."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
-    deadline = time.monotonic() + timeout if timeout else None
     with open(log_path, "w") as log:
         log.write("$ " + shlex.join(cmd) + "\n")
         log.flush()
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                bufsize=1)
-        try:
+                                bufsize=1, start_new_session=True)
+
+        def copy():
             for line in proc.stdout:
                 log.write(line)
                 if echo and line.startswith(" iteration"):
                     echo(line.rstrip())
-                if deadline and time.monotonic() > deadline:
-                    proc.kill()
-                    raise BenchmarkError(f"the training run passed --timeout {timeout:g}s; log: {log_path}")
-            return proc.wait()
+
+        reader = threading.Thread(target=copy, daemon=True)
+        reader.start()
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise BenchmarkError(f"the training run passed --timeout {timeout:g}s and was stopped; log: "
+                                 f"{log_path}") from None
         finally:
             if proc.poll() is None:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+            reader.join(timeout=10)
+        return rc
 
 
 def _tail(path: str, lines: int = 40) -> str:
