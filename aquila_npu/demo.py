@@ -2,7 +2,8 @@
 
     python -m aquila_npu.demo [--workdir ./aquila_npu_demo] [--short]
 
-1. writes a synthetic corpus of short passages with yes/no questions, and a held-out BoolQ-format question set;
+1. writes a synthetic corpus of short passages with yes/no questions whose answer only the passage tells, and a
+   held-out BoolQ-format question set;
 2. trains a byte-level BPE tokenizer on it (``tokenizers``);
 3. ``tools/preprocess_data.py``: corpus -> megatron-core indexed dataset;
 4. ``aquila_npu.pretrain``: trains aquila2-tiny (Aquila2-shaped: RMSNorm, SwiGLU, RoPE, GQA) from scratch;
@@ -35,34 +36,24 @@ COLORS = ["red", "blue", "green", "white", "black", "yellow", "pink", "grey", "o
 PASS_ACCURACY = 0.75
 
 
-def _passage(rng, thing, color):
-    return f"The {thing} is {color}."
-
-
 def make_data(root: Path, n_train: int, n_eval: int, seed: int = 0):
-    """Training documents (BoolQ prompt + answer) and held-out BoolQ rows; no (passage, question) pair is shared."""
+    """Training documents (a passage, the BoolQ prompt, the answer) and held-out BoolQ rows. The question never tells
+    the answer ("is the frog pink" is asked of "The frog is pink." and of "The frog is not pink."): the passage does.
+    No (passage, question) pair of the held-out set occurs in training."""
     rng = random.Random(seed)
-    seen, train, dev = set(), [], []
-    while len(dev) < n_eval:
-        thing, color = rng.choice(THINGS), rng.choice(COLORS)
-        answer = rng.random() < 0.5
-        asked = color if answer else rng.choice([c for c in COLORS if c != color])
-        passage = _passage(rng, thing, color)
-        key = (passage, thing, asked)
-        if key in seen:
-            continue
-        seen.add(key)
-        dev.append({"question": f"is the {thing} {asked}", "passage": passage, "answer": answer, "title": thing})
-    while len(train) < n_train:  # a passage, then three questions about it: more answers to learn from per token
-        thing, color = rng.choice(THINGS), rng.choice(COLORS)
-        passage, qa = _passage(rng, thing, color), []
-        for _ in range(3):
-            answer = rng.random() < 0.5
-            asked = color if answer else rng.choice([c for c in COLORS if c != color])
-            if (passage, thing, asked) not in seen:
-                qa.append(f"Question: is the {thing} {asked}?\nAnswer: {'yes' if answer else 'no'}")
-        if qa:
-            train.append({"text": passage + "\n" + "\n".join(qa)})
+    combos = [(t, c, neg) for t in THINGS for c in COLORS for neg in (False, True)]
+    rng.shuffle(combos)
+    held_out, seen = combos[:n_eval], combos[n_eval:]
+
+    def row(thing, color, negated):
+        passage = f"The {thing} is {'not ' if negated else ''}{color}."
+        return {"question": f"is the {thing} {color}", "passage": passage, "answer": not negated, "title": thing}
+
+    dev = [row(*c) for c in held_out]
+    train = []
+    for _ in range(n_train):
+        r = row(*rng.choice(seen))
+        train.append({"text": f"{r['passage']}\nQuestion: {r['question']}?\nAnswer: {'yes' if r['answer'] else 'no'}"})
     (root / "data").mkdir(parents=True)
     (root / "boolq").mkdir()
     for path, rows in ((root / "data" / "train.jsonl", train), (root / "boolq" / "dev.jsonl", dev)):
@@ -130,7 +121,7 @@ def main(argv=None) -> int:
     py, steps = sys.executable, Steps()
     from aquila_npu.testing.tiny_tokenizer import train_tokenizer
 
-    train, dev = make_data(work, n_train=4000, n_eval=64 if a.short else 300)
+    train, dev = make_data(work, n_train=4000, n_eval=64 if a.short else 200)
     steps.note("synthetic data", f"{len(train)} training documents in {work / 'data/train.jsonl'}, {len(dev)} held-out "
                                  f"BoolQ rows in {work / 'boolq/dev.jsonl'}; e.g.\n    "
                                  + train[0]["text"].replace("\n", "\n    "))

@@ -9,7 +9,7 @@ from aquila_npu.device.backends import (CpuBackend, CudaBackend, FusedKernelUnav
 from aquila_npu.device.setup import resolve, setup
 from aquila_npu.models.config import transformer_config
 from aquila_npu.models.gpt import build_model
-from aquila_npu.parallel import initialize_model_parallel
+from aquila_npu.parallel import destroy_model_parallel, initialize_model_parallel
 from aquila_npu.testing import npu_emulator
 from aquila_npu.testing.tiny_hf import TINY
 from aquila_npu.weights.mapping import Layout, mcore_param_names
@@ -19,7 +19,11 @@ from aquila_npu.weights.mapping import Layout, mcore_param_names
 def cpu_device():
     dev = setup("cpu")
     initialize_model_parallel(1, 1)
-    return dev
+    yield dev
+    # leave nothing behind for later tests in this process (HF from_pretrained breaks under the CPU redirection)
+    destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+    patches.undo_all()
 
 
 def _state_shapes(backend):

@@ -78,10 +78,12 @@ def init_distributed(dist_backend: str, timeout_minutes: int = 30) -> None:
     """torch.distributed from torchrun's environment, or a one-process group when not launched by torchrun."""
     if torch.distributed.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
-    torch.distributed.init_process_group(backend=dist_backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if "RANK" in os.environ:
+        torch.distributed.init_process_group(backend=dist_backend, timeout=timeout)
+    else:  # one process; the environment is left alone, so child processes do not inherit a rank or a used port
+        torch.distributed.init_process_group(backend=dist_backend, timeout=timeout, rank=0, world_size=1,
+                                             init_method=f"tcp://127.0.0.1:{_free_port()}")
 
 
 def setup(device: Optional[str] = None, fused: FusedOps = FusedOps(), *, distributed: bool = True,
