@@ -3,7 +3,7 @@
     python -m aquila_npu.benchmark --model aquila2-tiny --iters 5                  # CPU smoke test
     python -m aquila_npu.benchmark --model aquila2-7b --num-layers 4 --seq-length 4096 --dtype bf16 \\
         --micro-batch-size 1 --global-batch-size 8 --fused both                   # one GPU / NPU
-    python -m aquila_npu.benchmark --model aquila2-7b --tp 8 --nproc 8 --global-batch-size 64 \\
+    python -m aquila_npu.benchmark --model aquila2-7b --tp 8 --nproc 8 --global-batch-size 64 --dtype fp16 \\
         --micro-batch-size 8 --seq-length 2048 --fused on -- --sequence-parallel   # ModelLink's 7B layout
     python -m aquila_npu.benchmark --compare npu.json gpu.json [--plot cmp.png]
 
@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         usage=f"{PROG} [options] [-- aquila_npu.pretrain flags]  |  {PROG} --compare A.json B.json ... [--plot P]",
-        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n", 2)[2])
+        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n", 2)[2],
+        epilog="examples:\n" + __doc__.split("\n\n")[1])
     g = p.add_argument_group("model and batch")
     g.add_argument("--model", default="aquila2-tiny",
                    help=f"registry architecture (default aquila2-tiny; known: {', '.join(sorted(MODELS))})")
