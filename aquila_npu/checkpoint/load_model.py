@@ -74,7 +74,7 @@ def check_parallel_sizes(load_dir: str, layout: Layout, tp: int, pp: int) -> Non
 
 
 # ModelLink flag -> (ModelSpec attribute or callable, flag spelling). Values None mean "not given".
-_ARCH_FLAGS = {
+ARCH_FLAGS = {  # argparse dest -> (ModelSpec field, flag); shared with aquila_npu.training
     "num_layers": ("num_layers", "--num-layers"),
     "hidden_size": ("hidden_size", "--hidden-size"),
     "ffn_hidden_size": ("intermediate_size", "--ffn-hidden-size"),
@@ -83,20 +83,23 @@ _ARCH_FLAGS = {
     "max_position_embeddings": ("max_position_embeddings", "--max-position-embeddings"),
     "norm_epsilon": ("rms_norm_eps", "--norm-epsilon"),
     "rotary_base": ("rope_theta", "--rotary-base"),
+    "vocab_size": ("vocab_size", "--vocab-size"),
 }
 
 
-def check_architecture(spec: ModelSpec, layout: Layout, flags: Mapping[str, object], load_dir: str = "") -> None:
-    """Compare architecture flags (ModelLink names, argparse dests; None = not given) with the checkpoint.
+def check_architecture(spec: ModelSpec, layout: Layout, flags: Mapping[str, object], load_dir: str = "",
+                       source: str = "checkpoint") -> None:
+    """Compare architecture flags (ModelLink names, argparse dests; None = not given) with the checkpoint (or what
+    ``source`` names, e.g. ``--model aquila2-7b``).
 
     Raises ArchitectureMismatch listing every disagreement.
     """
     bad = []
 
     def differ(flag: str, given, actual):
-        bad.append(f"{flag} {given} (checkpoint: {actual})")
+        bad.append(f"{flag} {given} ({source}: {actual})")
 
-    for dest, (attr, flag) in _ARCH_FLAGS.items():
+    for dest, (attr, flag) in ARCH_FLAGS.items():
         given = flags.get(dest)
         if given is None:
             continue
@@ -122,9 +125,9 @@ def check_architecture(spec: ModelSpec, layout: Layout, flags: Mapping[str, obje
                    f"{layout.make_vocab_size_divisible_by}: vocab {spec.vocab_size} padded to {layout.padded_vocab}, "
                    f"the flag pads it to {padded}")
     if bad:
-        raise ArchitectureMismatch(f"{load_dir or 'the checkpoint'}: architecture flags disagree with the checkpoint: "
-                                   + "; ".join(bad) + ". Drop them (the architecture is read from the checkpoint) "
-                                   "or load the checkpoint they describe.")
+        raise ArchitectureMismatch(f"{load_dir or 'the ' + source}: architecture flags disagree with the {source}: "
+                                   + "; ".join(bad) + f". Drop them (the architecture is read from the {source}) "
+                                   f"or use the {source} they describe.")
 
 
 def read_checkpoint(load_dir: str):

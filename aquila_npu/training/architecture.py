@@ -5,14 +5,10 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+from aquila_npu.checkpoint.load_model import ARCH_FLAGS, ArchitectureMismatch, check_architecture
 from aquila_npu.models.registry import MODELS, ModelSpec, get_model_spec
 from aquila_npu.training.arguments import ArgumentError
-
-# flag (argparse dest) -> ModelSpec field
-ARCH_FLAGS = {"num_layers": "num_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "intermediate_size",
-              "num_attention_heads": "num_attention_heads", "num_query_groups": "num_key_value_heads",
-              "max_position_embeddings": "max_position_embeddings", "rotary_base": "rope_theta",
-              "norm_epsilon": "rms_norm_eps", "vocab_size": "vocab_size"}
+from aquila_npu.weights.mapping import Layout
 
 
 def _same_architecture(a: ModelSpec, b: ModelSpec) -> bool:
@@ -24,23 +20,25 @@ def _same_architecture(a: ModelSpec, b: ModelSpec) -> bool:
 def resolve(args, checkpoint: Optional[dict] = None, tokenizer_vocab: Optional[int] = None
             ) -> Tuple[ModelSpec, int]:
     """(spec, make_vocab_size_divisible_by). ``checkpoint`` is the ``aquila`` entry of a checkpoint being loaded."""
-    base, where = None, None
+    base, where, source = None, None, None
     if args.model:
         if args.model not in MODELS:
             raise ArgumentError(f"--model {args.model}: unknown; known: {', '.join(sorted(MODELS))}")
         base, where = get_model_spec(args.model), f"--model {args.model}"
+        source = where
     if checkpoint is not None:
         ck = ModelSpec(**checkpoint["spec"])
         if base is not None and not _same_architecture(base, ck):
             raise ArgumentError(f"--model {args.model} does not match the architecture of the --load checkpoint "
                                 f"{args.load} ({ck.name})")
-        base, where = ck, f"the --load checkpoint {args.load}"
+        base, where, source = ck, args.load, "checkpoint"
     given = {flag: getattr(args, flag) for flag in ARCH_FLAGS if getattr(args, flag) is not None}
     if base is not None:
-        for flag, value in given.items():
-            have = getattr(base, ARCH_FLAGS[flag])
-            if float(value) != float(have):
-                raise ArgumentError(f"--{flag.replace('_', '-')} {value} contradicts {where}, which has {have}")
+        try:
+            check_architecture(base, Layout(base), given, load_dir=where if source == "checkpoint" else "",
+                               source=source)
+        except ArchitectureMismatch as e:
+            raise ArgumentError(str(e)) from None
         spec = base
     else:
         missing = [f for f in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")
