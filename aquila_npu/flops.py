@@ -21,6 +21,8 @@ from aquila_npu.models.registry import ModelSpec
 DEVICE_PEAK_TFLOPS = {
     "Ascend 910B": 313.0,  # Atlas 800T A2 / 910B3-class, FP16
     "NVIDIA A100": 312.0,
+    "NVIDIA H100 PCIe": 756.0,  # before the generic H100 entry: the first match wins
+    "NVIDIA H100 NVL": 835.0,
     "NVIDIA H100": 989.4,  # SXM
     "NVIDIA H200": 989.4,
 }
