@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import shutil
 import socket
 import subprocess
@@ -74,7 +75,7 @@ class Steps:
 
     def run(self, title: str, cmd: list, cwd: Path, quiet: bool = True) -> str:
         self.n += 1
-        shown = " ".join(str(c) for c in cmd).replace(sys.executable, "python")
+        shown = " ".join(shlex.quote(str(c)) for c in cmd).replace(sys.executable, "python")
         print(f"\n[{self.n}] {title}\n    $ {shown}", flush=True)
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
