@@ -23,12 +23,13 @@ import os
 import random
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from aquila_npu.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 THINGS = ["apple", "sky", "grass", "snow", "coal", "sun", "rose", "sea", "cloud", "leaf", "milk", "fire", "frog",
@@ -61,12 +62,6 @@ def make_data(root: Path, n_train: int, n_eval: int, seed: int = 0):
         with open(path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     return train, dev
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Steps:
@@ -149,7 +144,7 @@ def main(argv=None) -> int:
                "--saver", "megatron", "--load-dir", hf / "mg2hg", "--save-dir", "model_weights/aquila2-tiny-tp2-pp1",
                "--target-tensor-parallel-size", 2, "--target-pipeline-parallel-size", 1,
                "--tokenizer-model", hf / "mg2hg" / "tokenizer.json"], work)
-    launch = [py, "-m", "torch.distributed.run", "--nproc-per-node", 2, "--master-port", _free_port()]
+    launch = [py, "-m", "torch.distributed.run", "--nproc-per-node", 2, "--master-port", free_port()]
     example = dev[0]
     prompt = f"{example['passage']}\nQuestion: {example['question']}?\nAnswer:"
     steps.run("generate (greedy, KV cache) from the tp2 checkpoint on 2 processes",
@@ -160,7 +155,7 @@ def main(argv=None) -> int:
     with open(work / "generated.jsonl") as f:
         print(f"    held-out question: {prompt!r} -> {json.loads(f.readline())['text']!r} "
               f"(answer: {'yes' if example['answer'] else 'no'})")
-    launch[-1] = _free_port()
+    launch[-1] = free_port()
     steps.run("evaluate on the held-out yes/no questions with the BoolQ evaluator (lm-eval's log-likelihood scoring)",
               launch + ["-m", "aquila_npu.evaluate", "--device", "cpu", "--task", "boolq",
                         "--task-data-path", "boolq/dev.jsonl", "--load", "model_weights/aquila2-tiny-tp2-pp1",

@@ -1,20 +1,15 @@
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from aquila_npu.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(script: str, nproc: int, args, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -22,7 +17,7 @@ def torchrun(script: str, nproc: int, args, timeout: int = 600) -> subprocess.Co
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
     env.pop("AQUILA_DEVICE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           str(_free_port()),
+           str(free_port()),
            *(script.split() if script.startswith("-m ") else [str(ROOT / script)]), *map(str, args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

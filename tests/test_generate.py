@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from aquila_npu.testing.tiny_hf import TINY, tiny_llama
-from conftest import ROOT, torchrun
+from conftest import ROOT, stub_torchrun_argv, torchrun
 
 SYLLABLES = ["ka", "lo", "mi", "ta", "ren", "shu", "po", "vex", "quin", "dar", "el", "ost", "ung", "ber", "fy"]
 CHINESE = "北京是中国的首都上海天气很好我们今天学习人工智能模型生成文本问题答案是否你好世界语言"
@@ -255,21 +255,10 @@ def test_example_script_flags_parse_and_describe_the_model(script, tmp_path):
 
     path = ROOT / "examples" / "aquila2" / script
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
-    stub = tmp_path / "bin"
-    stub.mkdir()
-    (stub / "torchrun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$STUB_OUT"\n')
-    (stub / "torchrun").chmod(0o755)
-    record = tmp_path / "args.txt"
-    env = {k: v for k, v in os.environ.items() if k not in ("TP", "PP", "PROMPT", "PROMPTS_FILE", "OUTPUT", "CHAT")}
-    env.update(PATH=f"{stub}:{env['PATH']}", STUB_OUT=str(record), CANN_SET_ENV=str(tmp_path / "none.sh"))
-    proc = subprocess.run(["bash", str(path)], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    argv = record.read_text().splitlines()
+    launcher, launched, argv = stub_torchrun_argv(path, tmp_path)
     module, model, tp, pp = SCRIPTS[script]
-    i = argv.index("-m")
-    assert argv[i + 1] == module
-    launcher = dict(zip(argv[:i:2], argv[1:i:2]))
-    args = importlib.import_module(module).build_parser().parse_args(argv[i + 2:])
+    assert launched == module
+    args = importlib.import_module(module).build_parser().parse_args(argv)
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (tp, pp)
     assert int(launcher["--nproc_per_node"]) * int(launcher["--nnodes"]) == tp * pp
     spec = get_model_spec(model)

@@ -15,6 +15,7 @@ from conftest import ROOT, torchrun
 
 from aquila_npu.checkpoint.convert import to_megatron
 from aquila_npu.checkpoint.hf_io import HFReader
+from aquila_npu.ports import free_port
 from aquila_npu.data.templates import ALPACA_SYSTEM
 from aquila_npu.testing.tiny_hf import tiny_llama
 from aquila_npu.testing.tiny_tokenizer import train_tokenizer
@@ -232,7 +233,7 @@ def test_example_scripts_parse_with_the_real_parser_and_describe_the_model(scrip
 @pytest.mark.slow
 def test_tiny_cpu_script_trains_and_saves(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", CKPT_SAVE_DIR=str(tmp_path / "ck"),
-               TRAIN_ITERS="4", MASTER_PORT=str(__import__("conftest")._free_port()))
+               TRAIN_ITERS="4", MASTER_PORT=str(free_port()))
     proc = subprocess.run(["bash", str(ROOT / "examples/aquila2/pretrain_aquila2_tiny_cpu.sh"), "--log-interval", "1"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -9,7 +9,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from aquila_npu.benchmarking import environment
 from aquila_npu.device.backends import FusedOps
 from aquila_npu.flops import training_flops_per_token
 from aquila_npu.models.registry import ModelSpec, get_model_spec, padded_vocab_size
+from aquila_npu.ports import free_port
 
 SCHEMA = "aquila_npu.benchmark/1"
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -90,17 +90,11 @@ def pretrain_argv(s: Settings, spec: ModelSpec, fused: bool, metrics_file: str) 
     return [str(a) for a in argv] + list(s.extra)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch_command(nproc: int, argv: List[str]) -> List[str]:
     if nproc == 1:
         return [sys.executable, "-m", "aquila_npu.pretrain", *argv]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-            str(_free_port()), "-m", "aquila_npu.pretrain", *argv]
+            str(free_port()), "-m", "aquila_npu.pretrain", *argv]
 
 
 def _run(cmd: List[str], log_path: str, timeout: Optional[float], echo) -> int:

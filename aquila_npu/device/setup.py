@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import importlib
 import os
-import socket
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,6 +17,7 @@ import torch
 
 from aquila_npu.device import patches
 from aquila_npu.device.backends import FusedOps, TorchBackend, make_backend
+from aquila_npu.ports import free_port
 
 DEVICES = ("npu", "cuda", "cpu")
 DIST_BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
@@ -68,12 +68,6 @@ def resolve(device: Optional[str] = None) -> str:
     return device
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(dist_backend: str, timeout_minutes: int = 30) -> None:
     """torch.distributed from torchrun's environment, or a one-process group when not launched by torchrun."""
     if torch.distributed.is_initialized():
@@ -83,7 +77,7 @@ def init_distributed(dist_backend: str, timeout_minutes: int = 30) -> None:
         torch.distributed.init_process_group(backend=dist_backend, timeout=timeout)
     else:  # one process; the environment is left alone, so child processes do not inherit a rank or a used port
         torch.distributed.init_process_group(backend=dist_backend, timeout=timeout, rank=0, world_size=1,
-                                             init_method=f"tcp://127.0.0.1:{_free_port()}")
+                                             init_method=f"tcp://127.0.0.1:{free_port()}")
 
 
 def setup(device: Optional[str] = None, fused: FusedOps = FusedOps(), *, distributed: bool = True,
