@@ -58,17 +58,9 @@ def make_corpus(path, n, fmt, seed=0):
 
 
 def make_tokenizer(path, corpus_sample):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from aquila_npu.testing.tiny_tokenizer import train_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=8000, special_tokens=["<|endoftext|>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus_sample, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<|endoftext|>").save_pretrained(path)
-    return path
+    return train_tokenizer(path, corpus_sample, vocab_size=8000)
 
 
 def run_tool(corpus, tokenizer, prefix, workers):

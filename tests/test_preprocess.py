@@ -25,6 +25,7 @@ with warnings.catch_warnings():
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from aquila_npu.data.preprocess import main
+from aquila_npu.testing.tiny_tokenizer import train_tokenizer
 
 TOOL = str(ROOT / "tools" / "preprocess_data.py")
 IGNORE = -100
@@ -56,20 +57,8 @@ ROWS = [
 
 
 def _train_tokenizer(path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|startofpiece|>", "<|endofpiece|>", "[CLS]", "</s>"]
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     corpus = TEXTS + [r[k] for r in ROWS for k in ("instruction", "input", "output")] + [ALPACA_SYSTEM, AQUILA_SYSTEM]
-    tok.train_from_iterator(corpus * 5, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[CLS]", eos_token="</s>", pad_token="<|endoftext|>",
-                            unk_token="<|endoftext|>").save_pretrained(str(path))
-    return str(path)
+    return train_tokenizer(str(path), corpus * 5, vocab_size=500)
 
 
 @pytest.fixture(scope="module")

@@ -32,10 +32,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 
 from aquila_npu.data.errors import DataError
+from aquila_npu.data.handlers import IGNORE_INDEX
 from aquila_npu.data.tokenizer import MCoreTokenizer
-
-IGNORE_INDEX = -100
-INSTRUCTION_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 def parse_data_path(data_path):
