@@ -92,7 +92,8 @@ def _check_megatron_target(save_dir: str, layout: Layout) -> None:
 
 def to_megatron(reader, save_dir: str, tp: int, pp: int, make_vocab_size_divisible_by: int = 1,
                 params_dtype: Optional[torch.dtype] = None) -> Layout:
-    """Write a Megatron checkpoint (tp x pp) from any reader with ``.spec`` and ``.get(hf_name)``."""
+    """Write a Megatron checkpoint (tp x pp) from any reader with ``.spec``, ``.get(hf_name)`` (a memory-mapped
+    view is fine: each rank copies only its part) and ``.release()``."""
     layout = Layout(reader.spec, tp, pp, make_vocab_size_divisible_by)
     _check_megatron_target(save_dir, layout)
     dtype = _output_dtype(reader, params_dtype)
@@ -102,13 +103,13 @@ def to_megatron(reader, save_dir: str, tp: int, pp: int, make_vocab_size_divisib
         progress(t)
         return t
 
-    # One (stage, TP rank) shard in memory at a time; safetensors inputs are read slice by slice.
+    # One (stage, TP rank) shard in memory at a time; safetensors inputs are memory-mapped views.
     progress = _Progress(_model_bytes(reader.spec, dtype), f"-> megatron tp{tp}-pp{pp}")
     try:
         with _AtomicDir(save_dir) as tmp:
             for stage in range(pp):
                 for rank in range(tp):
-                    shard = hf_rank_to_mcore(reader.get_slice, layout, stage, rank, cast=cast)
+                    shard = hf_rank_to_mcore(reader.get, layout, stage, rank, cast=cast)
                     megatron_io.save_rank(tmp, ITERATION, layout, stage, rank, shard, dtype)
                     del shard
                     reader.release()

@@ -129,16 +129,13 @@ class HFReader:
             self._bin_cache = (fname, sd)
         return self._bin_cache[1]
 
-    def get_slice(self, name: str) -> Tensor:
-        """The tensor as a memory-mapped view: indexing and copying a part of it reads only that part."""
-        return self.get(name)
-
     def release(self) -> None:
         """Unmap the files read so far (their pages stay in the page cache, but leave this process's RSS)."""
         self._handles = {}
         self._bin_cache = (None, None)
 
     def get(self, name: str) -> Tensor:
+        """The tensor as a memory-mapped view (safetensors, .bin): indexing and copying a part reads only that part."""
         fname = self._where.get(name)
         if fname is None:
             raise CheckpointError(f"{self.path}: tensor {name} is missing")

@@ -151,9 +151,6 @@ class MegatronReader:
             return self.layout.stage_of_layer(int(name.split(".")[2]))
         return 0 if name == "model.embed_tokens.weight" else self.layout.pp - 1
 
-    def get_slice(self, name: str) -> torch.Tensor:
-        return self.get(name)
-
     def release(self) -> None:
         """Unmap the current stage's files."""
         self._stage, self._shards, self._merged, self._ready, self._last = None, [], iter(()), {}, -1

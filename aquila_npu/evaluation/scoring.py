@@ -67,7 +67,7 @@ class Scorer:
     def loglikelihood(self, requests: Sequence[Tuple[str, str]]) -> List[Tuple[float, bool]]:
         """(sum of log p(continuation | context), whether greedy decoding would produce the continuation) for each
         (context, continuation) pair."""
-        inputs, spans = [], []
+        inputs = []
         for context, continuation in requests:
             if not context:
                 raise ValueError("empty context: not supported")

@@ -94,7 +94,7 @@ def build(args, dev, spec, layout):
     return ddp, optimizer, scheduler, cfg
 
 
-def datasets(args, tokenizer, spec, dp_rank):
+def datasets(args, tokenizer, spec):
     """(train, valid) datasets holding at least the samples this run consumes."""
     gbs = args.global_batch_size
     n_train = args.train_iters * gbs
@@ -157,7 +157,7 @@ def run(args) -> int:
             f"{str(dtype).replace('torch.', '')}, seq {args.seq_length}, global batch {args.global_batch_size} "
             f"= {num_micro} micro-batches x {args.micro_batch_size} x dp{dp}, {spec.num_parameters():,} parameters")
     dp_rank = ps.get_data_parallel_rank()
-    train_ds, valid_ds = datasets(args, tokenizer, spec, dp_rank)
+    train_ds, valid_ds = datasets(args, tokenizer, spec)
     train_iter = batches.micro_batches(train_ds, consumed_samples=consumed, micro_batch_size=args.micro_batch_size,
                                        dp_rank=dp_rank, dp_size=dp)
     valid_iter = batches.cycle_for_eval(valid_ds, args.micro_batch_size, dp_rank, dp)
