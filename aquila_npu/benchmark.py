@@ -25,7 +25,8 @@ import time
 from typing import List, Optional
 
 from aquila_npu.benchmarking import compare
-from aquila_npu.benchmarking.plot import PlotUnavailable, plot
+from aquila_npu.benchmarking.plot import plot
+from aquila_npu.errors import MissingDependency
 from aquila_npu.benchmarking.run import BenchmarkError, Settings, run_benchmark
 from aquila_npu.device.setup import resolve as resolve_device
 from aquila_npu.flops import DEVICE_PEAK_TFLOPS
@@ -141,7 +142,7 @@ def _compare(a: argparse.Namespace) -> int:
     if a.plot:
         try:
             print(f"wrote {plot(results, a.plot)}")
-        except PlotUnavailable as e:
+        except MissingDependency as e:
             print(f"{PROG}: error: {e}", file=sys.stderr)
             return 1
     return 0

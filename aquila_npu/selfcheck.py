@@ -15,7 +15,7 @@ import json
 import torch
 from megatron.core import parallel_state as ps
 
-from aquila_npu.checkpoint.hf_io import CheckpointError
+from aquila_npu.errors import CheckpointError
 from aquila_npu.checkpoint.load_model import build_stage, load_model_for_inference
 from aquila_npu.device.backends import FusedOps
 from aquila_npu.device.setup import resolve, setup

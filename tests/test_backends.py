@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from aquila_npu.device import patches
-from aquila_npu.device.backends import (CpuBackend, CudaBackend, FusedKernelUnavailable, FusedOps, NpuBackend,
-                                        have_transformer_engine)
+from aquila_npu.device.backends import CpuBackend, CudaBackend, FusedOps, NpuBackend, have_transformer_engine
 from aquila_npu.device.setup import resolve, setup
+from aquila_npu.errors import FusedKernelUnavailable
 from aquila_npu.models.config import transformer_config
 from aquila_npu.models.gpt import build_model
 from aquila_npu.parallel import destroy_model_parallel, initialize_model_parallel

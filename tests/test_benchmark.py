@@ -304,21 +304,22 @@ def test_help_documents_every_flag():
 # ------------------------------------------------------------------------------------------- pretrain --vocab-size
 def test_pretrain_vocab_size_flag_builds_models_from_flags_without_a_tokenizer():
     from aquila_npu.training import architecture
-    from aquila_npu.training.arguments import ArgumentError, parse
+    from aquila_npu.training.arguments import parse
+    from aquila_npu.errors import UsageError
 
     common = ["--mock-data", "--train-iters", "1"]
     shape = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "176", "--num-attention-heads", "8"]
     spec, _ = architecture.resolve(parse([*common, *shape, "--vocab-size", "1000"]))
     assert (spec.vocab_size, spec.num_layers, spec.hidden_size, spec.source) == (1000, 2, 64, "flags")
-    with pytest.raises(ArgumentError, match="--vocab-size or --tokenizer-name-or-path"):
+    with pytest.raises(UsageError, match="--vocab-size or --tokenizer-name-or-path"):
         architecture.resolve(parse([*common, *shape]))
     # with a tokenizer the model's vocabulary may be larger (padding rows), not smaller
     spec, _ = architecture.resolve(parse([*common, *shape, "--vocab-size", "1000"]), tokenizer_vocab=900)
     assert spec.vocab_size == 1000
-    with pytest.raises(ArgumentError, match="more than the model's vocabulary"):
+    with pytest.raises(UsageError, match="more than the model's vocabulary"):
         architecture.resolve(parse([*common, *shape, "--vocab-size", "800"]), tokenizer_vocab=900)
     # with --model it must agree, like every architecture flag
     assert architecture.resolve(parse([*common, "--model", "aquila2-tiny", "--vocab-size", "1000"]))[0].name == \
         "aquila2-tiny"
-    with pytest.raises(ArgumentError, match=r"--vocab-size 999 \(--model aquila2-tiny: 1000\)"):
+    with pytest.raises(UsageError, match=r"--vocab-size 999 \(--model aquila2-tiny: 1000\)"):
         architecture.resolve(parse([*common, "--model", "aquila2-tiny", "--vocab-size", "999"]))

@@ -18,7 +18,7 @@ import torch
 from conftest import torchrun
 
 from aquila_npu.data.datasets import build_instruction_datasets, build_pretrain_datasets, parse_data_path
-from aquila_npu.data.errors import DataError
+from aquila_npu.errors import DataError
 from aquila_npu.data.preprocess import main
 from test_preprocess import ALPACA_SYSTEM, ROWS, TEXTS, _train_tokenizer
 

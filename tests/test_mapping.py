@@ -5,8 +5,9 @@ import torch
 
 from aquila_npu.models.registry import get_model_spec
 from aquila_npu.testing.tiny_hf import TINY, tiny_llama
-from aquila_npu.weights.mapping import (Layout, LayoutError, hf_names, hf_stage_to_mcore, mcore_stage_to_hf,
-                                        split_for_tp, TABLE)
+from aquila_npu.errors import LayoutError
+from aquila_npu.weights.mapping import (Layout, TABLE, hf_names, hf_stage_to_mcore, mcore_stage_to_hf,
+                                        split_for_tp)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,9 @@ import json
 import pytest
 import torch.nn.functional as F
 
-from aquila_npu.models.config import NotAquilaConfig, spec_from_hf_config, transformer_config
+from aquila_npu.models.config import spec_from_hf_config, transformer_config
+
+from aquila_npu.errors import NotAquilaConfig
 from aquila_npu.models.registry import MODELS, get_model_spec
 
 

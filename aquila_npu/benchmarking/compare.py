@@ -10,10 +10,7 @@ from typing import List, Optional
 
 from aquila_npu.benchmarking.environment import CPU_NOTE
 from aquila_npu.benchmarking.run import SCHEMA
-
-
-class ResultError(ValueError):
-    """A file that is not a readable benchmark result."""
+from aquila_npu.errors import ResultError
 
 
 @dataclass

@@ -16,7 +16,9 @@ from typing import Optional
 
 import torch
 
-from aquila_npu.device.backends import FusedKernelUnavailable, FusedOps, make_backend
+from aquila_npu.device.backends import FusedOps, make_backend
+
+from aquila_npu.errors import FusedKernelUnavailable
 from aquila_npu.flops import peak_tflops
 
 CPU_NOTE = ("CPU figures: a functional check on a host CPU (fp32, no tensor cores), not accelerator throughput; "

@@ -7,17 +7,14 @@ import os
 from typing import List
 
 from aquila_npu.benchmarking.compare import fmt, rows
-
-
-class PlotUnavailable(RuntimeError):
-    """matplotlib is not installed."""
+from aquila_npu.errors import MissingDependency
 
 
 def plot(results: List[dict], path: str) -> str:
     try:
         import matplotlib
     except ImportError:
-        raise PlotUnavailable("--plot needs the matplotlib package, which is not installed: "
+        raise MissingDependency("--plot needs the matplotlib package, which is not installed: "
                               "pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -8,11 +8,10 @@ import sys
 import time
 
 from aquila_npu.checkpoint.convert import to_huggingface, to_megatron
-from aquila_npu.checkpoint.hf_io import CheckpointError, HFReader
+from aquila_npu.checkpoint.hf_io import HFReader
+from aquila_npu.errors import CheckpointError, LayoutError, NotAquilaConfig
 from aquila_npu.checkpoint.megatron_io import MegatronReader
 from aquila_npu.models.dtypes import DTYPES
-from aquila_npu.models.hf_config import NotAquilaConfig
-from aquila_npu.weights.mapping import LayoutError
 
 
 def parser() -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from aquila_npu.checkpoint import hf_io, megatron_io
-from aquila_npu.checkpoint.hf_io import CheckpointError
+from aquila_npu.errors import CheckpointError
 from aquila_npu.weights.mapping import Layout, hf_names, hf_rank_to_mcore, hf_shapes
 
 ITERATION = 1  # what converted checkpoints carry, as ModelLink's converter

@@ -12,16 +12,13 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from aquila_npu.errors import CheckpointError
 from aquila_npu.models.hf_config import spec_from_hf_config
 from aquila_npu.models.registry import ModelSpec
 from aquila_npu.weights.mapping import IGNORED_HF_SUFFIXES
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json", "generation_config.json")
-
-
-class CheckpointError(ValueError):
-    """Missing, corrupt or inconsistent checkpoint files."""
 
 
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,

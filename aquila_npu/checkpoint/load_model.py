@@ -20,7 +20,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from aquila_npu.checkpoint import megatron_io
-from aquila_npu.checkpoint.hf_io import CheckpointError
+from aquila_npu.errors import ArchitectureMismatch, CheckpointError
 from aquila_npu.models.config import transformer_config
 from aquila_npu.models.gpt import build_model, padded_vocab_size
 from aquila_npu.models.registry import ModelSpec
@@ -29,10 +29,6 @@ from aquila_npu.weights.load import load_stage_state
 from aquila_npu.weights.mapping import Layout
 
 CONVERTER = "tools/checkpoint/convert_ckpt.py"
-
-
-class ArchitectureMismatch(CheckpointError):
-    """An architecture flag on the command line disagrees with the checkpoint."""
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
-from aquila_npu.checkpoint.hf_io import CheckpointError
+from aquila_npu.errors import CheckpointError
 from aquila_npu.models.registry import ModelSpec
 from aquila_npu.weights.mapping import Layout, hf_names, mcore_stage_to_hf
 

@@ -31,7 +31,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 
-from aquila_npu.data.errors import DataError
+from aquila_npu.errors import DataError
 from aquila_npu.data.handlers import IGNORE_INDEX
 from aquila_npu.data.tokenizer import MCoreTokenizer
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aquila_npu.data.errors import DataError
+from aquila_npu.errors import DataError
 from aquila_npu.data.sources import Columns
 from aquila_npu.data.templates import TEMPLATES, parse_conversation
 from aquila_npu.data.tokenizer import eod_id, load_tokenizer

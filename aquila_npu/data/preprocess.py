@@ -18,7 +18,7 @@ import sys
 import time
 from collections import deque
 
-from aquila_npu.data.errors import DataError
+from aquila_npu.errors import DataError
 
 PROG = "preprocess_data.py"
 _handler = None  # the worker process's handler (inherited through fork, or built by _init_worker)

@@ -11,7 +11,7 @@ import json
 import os
 import re
 
-from aquila_npu.data.errors import DataError
+from aquila_npu.errors import DataError
 
 FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "jsonl"}
 _READ_BYTES = 1 << 20

@@ -3,7 +3,7 @@
 import os
 from collections import OrderedDict
 
-from aquila_npu.data.errors import DataError
+from aquila_npu.errors import DataError
 
 TOKENIZER_TYPES = ("PretrainedFromHF",)
 

@@ -17,10 +17,7 @@ from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 from aquila_npu.device import npu_modules, torch_modules
-
-
-class FusedKernelUnavailable(ValueError):
-    """A fused-kernel switch was given on a device that cannot provide it."""
+from aquila_npu.errors import FusedKernelUnavailable
 
 
 @dataclass(frozen=True)

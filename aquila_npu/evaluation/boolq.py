@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
-from aquila_npu.evaluation.data import DataError, read_jsonl
+from aquila_npu.evaluation.data import read_jsonl
+
+from aquila_npu.errors import DataError
 from aquila_npu.evaluation.tasks import Task, register
 
 PROMPT = "{passage}\nQuestion: {question}?\nAnswer:"

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, List
 
-from aquila_npu.data.errors import DataError
+from aquila_npu.errors import DataError
 from aquila_npu.data.sources import iter_json_objects
 
 __all__ = ["DataError", "Row", "data_files", "read_jsonl"]

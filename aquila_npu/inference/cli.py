@@ -15,16 +15,14 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from aquila_npu.checkpoint.hf_io import CheckpointError
+from aquila_npu.errors import (CheckpointError, DataError, FusedKernelUnavailable, LayoutError, PromptTooLong,
+                               UsageError)
 from aquila_npu.checkpoint.load_model import (LoadedModel, check_architecture, check_parallel_sizes,
                                               load_model_for_inference, read_checkpoint, relayout_command)
-from aquila_npu.data.errors import DataError
 from aquila_npu.data.tokenizer import load_tokenizer, vocab_size
-from aquila_npu.device.backends import FusedKernelUnavailable, FusedOps
+from aquila_npu.device.backends import FusedOps
 from aquila_npu.device.setup import setup
-from aquila_npu.inference.generation import PromptTooLong
 from aquila_npu.parallel import destroy_model_parallel
-from aquila_npu.weights.mapping import LayoutError
 
 ARCH_DESTS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
               "max_position_embeddings", "norm_epsilon", "rotary_base", "group_query_attention",
@@ -35,10 +33,6 @@ ARCH_DESTS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_hea
 IGNORED_SWITCHES = ("--exit-on-missing-checkpoint", "--no-load-optim", "--no-load-rng", "--swiglu",
                     "--disable-bias-linear", "--no-masked-softmax-fusion", "--attention-softmax-in-fp32",
                     "--no-gradient-accumulation-fusion", "--sequence-parallel", "--use-mc2")
-
-
-class UsageError(ValueError):
-    """Bad command-line input found before any model is loaded."""
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:

@@ -25,11 +25,8 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
 from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
 
+from aquila_npu.errors import PromptTooLong
 from aquila_npu.inference.sampling import SamplingParams, sample
-
-
-class PromptTooLong(ValueError):
-    """A prompt leaves no room for a generated token within the model's maximum sequence length."""
 
 
 @dataclass

@@ -6,11 +6,8 @@ import json
 import os
 from typing import Optional, Union
 
+from aquila_npu.errors import NotAquilaConfig
 from aquila_npu.models.registry import ModelSpec
-
-
-class NotAquilaConfig(ValueError):
-    """A Hugging Face config that is not LLaMA/Aquila-shaped."""
 
 
 def spec_from_hf_config(cfg: Union[str, os.PathLike, dict], name: Optional[str] = None) -> ModelSpec:

@@ -6,10 +6,7 @@ import argparse
 from typing import List, Optional
 
 from aquila_npu.device.backends import FusedOps
-
-
-class ArgumentError(ValueError):
-    """Contradictory or impossible flags."""
+from aquila_npu.errors import UsageError
 
 
 def _model(p):
@@ -147,39 +144,39 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     try:
         validate(args)
-    except ArgumentError as e:
+    except UsageError as e:
         p.error(str(e))
     return args
 
 
 def validate(args: argparse.Namespace) -> None:
     if args.bf16 and args.fp16:
-        raise ArgumentError("--bf16 and --fp16 exclude each other")
+        raise UsageError("--bf16 and --fp16 exclude each other")
     if args.train_iters is None or args.train_iters < 0:
-        raise ArgumentError("--train-iters is required (>= 0)")
+        raise UsageError("--train-iters is required (>= 0)")
     if args.finetune and not args.load:
-        raise ArgumentError("--finetune needs --load (the checkpoint to fine-tune)")
+        raise UsageError("--finetune needs --load (the checkpoint to fine-tune)")
     if args.is_instruction_dataset and args.mock_data:
-        raise ArgumentError("--is-instruction-dataset and --mock-data exclude each other")
+        raise UsageError("--is-instruction-dataset and --mock-data exclude each other")
     if not args.mock_data and not args.data_path:
-        raise ArgumentError("--data-path is required (or --mock-data)")
+        raise UsageError("--data-path is required (or --mock-data)")
     if not args.mock_data and not args.tokenizer_name_or_path:
-        raise ArgumentError("--tokenizer-name-or-path is required with --data-path")
+        raise UsageError("--tokenizer-name-or-path is required with --data-path")
     if args.group_query_attention and args.num_query_groups is None:
-        raise ArgumentError("--group-query-attention needs --num-query-groups")
+        raise UsageError("--group-query-attention needs --num-query-groups")
     if args.num_query_groups is not None and not args.group_query_attention:
-        raise ArgumentError("--num-query-groups needs --group-query-attention")
+        raise UsageError("--num-query-groups needs --group-query-attention")
     if args.recompute_method and args.recompute_granularity != "full":
-        raise ArgumentError("--recompute-method needs --recompute-granularity full")
+        raise UsageError("--recompute-method needs --recompute-granularity full")
     if args.recompute_granularity == "full" and not (args.recompute_method and args.recompute_num_layers):
-        raise ArgumentError("--recompute-granularity full needs --recompute-method and --recompute-num-layers")
+        raise UsageError("--recompute-granularity full needs --recompute-method and --recompute-num-layers")
     for flag in ("micro_batch_size", "log_interval", "eval_interval"):
         if getattr(args, flag) < 1:
-            raise ArgumentError(f"--{flag.replace('_', '-')} must be >= 1")
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.save_interval is not None and args.save_interval < 1:
-        raise ArgumentError("--save-interval must be >= 1")
+        raise UsageError("--save-interval must be >= 1")
     if args.lr_warmup_fraction is not None and args.lr_warmup_iters:
-        raise ArgumentError("--lr-warmup-fraction and --lr-warmup-iters exclude each other")
+        raise UsageError("--lr-warmup-fraction and --lr-warmup-iters exclude each other")
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         args.sequence_parallel = False  # as Megatron-LM: meaningless at tp 1
 

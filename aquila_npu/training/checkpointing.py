@@ -24,7 +24,7 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
 from aquila_npu.checkpoint import megatron_io
-from aquila_npu.checkpoint.hf_io import CheckpointError
+from aquila_npu.errors import CheckpointError
 from aquila_npu.weights.load import load_stage_state
 from aquila_npu.weights.mapping import Layout
 

@@ -9,18 +9,17 @@ import time
 
 import torch
 
-from aquila_npu.checkpoint.hf_io import CheckpointError
-from aquila_npu.device.backends import FusedKernelUnavailable, FusedOps
+from aquila_npu.errors import CheckpointError, FusedKernelUnavailable, LayoutError, UsageError
+from aquila_npu.device.backends import FusedOps
 from aquila_npu.device.setup import setup
 from aquila_npu.flops import peak_tflops, training_flops_per_token
 from aquila_npu.models.config import transformer_config
 from aquila_npu.models.gpt import build_model
 from aquila_npu.parallel import initialize_model_parallel
 from aquila_npu.training import architecture, batches, checkpointing
-from aquila_npu.training.arguments import ArgumentError
 from aquila_npu.training.report import Reporter, device_memory
 from aquila_npu.training.step import eval_step, train_step
-from aquila_npu.weights.mapping import Layout, LayoutError
+from aquila_npu.weights.mapping import Layout
 
 
 def _print0(*a):
@@ -81,7 +80,7 @@ def build(args, dev, spec, layout):
     if args.lr_warmup_fraction is not None:
         warmup = int(args.lr_warmup_fraction * decay_iters)
     if warmup and warmup >= decay_iters:
-        raise ArgumentError(f"LR warm-up ({warmup} iterations) must be shorter than the decay "
+        raise UsageError(f"LR warm-up ({warmup} iterations) must be shorter than the decay "
                             f"(--lr-decay-iters / --train-iters: {decay_iters})")
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup * gbs,
@@ -114,7 +113,7 @@ def datasets(args, tokenizer, spec):
         train, valid, _ = data.build_pretrain_datasets(args.data_path, args.split, args.seq_length, args.seed,
                                                        tokenizer, sizes, data_cache_path=args.data_cache_path)
     if train is None:
-        raise ArgumentError(f"--split {args.split} leaves no training data")
+        raise UsageError(f"--split {args.split} leaves no training data")
     return train, valid if n_valid else None
 
 
@@ -132,14 +131,14 @@ def run(args) -> int:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     world = torch.distributed.get_world_size()
     if world % (tp * pp):
-        raise ArgumentError(f"{world} processes are not a multiple of --tensor-model-parallel-size {tp} x "
+        raise UsageError(f"{world} processes are not a multiple of --tensor-model-parallel-size {tp} x "
                             f"--pipeline-model-parallel-size {pp}")
     layout = Layout(spec, tp, pp, divisible)
     dp = world // (tp * pp)
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * dp
     if args.global_batch_size % (args.micro_batch_size * dp):
-        raise ArgumentError(f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
+        raise UsageError(f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
                             f"{args.micro_batch_size} x data-parallel size {dp}")
     num_micro = args.global_batch_size // (args.micro_batch_size * dp)
     initialize_model_parallel(tp, pp, args.seed)
@@ -225,7 +224,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     try:
         rc = run(args)
-    except (ArgumentError, CheckpointError, LayoutError, FusedKernelUnavailable) as e:
+    except (UsageError, CheckpointError, LayoutError, FusedKernelUnavailable) as e:
         print(f"aquila_npu.pretrain: error: {e}", file=sys.stderr, flush=True)
         rc = 2
     if torch.distributed.is_initialized():

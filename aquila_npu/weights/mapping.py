@@ -23,6 +23,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from aquila_npu.errors import LayoutError
 from aquila_npu.models.registry import padded_vocab_size
 from aquila_npu.models.registry import ModelSpec
 
@@ -55,10 +56,6 @@ TABLE: Tuple[Row, ...] = (
 
 # HF keys that carry no weights of the model (old Aquila .bin checkpoints hold rotary buffers).
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class LayoutError(ValueError):
-    """A tensor/pipeline layout the model cannot be split into."""
 
 
 @dataclass(frozen=True)
