@@ -7,7 +7,7 @@ Two modes:
       python benchmarks/generate_bench.py --vs-hf [--model smollm-135m] [--batch 1 8] [--layouts 1x1 1x2]
       python benchmarks/generate_bench.py --vs-hf --hf-dir ./model_from_hf/SOME-MODEL --layouts 1x1 2x1
 
-  A registry-like shape (``--model``: ``BENCH_SHAPES`` below or ``aquila_npu.models.registry``) becomes a random
+  A shape (``--model``: ``aquila_npu.benchmarking.side_by_side.BENCH_SHAPES`` or the model registry) becomes a random
   ``LlamaForCausalLM`` saved as a HF folder (or ``--hf-dir`` names one), and our converter writes a Megatron
   checkpoint of it for each ``--layouts`` TPxPP. Each side runs in its own process (HF's ``from_pretrained`` must not
   share a process with our CPU set-up; see DEVELOPERS.md): it loads the model, warms up, then times greedy decoding
@@ -17,7 +17,7 @@ Two modes:
   for ``--rounds`` rounds (the machine may be shared); the best round of each counts, the median is shown beside it,
   with the load average. Prints tokens/s of both, the ratio, and whether the generated tokens are the same.
   Two-process layouts run under torchrun with one thread per process; one-process runs use torch's default threads
-  (as HF does). A layout the shape cannot be split into (heads or layers not divisible) is listed with the reason.
+  (one per core) on both sides, or ``--threads``. A layout the shape cannot be split into (heads or layers not divisible) is listed with the reason.
 
 * default: our static KV cache vs full recompute (``use_kv_cache=False``) on a registry architecture:
 
@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,26 +36,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from aquila_npu.benchmarking.side_by_side import (alternate, get_shape, print_result,  # noqa: E402
+                                                  random_hf_model, worker_env)
+
 WARMUP_TOKENS = 4
-
-
-def bench_shapes():
-    """Shapes for benchmarks that are not Aquila2 models (not in the model registry)."""
-    from aquila_npu.models.registry import ModelSpec
-
-    return {s.name: s for s in [
-        # A 135M Llama-family model (SmolLM-135M's published shape: 30 layers, hidden 576, 9 query / 3 key-value
-        # heads, FFN 1536, vocabulary 49152), untied here (Aquila2 is untied; the converter handles untied models).
-        ModelSpec("smollm-135m", hidden_size=576, intermediate_size=1536, num_layers=30, num_attention_heads=9,
-                  num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, bos_token_id=1,
-                  eos_token_id=2, pad_token_id=0, torch_dtype="float32", source="benchmark shape"),
-    ]}
-
-
-def get_shape(name):
-    from aquila_npu.models.registry import get_model_spec
-
-    return bench_shapes().get(name) or get_model_spec(name)
 
 
 def prompt_lengths(batch, longest):
@@ -70,10 +53,6 @@ def make_prompts(batches, longest, vocab, seed=0):
     g = torch.Generator().manual_seed(seed)
     return {str(b): [torch.randint(3, vocab, (n,), generator=g).tolist() for n in prompt_lengths(b, longest)]
             for b in batches}
-
-
-def load_average():
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------------- workers
@@ -103,7 +82,7 @@ def worker_hf(a):
             dt, tokens = run(a.new_tokens)
             times.append(dt)
         out[b] = {"seconds": times, "tokens": tokens}
-    print("RESULT " + json.dumps(out), flush=True)
+    print_result(out)
 
 
 def worker_ours(a):
@@ -127,19 +106,11 @@ def worker_ours(a):
             tokens = [r.token_ids for r in res]
         out[b] = {"seconds": times, "tokens": tokens}
     if torch.distributed.get_rank() == 0:
-        print("RESULT " + json.dumps(out), flush=True)
+        print_result(out)
     torch.distributed.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------------- side by side
-def _run_worker(cmd, env):
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.exit(f"generate_bench: worker failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 def vs_hf(a):
     import torch
 
@@ -154,13 +125,8 @@ def vs_hf(a):
     os.makedirs(work, exist_ok=True)
     hf_dir = a.hf_dir
     if hf_dir is None:
-        from aquila_npu.testing.tiny_hf import tiny_llama
-
         spec = get_shape(a.model)
-        if a.layers:
-            spec = spec.replace(num_layers=a.layers)
-        hf_dir = os.path.join(work, "hf")
-        tiny_llama(spec, seed=0).save_pretrained(hf_dir)
+        hf_dir = random_hf_model(spec.replace(num_layers=a.layers) if a.layers else spec, os.path.join(work, "hf"))
     spec = HFReader(hf_dir).spec
     layouts, skipped = [], []
     for text in a.layouts:
@@ -180,31 +146,22 @@ def vs_hf(a):
 
     me = os.path.abspath(__file__)
     common = ["--prompts", prompts, "--new-tokens", str(a.new_tokens), "--repeats", str(a.repeats)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
-    env.update(PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
-    one_thread = dict(env, OMP_NUM_THREADS="1")
+    env, one_thread = worker_env(ROOT, a.threads), worker_env(ROOT, 1)
     sides = {"HF transformers": ([sys.executable, me, "--worker", "hf", "--hf-dir", hf_dir, *common], env)}
     for tp, pp, mg in layouts:
-        n = tp * pp
-        if n == 1:
+        if tp * pp == 1:
             cmd, e = [sys.executable, me], env
         else:
-            cmd, e = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port",
-                      str(free_port()), me], one_thread
+            cmd, e = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp * pp),
+                      "--master-port", str(free_port()), me], one_thread
         sides[f"ours tp{tp}-pp{pp}"] = (cmd + ["--worker", "ours", "--load", mg, *common], e)
-    runs = {name: [] for name in sides}
-    loads = [load_average()]
-    for _ in range(a.rounds):
-        for name, (cmd, e) in sides.items():
-            runs[name].append(_run_worker(cmd, e))
-            loads.append(load_average())
+    runs, loads = alternate(sides, a.rounds)
 
     print(f"generate_bench --vs-hf: {a.hf_dir or a.model} ({spec.num_layers} layers, hidden {spec.hidden_size}, "
           f"{spec.num_attention_heads}/{spec.num_key_value_heads} heads, FFN {spec.intermediate_size}, vocab "
           f"{spec.vocab_size}), fp32, greedy, {a.new_tokens} new tokens, prompts of {a.prompt_len // 2}.."
-          f"{a.prompt_len} tokens; {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()} "
-          f"(1 per process for 2+ processes); {a.rounds} round(s) x {a.repeats} timed run(s), sides alternating; "
+          f"{a.prompt_len} tokens; {cpu_model()}, {os.cpu_count()} cores, torch threads "
+          f"{a.threads or torch.get_num_threads()} (1 per process for 2+ processes); {a.rounds} round(s) x {a.repeats} timed run(s), sides alternating; "
           f"load average (1 min) {min(loads):.1f}..{max(loads):.1f} during the run; "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     for text in skipped:
@@ -286,8 +243,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--vs-hf", action="store_true", help="side by side with transformers' generate")
-    p.add_argument("--model", default=None, help="architecture: a BENCH_SHAPES name (smollm-135m) or a registry name "
-                                                 "(default: smollm-135m with --vs-hf, aquila2-small otherwise)")
+    p.add_argument("--model", default=None, help="architecture: a benchmarking.side_by_side.BENCH_SHAPES name "
+                                                 "(smollm-135m) or a registry name (default: smollm-135m with "
+                                                 "--vs-hf, aquila2-small otherwise)")
     p.add_argument("--hf-dir", default=None, help="--vs-hf: a Hugging Face model folder instead of random weights")
     p.add_argument("--layers", type=int, default=None, help="override the number of layers")
     p.add_argument("--batch", type=int, nargs="+", default=None,
@@ -302,6 +260,8 @@ def main():
     p.add_argument("--repeats", type=int, default=1, help="--vs-hf: timed runs per batch in each round")
     p.add_argument("--work-dir", default=None, help="--vs-hf: where models and checkpoints go (default: a new "
                                                     "temporary folder)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="--vs-hf: torch threads of one-process runs, both sides (default: torch's, one per core)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (KV-cache mode)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (KV-cache mode)")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (KV-cache mode)")
