@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aquila_npu.checkpoint.cli import main
+from aquila_npu.cli.convert import main
 from aquila_npu.testing.tiny_hf import tiny_llama
-from conftest import ROOT
+from helpers import ROOT, child_env
 
 
 def _hf_state(path):
@@ -93,7 +93,7 @@ def test_bad_inputs_leave_no_output(hf_dir, tmp_path, capsys):
 
 def test_help_lists_every_flag():
     out = subprocess.run([sys.executable, str(ROOT / "tools/checkpoint/convert_ckpt.py"), "--help"],
-                         capture_output=True, text=True)
+                         env=child_env(), capture_output=True, text=True)
     assert out.returncode == 0
     for flag in ("--model-type", "--loader", "--saver", "--save-model-type", "--load-dir", "--save-dir",
                  "--target-tensor-parallel-size", "--target-pipeline-parallel-size", "--tokenizer-model",
@@ -103,7 +103,7 @@ def test_help_lists_every_flag():
 
 @pytest.mark.slow
 def test_converted_tp2_pp2_checkpoint_matches_hf_logits_on_four_processes(tmp_path):
-    from conftest import read_json, torchrun
+    from helpers import read_json, torchrun
 
     hf = tmp_path / "hf"
     tiny_llama().save_pretrained(hf)

@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from aquila_npu.testing.tiny_hf import tiny_llama
-from conftest import read_json, torchrun
-from test_generate import assert_help_documents_every_flag, build_assets, subprocess_env, words
+from helpers import assert_help_documents_every_flag, build_assets, call_main, child_env, read_json, torchrun, words
 
 LMEVAL_TASK = """task: boolq_local
 dataset_path: json
@@ -68,7 +67,7 @@ def lm_eval_reference(setup_data):
     tasks.mkdir()
     (tasks / "boolq_local.yaml").write_text(LMEVAL_TASK.format(files=json.dumps(files)))
     out = root / "lmeval_out"
-    env = subprocess_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+    env = child_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                          HF_DATASETS_CACHE=str(root / "hf_datasets_cache"))
     proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
                            f"pretrained={assets['hf']},dtype=float32", "--tasks", "boolq_local", "--include_path",
@@ -143,10 +142,9 @@ def test_first_token_scoring_equals_hf_next_token_logits(setup_data, tmp_path):
 
 
 def _entry(args, capsys):
-    from aquila_npu.evaluate import entry
+    from aquila_npu.cli.evaluate import main
 
-    rc = entry([str(a) for a in args])
-    return rc, capsys.readouterr().err
+    return call_main(main, args, capsys)
 
 
 @pytest.mark.parametrize("content,message", [
@@ -162,29 +160,28 @@ def test_malformed_rows_are_clear_errors(setup_data, tmp_path, capsys, content, 
     bad.write_text(content)
     rc, err = _entry(["--task", "boolq", "--task-data-path", bad, "--load", assets[1, 1], "--tokenizer-name-or-path",
                       assets["hf"]], capsys)
-    assert rc == 1 and str(bad) in err and message in err, err
+    assert rc == 2 and str(bad) in err and message in err, err
 
 
 def test_bad_paths_and_flags(setup_data, tmp_path, capsys):
     assets = setup_data[0]
     common = ["--task", "boolq", "--tokenizer-name-or-path", assets["hf"]]
     rc, err = _entry([*common, "--task-data-path", tmp_path, "--load", assets[1, 1]], capsys)
-    assert rc == 1 and "no .jsonl or .json files" in err
+    assert rc == 2 and "no .jsonl or .json files" in err
     rc, err = _entry([*common, "--task-data-path", tmp_path / "nope", "--load", assets[1, 1]], capsys)
-    assert rc == 1 and "no such file or folder" in err
+    assert rc == 2 and "no such file or folder" in err
     (tmp_path / "d.jsonl").write_text('{"question": "q", "passage": "p", "answer": true}\n')
     rc, err = _entry([*common, "--task-data-path", tmp_path, "--load", tmp_path / "ckpt"], capsys)
-    assert rc == 1 and "--load" in err
+    assert rc == 2 and "--load" in err
     rc, err = _entry([*common, "--task-data-path", tmp_path, "--load", assets[1, 1], "--scoring", "exact"], capsys)
-    assert rc == 1 and "loglikelihood, first-token" in err
-    with pytest.raises(SystemExit) as e:
-        _entry(["--task", "nosuchtask", "--task-data-path", tmp_path, "--load", assets[1, 1],
-                "--tokenizer-name-or-path", assets["hf"]], capsys)
-    assert e.value.code == 2
+    assert rc == 2 and "loglikelihood, first-token" in err
+    rc, err = _entry(["--task", "nosuchtask", "--task-data-path", tmp_path, "--load", assets[1, 1],
+                      "--tokenizer-name-or-path", assets["hf"]], capsys)
+    assert rc == 2 and "--task" in err
 
 
 def test_help_documents_every_flag():
-    from aquila_npu.evaluate import build_parser
+    from aquila_npu.cli.evaluate import build_parser
 
     assert_help_documents_every_flag(build_parser())
 

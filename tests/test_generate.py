@@ -5,59 +5,18 @@ and converted): never ``from_pretrained`` here (see DEVELOPERS.md). Our side run
 """
 
 import json
-import os
-import random
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from aquila_npu.testing.tiny_hf import TINY, tiny_llama
-from conftest import ROOT, stub_torchrun_argv, torchrun
+from aquila_npu.testing.tiny_hf import tiny_llama
+from helpers import (ROOT, assert_help_documents_every_flag, build_assets, call_main, child_env, stub_torchrun_argv,
+                     torchrun)
 
-SYLLABLES = ["ka", "lo", "mi", "ta", "ren", "shu", "po", "vex", "quin", "dar", "el", "ost", "ung", "ber", "fy"]
-CHINESE = "北京是中国的首都上海天气很好我们今天学习人工智能模型生成文本问题答案是否你好世界语言"
 PROMPTS = ["kalo mi taren", "北京是中国的首都，今天天气很好", "ber fy ost ung dar el quin vex po shu ta"]
 N_NEW = 20
-
-
-# torch.distributed's environment: a test that ran setup() in the pytest process leaves these behind (and a process
-# group holding MASTER_PORT); a plain subprocess must not inherit them.
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
-            "MASTER_PORT", "TORCHELASTIC_RUN_ID")
-
-
-def subprocess_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", **extra)
-    return env
-
-
-def words(rng, n):
-    return " ".join("".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(n))
-
-
-def build_assets(root, layouts=((1, 1), (2, 2))):
-    """A byte-level BPE tokenizer trained here (English + Chinese, TINY's 1003 ids, Aquila2's special tokens), the
-    tiny HF model saved with it, and Megatron conversions of it: {"hf": dir, (tp, pp): dir}."""
-    from aquila_npu.checkpoint.convert import to_megatron
-    from aquila_npu.checkpoint.hf_io import HFReader
-    from aquila_npu.testing.tiny_tokenizer import train_tokenizer
-
-    rng = random.Random(0)
-    corpus = []
-    for _ in range(3000):
-        corpus.append(words(rng, rng.randint(5, 15)) + ". Question: is it true? Answer: yes no Yes No")
-        corpus.append("".join(rng.choice(CHINESE) for _ in range(rng.randint(5, 20))))
-    hf = os.path.join(root, "hf")
-    train_tokenizer(hf, corpus, TINY.vocab_size, exact_size=True)  # pad 0, bos 1, eos 2 as TINY
-    tiny_llama().save_pretrained(hf)
-    out = {"hf": hf}
-    for tp, pp in layouts:
-        out[tp, pp] = os.path.join(root, f"mg-tp{tp}-pp{pp}")
-        to_megatron(HFReader(hf), out[tp, pp], tp, pp)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +89,7 @@ def test_tp1_pp1_recompute_and_top_k_1_sampling_match_hf_greedy(assets, tmp_path
 NPU_WORKER = """
 import json, sys
 from aquila_npu.checkpoint.load_model import load_model_for_inference
+from aquila_npu.checkpoint.megatron_io import CheckpointInfo
 from aquila_npu.device.backends import FusedOps
 from aquila_npu.device.setup import setup
 from aquila_npu.inference.generation import TextGenerator
@@ -137,7 +97,7 @@ from aquila_npu.testing import npu_emulator
 load, prompts, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 with npu_emulator.installed() as fake:
     dev = setup("cpu", FusedOps.all(), kernels="npu")
-    gen = TextGenerator.from_loaded(load_model_for_inference(load, dev), dev.torch_device)
+    gen = TextGenerator.from_loaded(load_model_for_inference(CheckpointInfo.read(load), dev), dev.torch_device)
     print(json.dumps({"ids": [g.token_ids for g in gen.generate(prompts, n)], "calls": dict(fake.calls)}))
 """
 
@@ -147,7 +107,7 @@ def test_ascend_fused_kernels_through_emulator_match_hf(assets):
     the CPU) generates HF's greedy tokens."""
     tok = _tokenizer(assets)
     ref = hf_greedy(tok, PROMPTS, N_NEW)
-    env = subprocess_env()
+    env = child_env()
     proc = subprocess.run([sys.executable, "-c", NPU_WORKER, assets[1, 1], json.dumps([tok.encode(p) for p in PROMPTS]),
                            str(N_NEW)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -189,48 +149,35 @@ def test_sampling_filters_like_hf_warpers():
     assert torch.allclose(ours[~torch.isinf(ours)], ref[~torch.isinf(ref)])
 
 
-def _fails(module, args, capsys):
-    import importlib
+def _fails(args, capsys):
+    from aquila_npu.cli.generate import main
 
-    rc = importlib.import_module(module).entry([str(a) for a in args])
-    return rc, capsys.readouterr().err
+    return call_main(main, args, capsys)
 
 
 def test_bad_inputs_are_one_line_errors(assets, tmp_path, capsys):
     base = ["--tokenizer-name-or-path", assets["hf"], "--prompt", "x"]
-    rc, err = _fails("aquila_npu.generate", ["--load", tmp_path / "missing", *base], capsys)
-    assert rc == 1 and "--load" in err and "no such directory" in err
-    rc, err = _fails("aquila_npu.generate", ["--load", assets[1, 1], "--tokenizer-name-or-path", tmp_path / "no",
-                                             "--prompt", "x"], capsys)
-    assert rc == 1 and "--tokenizer-name-or-path" in err
-    rc, err = _fails("aquila_npu.generate", ["--load", assets[1, 1], *base, "--num-layers", 32, "--hidden-size", 64],
-                     capsys)
-    assert rc == 1 and "--num-layers 32 (checkpoint: 4)" in err and "--hidden-size" not in err
-    rc, err = _fails("aquila_npu.generate", ["--load", assets[2, 2], *base], capsys)  # 1 process, tp2-pp2 weights
-    assert rc == 1 and "tp2-pp2" in err and "--nproc-per-node 4" in err and "convert_ckpt.py" in err
-    rc, err = _fails("aquila_npu.generate", ["--load", assets[1, 1], *base, "--tensor-model-parallel-size", 2],
-                     capsys)
-    assert rc == 1 and "--target-tensor-parallel-size 2" in err
-    rc, err = _fails("aquila_npu.generate", ["--load", assets[1, 1], *base, "--greedy", "--top-p", 0.9], capsys)
-    assert rc == 1 and "--greedy cannot be combined with --top-p" in err
+    rc, err = _fails(["--load", tmp_path / "missing", *base], capsys)
+    assert rc == 2 and "--load" in err and "no such directory" in err
+    rc, err = _fails(["--load", assets[1, 1], "--tokenizer-name-or-path", tmp_path / "no", "--prompt", "x"], capsys)
+    assert rc == 2 and "--tokenizer-name-or-path" in err
+    rc, err = _fails(["--load", assets[1, 1], *base, "--num-layers", 32, "--hidden-size", 64], capsys)
+    assert rc == 2 and "--num-layers 32 (checkpoint: 4)" in err and "--hidden-size" not in err
+    rc, err = _fails(["--load", assets[2, 2], *base], capsys)  # 1 process, tp2-pp2 weights
+    assert rc == 2 and "tp2-pp2" in err and "--nproc-per-node 4" in err and "convert_ckpt.py" in err
+    rc, err = _fails(["--load", assets[1, 1], *base, "--tensor-model-parallel-size", 2], capsys)
+    assert rc == 2 and "--target-tensor-parallel-size 2" in err
+    rc, err = _fails(["--load", assets[1, 1], *base, "--greedy", "--top-p", 0.9], capsys)
+    assert rc == 2 and "--greedy cannot be combined with --top-p" in err
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "a"}\n{"prompt": 3}\n')
-    rc, err = _fails("aquila_npu.generate", ["--load", assets[1, 1], "--tokenizer-name-or-path", assets["hf"],
-                                             "--prompts-file", bad], capsys)
-    assert rc == 1 and "line 2" in err
-
-
-def assert_help_documents_every_flag(parser):
-    text = parser.format_help()
-    for action in parser._actions:
-        for flag in action.option_strings:
-            assert flag in text
-        if action.option_strings and action.dest != "help":
-            assert action.help, f"{action.option_strings} has no help"
+    rc, err = _fails(["--load", assets[1, 1], "--tokenizer-name-or-path", assets["hf"], "--prompts-file", bad],
+                     capsys)
+    assert rc == 2 and "line 2" in err
 
 
 def test_help_documents_every_flag():
-    from aquila_npu.generate import build_parser
+    from aquila_npu.cli.generate import build_parser
 
     assert_help_documents_every_flag(build_parser())
 
@@ -248,21 +195,19 @@ def test_example_script_flags_parse_and_describe_the_model(script, tmp_path):
     parser and the architecture flags agree with the published model."""
     import importlib
 
-    from aquila_npu.checkpoint.load_model import check_architecture
-    from aquila_npu.inference.cli import architecture_flags
+    from aquila_npu.models import arch_flags
     from aquila_npu.models.registry import get_model_spec
-    from aquila_npu.weights.mapping import Layout
 
     path = ROOT / "examples" / "aquila2" / script
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
     launcher, launched, argv = stub_torchrun_argv(path, tmp_path)
     module, model, tp, pp = SCRIPTS[script]
     assert launched == module
-    args = importlib.import_module(module).build_parser().parse_args(argv)
+    args = importlib.import_module(module.replace("aquila_npu.", "aquila_npu.cli.")).build_parser().parse_args(argv)
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (tp, pp)
     assert int(launcher["--nproc_per_node"]) * int(launcher["--nnodes"]) == tp * pp
     spec = get_model_spec(model)
-    check_architecture(spec, Layout(spec, tp, pp, 1), architecture_flags(args))
+    arch_flags.check(spec, arch_flags.given(args), "published model", padded_vocab=spec.vocab_size, tp=tp)
     if module == "aquila_npu.evaluate":
         assert (args.task, args.task_data_path, args.scoring) == ("boolq", "./boolq/test", "first-token")
     assert args.load.endswith(f"-tp{tp}-pp{pp}/")

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from conftest import ROOT
+from helpers import ROOT, child_env
 
 CHECK = """
 import sys, torch
@@ -24,12 +24,12 @@ print('clean')
 
 
 def test_import_has_no_side_effects():
-    out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", CHECK], env=child_env(), capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("clean")
 
 
 def test_issue_acceptance_one_liner():
     out = subprocess.run([sys.executable, "-c", "import aquila_npu, sys; assert 'torch_npu' not in sys.modules"],
-                         capture_output=True, text=True, cwd=ROOT)
+                         env=child_env(), capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr

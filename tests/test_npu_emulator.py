@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from aquila_npu.testing import npu_emulator as emu
-from conftest import ROOT
+from helpers import ROOT
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}
 DTYPES = [torch.float32, torch.bfloat16]

@@ -7,7 +7,7 @@ bf16 (npu emulator, cuda): max |diff| < 2e-2 with logits of magnitude ~0.6, argm
 import pytest
 import torch
 
-from conftest import read_json, torchrun
+from helpers import read_json, torchrun
 
 WORKER = "-m aquila_npu.selfcheck"
 

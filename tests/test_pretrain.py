@@ -5,13 +5,12 @@ import json
 import os
 import random
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, torchrun
+from helpers import ROOT, assert_one_line_error, child_env, run_module, torchrun
 
 from aquila_npu.checkpoint.convert import to_megatron
 from aquila_npu.checkpoint.hf_io import HFReader
@@ -35,7 +34,7 @@ def _rows():
 
 
 def _preprocess(rows, tok, prefix, *extra):
-    from aquila_npu.data.preprocess import main as preprocess
+    from aquila_npu.cli.preprocess import main as preprocess
 
     src = prefix + ".jsonl"
     os.makedirs(os.path.dirname(prefix), exist_ok=True)
@@ -154,9 +153,10 @@ def test_loss_counts_exactly_the_response_tokens(assets, tmp_path):
 
 
 def _pretrain_cli(*args, cwd=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "aquila_npu.pretrain", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=300, cwd=cwd)
+    proc = run_module("aquila_npu.pretrain", *args, cwd=cwd, timeout=300)
+    if proc.returncode == 2 and "usage:" not in proc.stderr:
+        assert_one_line_error(proc.stderr)
+    return proc
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -204,13 +204,13 @@ TRAIN_SCRIPTS = {"pretrain_aquila2_7b_ptd.sh": ("aquila2-7b", 8, 1, False),
 
 @pytest.mark.parametrize("script", sorted(TRAIN_SCRIPTS))
 def test_example_scripts_parse_with_the_real_parser_and_describe_the_model(script, tmp_path):
-    import dataclasses
+    from helpers import stub_torchrun_argv
 
-    from conftest import stub_torchrun_argv
-
+    from aquila_npu.checkpoint.megatron_io import CheckpointInfo
+    from aquila_npu.cli.pretrain import parse
     from aquila_npu.models.registry import get_model_spec
-    from aquila_npu.training import architecture
-    from aquila_npu.training.arguments import parse
+    from aquila_npu.training.config import resolve
+    from aquila_npu.weights.mapping import Layout
 
     path = ROOT / "examples" / "aquila2" / script
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
@@ -222,8 +222,9 @@ def test_example_scripts_parse_with_the_real_parser_and_describe_the_model(scrip
     assert int(launcher["--nproc_per_node"]) * int(launcher["--nnodes"]) == 16 if pp == 2 else 8
     spec = get_model_spec(model)
     # the flags agree with the published architecture (as if loading its converted checkpoint)
-    got, divisible = architecture.resolve(args, {"spec": dataclasses.asdict(spec), "make_vocab_size_divisible_by": 1})
-    assert got == spec and divisible == 1
+    converted = CheckpointInfo(args.load, 1, Layout(spec, tp, pp, 1), torch.bfloat16, trained=False)
+    cfg = resolve(args, converted, None, tp * pp)
+    assert cfg.spec == spec and cfg.layout.make_vocab_size_divisible_by == 1
     assert args.load.endswith(f"-tp{tp}-pp{pp}/") and args.save
     assert (args.finetune, args.is_instruction_dataset) == (tune, tune)
     assert args.data_path == ([f"./finetune_dataset/Aquila2-{model[8:].upper()}/alpaca"] if tune else
@@ -232,8 +233,7 @@ def test_example_scripts_parse_with_the_real_parser_and_describe_the_model(scrip
 
 @pytest.mark.slow
 def test_tiny_cpu_script_trains_and_saves(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", CKPT_SAVE_DIR=str(tmp_path / "ck"),
-               TRAIN_ITERS="4", MASTER_PORT=str(free_port()))
+    env = child_env(CKPT_SAVE_DIR=tmp_path / "ck", TRAIN_ITERS=4, MASTER_PORT=free_port())
     proc = subprocess.run(["bash", str(ROOT / "examples/aquila2/pretrain_aquila2_tiny_cpu.sh"), "--log-interval", "1"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -41,7 +41,8 @@ def npu_rope(t: Tensor, freqs: Tensor) -> Tensor:
     rot_dim = freqs.shape[-1]
     t_rot, t_pass = t[..., :rot_dim], t[..., rot_dim:]
     cos, sin = freqs.cos().to(t.dtype), freqs.sin().to(t.dtype)
-    out = torch_npu().npu_rotary_mul(t_rot, cos, sin)
+    # megatron-core's q/k are strided views of the fused QKV output; the kernel wants contiguous input
+    out = torch_npu().npu_rotary_mul(t_rot.contiguous(), cos, sin)
     return out if t_pass.shape[-1] == 0 else torch.cat((out, t_pass), dim=-1)
 
 

@@ -1,4 +1,6 @@
-"""Command line of tools/checkpoint/convert_ckpt.py (ModelLink's flags)."""
+"""``tools/checkpoint/convert_ckpt.py`` (also ``aquila-convert``): convert Aquila2 weights between Hugging Face
+folders and Megatron checkpoint directories, any tensor/pipeline layout, with ModelLink's flags. The conversion
+itself: ``aquila_npu.checkpoint.convert``."""
 
 from __future__ import annotations
 
@@ -9,14 +11,17 @@ import time
 
 from aquila_npu.checkpoint.convert import to_huggingface, to_megatron
 from aquila_npu.checkpoint.hf_io import HFReader
-from aquila_npu.errors import CheckpointError, LayoutError, NotAquilaConfig
 from aquila_npu.checkpoint.megatron_io import MegatronReader
+from aquila_npu.cli.common import run_cli
+from aquila_npu.errors import CheckpointError
 from aquila_npu.models.dtypes import DTYPES
+
+PROG = "convert_ckpt.py"
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="convert_ckpt.py",
+        prog=PROG,
         description="Convert Aquila2 weights between Hugging Face folders and Megatron checkpoint directories "
                     "(any tensor/pipeline-parallel layout), tensor by tensor, one pipeline stage in memory at a time.")
     p.add_argument("--model-type", default="GPT", choices=["GPT"], help="model family (only GPT; kept for ModelLink)")
@@ -74,13 +79,17 @@ def run(args) -> str:
     return args.save_dir
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     args = parser().parse_args(argv)
     start = time.time()
-    try:
-        out = run(args)
-    except (CheckpointError, LayoutError, NotAquilaConfig, FileNotFoundError) as e:
-        print(f"convert_ckpt.py: error: {e}", file=sys.stderr)
-        return 2
+    out = run(args)
     print(f"converted {args.load_dir} -> {out} in {time.time() - start:.1f}s")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(PROG, _main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
