@@ -1,4 +1,4 @@
-"""``python -m aquila_npu.benchmark``: the command lives in ``aquila_npu.cli.benchmark`` (``--help`` lists its flags)."""
+"""``python -m aquila_npu.benchmark``: the command lives in ``aquila_npu.cli.benchmark`` (``--help``: its flags)."""
 
 import sys
 

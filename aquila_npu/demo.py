@@ -1,4 +1,4 @@
-"""``python -m aquila_npu.demo``: the command lives in ``aquila_npu.cli.demo`` (``--help`` lists its flags)."""
+"""``python -m aquila_npu.demo``: the command lives in ``aquila_npu.cli.demo`` (``--help``: its flags)."""
 
 import sys
 

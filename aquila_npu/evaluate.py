@@ -1,4 +1,4 @@
-"""``python -m aquila_npu.evaluate``: the command lives in ``aquila_npu.cli.evaluate`` (``--help`` lists its flags)."""
+"""``python -m aquila_npu.evaluate``: the command lives in ``aquila_npu.cli.evaluate`` (``--help``: its flags)."""
 
 import sys
 

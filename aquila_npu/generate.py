@@ -1,4 +1,4 @@
-"""``python -m aquila_npu.generate``: the command lives in ``aquila_npu.cli.generate`` (``--help`` lists its flags)."""
+"""``python -m aquila_npu.generate``: the command lives in ``aquila_npu.cli.generate`` (``--help``: its flags)."""
 
 import sys
 

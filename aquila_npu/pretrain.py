@@ -1,4 +1,4 @@
-"""``python -m aquila_npu.pretrain``: the command lives in ``aquila_npu.cli.pretrain`` (``--help`` lists its flags)."""
+"""``python -m aquila_npu.pretrain``: the command lives in ``aquila_npu.cli.pretrain`` (``--help``: its flags)."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""``python -m aquila_npu.selfcheck``: the command lives in ``aquila_npu.cli.selfcheck`` (``--help`` lists its flags)."""
+"""``python -m aquila_npu.selfcheck``: the command lives in ``aquila_npu.cli.selfcheck`` (``--help``: its flags)."""
 
 import sys
 

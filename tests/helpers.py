@@ -44,7 +44,8 @@ def torchrun(script: str, nproc: int, args, timeout: int = 600) -> subprocess.Co
            *(script.split() if script.startswith("-m ") else [str(ROOT / script)]), *map(str, args)]
     proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
     return proc
 
 

@@ -1,5 +1,7 @@
 """tools/checkpoint/convert_ckpt.py: HF <-> Megatron at any tp/pp, bit for bit; clear errors, no partial output."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -11,7 +13,7 @@ from safetensors.torch import load_file
 
 from aquila_npu.cli.convert import main
 from aquila_npu.testing.tiny_hf import tiny_llama
-from helpers import ROOT, child_env
+from helpers import ROOT, assert_one_line_error, child_env
 
 
 def _hf_state(path):
@@ -31,7 +33,14 @@ def hf_dir(request, tmp_path_factory):
 
 
 def _convert(*args):
-    return main([*map(str, args)])
+    """The converter in this process; an input error (exit status 2) must be one line on stderr."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main([*map(str, args)])
+    sys.stderr.write(err.getvalue())  # still there for tests that read it
+    if rc == 2:
+        assert_one_line_error(err.getvalue())
+    return rc
 
 
 def _to_mg(src, dst, tp, pp, loader="llama2_hf"):

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import ALPACA_SYSTEM, AQUILA_SYSTEM, ROOT, ROWS, TEXTS, child_env
+from helpers import ALPACA_SYSTEM, AQUILA_SYSTEM, ROOT, ROWS, TEXTS, assert_one_line_error, child_env
 from helpers import train_data_tokenizer as _train_tokenizer
 
 with warnings.catch_warnings():
@@ -52,7 +52,10 @@ def env(tmp_path_factory):
 
 def _run(args, capsys=None):
     rc = main([str(a) for a in args])
-    return rc, (capsys.readouterr().err if capsys else "")
+    err = capsys.readouterr().err if capsys else ""
+    if rc == 2 and capsys:
+        assert_one_line_error(err)
+    return rc, err
 
 
 def _outputs(directory):
@@ -323,7 +326,8 @@ def test_command_line_exit_status_and_help(tmp_path):
     assert proc.returncode == 2
     assert f"preprocess_data.py: error: --tokenizer-name-or-path: {tmp_path / 'nope'} does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
-    helptext = subprocess.run([sys.executable, TOOL, "--help"], env=child_env(), capture_output=True, text=True, timeout=120).stdout
+    helptext = subprocess.run([sys.executable, TOOL, "--help"], env=child_env(), capture_output=True, text=True,
+                              timeout=120).stdout
     for flag in ("--input", "--json-keys", "--handler-name", "--prompt-type", "--conversation-key", "--tokenizer-type",
                  "--tokenizer-name-or-path", "--tokenizer-not-use-fast", "--append-eod", "--output-prefix",
                  "--workers", "--log-interval", "GeneralInstructionHandler", "_packed_labels_document", "aquila-v1"):

@@ -68,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs back to back and their throughput ratio; on a device without fused kernels, e.g. "
                         "cpu, the unfused run only, saying why)")
     g.add_argument("--fused-switches", default=",".join(SWITCHES),
-                   help="which switches the fused run turns on, comma-separated from rmsnorm (--use-fused-rmsnorm), "
-                        "flash-attn (--use-flash-attn), rotary (--use-fused-rotary-pos-emb), swiglu "
-                        "(--use-fused-swiglu); default all")
+                   help="which switches the fused run turns on, comma-separated from "
+                        + ", ".join(f"{short} ({FusedOps.SWITCHES[name][0]})" for short, name in SWITCHES.items())
+                        + "; default all")
     g.add_argument("--device-peak-tflops", type=float, default=None,
                    help=f"peak dense TFLOP/s of one device for MFU (default from the table: {peaks}; none for CPU)")
     g = p.add_argument_group("measurement and output")

@@ -143,8 +143,7 @@ class CudaBackend(TorchBackend):
     name = "cuda"
 
     def __init__(self, fused: FusedOps = FusedOps()):
-        needs_te = [flag for flag, on in (("--use-fused-rmsnorm", fused.rmsnorm), ("--use-flash-attn", fused.flash_attn),
-                                          ("--use-fused-rotary-pos-emb", fused.rotary)) if on]
+        needs_te = [FusedOps.SWITCHES[name][0] for name in ("rmsnorm", "flash_attn", "rotary") if getattr(fused, name)]
         if needs_te and not have_transformer_engine():
             raise FusedKernelUnavailable(
                 f"{', '.join(needs_te)} on cuda needs Transformer Engine (pip install transformer_engine[pytorch]); "

@@ -82,8 +82,7 @@ def validate(flags: Mapping[str, object]) -> None:
         raise UsageError("--group-query-attention needs --num-query-groups")
     if "num_query_groups" in flags and not flags.get("group_query_attention"):
         raise UsageError("--num-query-groups needs --group-query-attention")
-    for dest in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                 "max_position_embeddings", "vocab_size", "make_vocab_size_divisible_by"):
+    for dest in [f.dest for f in ARCH_FLAGS if f.type is int] + ["make_vocab_size_divisible_by"]:
         if dest in flags and int(flags[dest]) < 1:
             raise UsageError(f"--{dest.replace('_', '-')} {flags[dest]} must be >= 1")
 
