@@ -125,14 +125,14 @@ def export_peft(adapter_root: str, save_dir: str, base_model_name_or_path: Optio
 
 def read_peft(peft_dir: str):
     """(LoraConfig, tensors) of a Hugging Face PEFT LoRA adapter directory (local; never the Hub)."""
-    from peft import PeftConfig
+    from peft import PeftConfig, PeftType
     from peft.utils import load_peft_weights
 
     if not os.path.isfile(os.path.join(peft_dir, ADAPTER_CONFIG)):
         raise CheckpointError(f"{peft_dir}: no {ADAPTER_CONFIG}; not a PEFT adapter directory")
     config = PeftConfig.from_pretrained(peft_dir)
     unsupported = [what for what, bad in (
-        (f"peft_type {config.peft_type}", str(config.peft_type) != "LORA"),
+        (f"peft_type {config.peft_type}", config.peft_type != PeftType.LORA),
         ("use_dora", getattr(config, "use_dora", False)), ("use_rslora", getattr(config, "use_rslora", False)),
         (f"bias {getattr(config, 'bias', None)!r}", getattr(config, "bias", "none") != "none"),
         ("modules_to_save", bool(getattr(config, "modules_to_save", None))),

@@ -37,7 +37,7 @@ import math
 from typing import Iterator, Tuple
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora.tp_layer import LoraParallelLinear
 
@@ -108,7 +108,9 @@ def apply_lora(stage: torch.nn.Module, config, settings: LoraSettings, layout: L
                seed: int = 1234) -> torch.nn.Module:
     """Inject adapters into one pipeline stage (a megatron-core GPTModel built from ``config``), in place, before
     it is wrapped for data parallelism; freezes the base and draws the initial adapters (layout-independent)."""
+    mode = stage.training
     inject_adapter_in_model(peft_config(settings, config), stage, adapter_name=LORA_ADAPTER)
+    stage.train(mode)  # the new modules (dropout) follow the stage's train / eval mode
     init_adapters(stage, layout, pp_rank, seed)
     if config.recompute_granularity == "full" and pp_rank == 0:
         # Full recomputation runs each layer block through a reentrant checkpoint, which back-propagates only when
@@ -121,7 +123,7 @@ def apply_lora(stage: torch.nn.Module, config, settings: LoraSettings, layout: L
 def init_adapters(stage: torch.nn.Module, layout: Layout, pp_rank: int, seed: int) -> None:
     """A: whole kaiming-uniform (a = sqrt(5), fan-in the whole input) per global layer and linear, split like the
     base weight; B: zeros."""
-    tp_rank = tensor_parallel.get_tensor_model_parallel_rank() if layout.tp > 1 else 0
+    tp_rank = parallel_state.get_tensor_model_parallel_rank() if layout.tp > 1 else 0
     layers = layout.stage_layers(pp_rank)
     for name, module in lora_modules(stage):
         target, local = name.split(".")[-1], int(name.split(".")[2])
