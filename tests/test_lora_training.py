@@ -99,3 +99,18 @@ def test_resume_from_lora_load_is_exact(runs, assets, tmp_path):  # noqa: F811
     straight = runs["tp2pp2"][0]
     assert resumed == straight[2:], (straight, resumed)
     assert [s["iteration"] for s in report["saves"]] == [4]
+
+
+@pytest.mark.slow
+def test_bf16_base_fp32_adapters_distributed_optimizer_resume_exact(assets, tmp_path):  # noqa: F811
+    """dp2 with the distributed optimizer and a bf16 base: the adapters stay fp32 (so the optimizer keeps no main
+    copies: 8 bytes of Adam state per trainable parameter, over the two data-parallel ranks), resume is exact."""
+    base = ["--load", assets[1, 1], "--mock-data", "--train-iters", 3, "--bf16", "--use-distributed-optimizer",
+            "--lr-decay-style", "cosine", "--min-lr", 1e-4]
+    straight, report = _train(tmp_path, "straight", 2, *base, "--save", tmp_path / "ck", "--save-interval", 1)
+    assert report["dtypes"] == ["adapter float32", "base bfloat16"]
+    opt = report["saves"][-1]["optimizer_bytes"]
+    assert opt["main_param_copies"] == 0 and opt["total"] == 8 * report["counts"]["trainable"] // 2
+    (tmp_path / "ck" / megatron_io.TRACKER).write_text("1")
+    resumed, _ = _train(tmp_path, "resumed", 2, *base, "--lora-load", tmp_path / "ck")
+    assert resumed == straight[1:], (straight, resumed)

@@ -48,10 +48,13 @@ def load(args: argparse.Namespace, *, model, optimizer, scheduler, layout: Layou
     if adapter is None:
         return 0, 0, "base weights, new adapters"
     adapter_ckpt.check_same_model(adapter, layout, args.load)
-    iteration, consumed, what = checkpointing.load(
-        args.lora_load, model=Adapters(model), optimizer=optimizer, scheduler=scheduler, layout=layout,
-        params_dtype=adapter_ckpt.ADAPTER_DTYPE, finetune=args.finetune, no_load_optim=args.no_load_optim,
-        no_load_rng=args.no_load_rng, use_distributed_optimizer=args.use_distributed_optimizer)
+    # no_grad: megatron-core 0.16's DistributedOptimizer.load_parameter_state_from_dp_reshardable copies into main
+    # params without it, and the main params of fp32 parameters (the adapters) are views of the parameters.
+    with torch.no_grad():
+        iteration, consumed, what = checkpointing.load(
+            args.lora_load, model=Adapters(model), optimizer=optimizer, scheduler=scheduler, layout=layout,
+            params_dtype=adapter_ckpt.ADAPTER_DTYPE, finetune=args.finetune, no_load_optim=args.no_load_optim,
+            no_load_rng=args.no_load_rng, use_distributed_optimizer=args.use_distributed_optimizer)
     return iteration, consumed, f"base weights, adapter {what.replace('weights', 'tensors')} from {args.lora_load}"
 
 
