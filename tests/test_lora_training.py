@@ -1,4 +1,4 @@
-"""LoRA training (tests/lora_train_worker.py: aquila_npu.training.run with the LoRA wiring patched in, until the
+"""LoRA training (aquila_npu.testing.lora_pretrain: aquila_npu.training.run with the LoRA wiring patched in, until the
 CLI is wired): tp1 and tp2-pp2 (sequence parallel, full recomputation) give the same losses from one checkpoint on
 instruction data with --finetune; only adapter tensors change; checkpoints hold only adapter keys (and their optimizer
 state); resuming from --lora-load is exact, bit for bit."""
@@ -18,7 +18,7 @@ from aquila_npu.checkpoint.hf_io import HFReader
 from aquila_npu.lora.checkpoint import AdapterCheckpoint
 from aquila_npu.weights.mapping import LORA_TARGETS
 
-WORKER = "tests/lora_train_worker.py"
+WORKER = "-m aquila_npu.testing.lora_pretrain"
 LORA = ["--lora-target-modules", *LORA_TARGETS, "--lora-r", 4, "--lora-alpha", 8]
 TP2_PP2 = ["--tensor-model-parallel-size", 2, "--pipeline-model-parallel-size", 2, "--sequence-parallel",
            "--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", 1]
