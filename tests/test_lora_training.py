@@ -114,3 +114,36 @@ def test_bf16_base_fp32_adapters_distributed_optimizer_resume_exact(assets, tmp_
     (tmp_path / "ck" / megatron_io.TRACKER).write_text("1")
     resumed, _ = _train(tmp_path, "resumed", 2, *base, "--lora-load", tmp_path / "ck")
     assert resumed == straight[1:], (straight, resumed)
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["new", "resume"])
+@pytest.mark.parametrize("script,model", [("tune_aquila2_7b_lora_ptd.sh", "aquila2-7b"),
+                                          ("tune_aquila2_34b_lora_ptd.sh", "aquila2-34b")])
+def test_lora_example_scripts_parse_with_the_lora_flags(script, model, resume, tmp_path):
+    """The scripts' command lines parse with the pretrain parser plus the LoRA flags (as wired) and describe the
+    model; 34B LoRA runs on one node of 8 devices, tp8-pp1."""
+    import dataclasses
+
+    from conftest import ROOT, stub_torchrun_argv
+
+    from aquila_npu.lora.settings import add_arguments
+    from aquila_npu.models.registry import get_model_spec
+    from aquila_npu.training import architecture, arguments
+
+    path = ROOT / "examples" / "aquila2" / script
+    env = {"LORA_LOAD": "./ckpt/adapter", "RESUME": "1"} if resume else {}
+    launcher, module, argv = stub_torchrun_argv(path, tmp_path, **env)
+    assert module == "aquila_npu.pretrain"
+    p = arguments.parser()
+    add_arguments(p)
+    args = p.parse_args(argv)
+    arguments.validate(args)
+    assert int(launcher["--nproc_per_node"]) * int(launcher["--nnodes"]) == 8
+    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (8, 1)
+    assert args.load.endswith("-tp8-pp1/") and args.save.endswith("-lora/") and args.is_instruction_dataset
+    assert (args.lora_target_modules, args.lora_r, args.lora_alpha) == (list(LORA_TARGETS), 16, 32)
+    assert args.lora_load == ("./ckpt/adapter" if resume else None)
+    assert (args.finetune, args.no_load_optim, args.no_load_rng) == ((False,) * 3 if resume else (True,) * 3)
+    spec = get_model_spec(model)
+    got, _ = architecture.resolve(args, {"spec": dataclasses.asdict(spec), "make_vocab_size_divisible_by": 1})
+    assert got == spec
