@@ -93,7 +93,7 @@ def _hf_module(peft_name: str) -> str:
     return peft_name.split(".")[-3]  # base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight -> q_proj
 
 
-def peft_config(settings: LoraSettings, base_model_name_or_path: Optional[str] = None):
+def exported_config(settings: LoraSettings, base_model_name_or_path: Optional[str] = None):
     """peft's LoraConfig of an exported adapter: HF module names, each fused linear's rank on its HF modules."""
     from peft import LoraConfig
 
@@ -114,7 +114,7 @@ def export_peft(adapter_root: str, save_dir: str, base_model_name_or_path: Optio
     tensors = {k: v.contiguous().clone() for k, v in adapter.peft_tensors().items()}  # a fused A: one copy each
     with AtomicDir(save_dir) as tmp:
         save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        peft_config(adapter.settings, base_model_name_or_path).save_pretrained(tmp)
+        exported_config(adapter.settings, base_model_name_or_path).save_pretrained(tmp)
     return save_dir
 
 

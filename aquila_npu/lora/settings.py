@@ -105,8 +105,8 @@ def resolve(args: argparse.Namespace, saved: Optional[LoraSettings] = None) -> O
                              "settings are used) or start a new adapter.")
         dropout = saved.dropout if args.lora_dropout is None else args.lora_dropout
         return LoraSettings(saved.targets, saved.r, saved.alpha, dropout, saved.ranks)
-    return LoraSettings(targets, args.lora_r or DEFAULT_R, DEFAULT_ALPHA if args.lora_alpha is None else
-                        args.lora_alpha, args.lora_dropout or 0.0)
+    return LoraSettings(targets, DEFAULT_R if args.lora_r is None else args.lora_r,
+                        DEFAULT_ALPHA if args.lora_alpha is None else args.lora_alpha, args.lora_dropout or 0.0)
 
 
 def _norm(v):

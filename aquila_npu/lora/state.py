@@ -65,28 +65,34 @@ def load_base(stage: torch.nn.Module, state: Dict[str, Tensor]) -> None:
 class _Part:
     """What ``training.checkpointing`` calls on ``model.module``: ``state_dict()`` and ``load_state_dict()``."""
 
-    def __init__(self, model, adapters: bool):
+    adapters: bool
+
+    def __init__(self, model):
         self.module = self
-        self._stage, self._adapters = _stage(model), adapters
+        self._stage = _stage(model)
 
     def state_dict(self) -> Dict[str, Tensor]:
-        if not self._adapters:
+        if not self.adapters:
             raise RuntimeError("the base of a LoRA model is never saved")
         return adapter_state_dict(self._stage)
 
     def load_state_dict(self, state: Dict[str, Tensor], strict: bool = False) -> Incompatible:
-        if self._adapters:
+        if self.adapters:
             return load_adapters(self._stage, state)
         load_base(self._stage, state)
         return Incompatible([], [])
 
 
-def BaseWeights(model) -> _Part:  # noqa: N802 (reads as the thing it stands for)
-    return _Part(model, adapters=False)
+class BaseWeights(_Part):
+    """The frozen base of a LoRA model, loaded from a converted or full-training checkpoint."""
+
+    adapters = False
 
 
-def Adapters(model) -> _Part:  # noqa: N802
-    return _Part(model, adapters=True)
+class Adapters(_Part):
+    """The adapters of a LoRA model: all a LoRA checkpoint holds."""
+
+    adapters = True
 
 
 def parameter_counts(model) -> Dict[str, int]:
