@@ -86,11 +86,12 @@ def test_adapter_rows_split_as_the_base_weight_and_gather_exactly(tp, pp):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_merge_equals_peft_merge_and_unload(base, tmp_path, case):
-    """Imported into the tp2-pp2 layout, merged per TP shard, gathered to HF weights and to a tp1-pp1 Megatron
-    checkpoint: every tensor equals peft's merge_and_unload()."""
+    """Imported (into the base's tp2-pp2 layout; "separate-all": into tp1-pp1, re-split for the base), merged per TP
+    shard, gathered to HF weights and to a tp1-pp1 Megatron checkpoint: every tensor equals peft's merge_and_unload()."""
     model, peft_dir = _peft_dir(tmp_path, case)
     ours = str(tmp_path / "adapter")
-    convert.import_peft(peft_dir, ours, base["layout"])
+    layout = Layout(TINY, 1, 1) if case == "separate-all" else base["layout"]
+    convert.import_peft(peft_dir, ours, layout)
     to_huggingface(convert.LoraMergedReader(base["mg"], ours), str(tmp_path / "merged-hf"))
     to_megatron(convert.LoraMergedReader(base["mg"], ours), str(tmp_path / "merged-mg"), 1, 1)
     want = model.merge_and_unload().state_dict()
