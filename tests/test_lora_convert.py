@@ -200,3 +200,13 @@ def test_settings_follow_flags_and_the_saved_adapter():
         resolve(_flags(lora_r=8))
     with pytest.raises(UsageError, match="choose one or more"):
         LoraSettings(("linear_qkv", "lm_head"))
+
+
+def test_training_settings_need_a_base_and_an_existing_adapter(tmp_path):
+    from aquila_npu.lora import training
+
+    with pytest.raises(UsageError, match="LoRA needs --load"):
+        training.settings(_flags(lora_target_modules=["linear_qkv"], load=None))
+    with pytest.raises(CheckpointError, match="--lora-load .*: no adapter checkpoint there"):
+        training.settings(_flags(lora_target_modules=["linear_qkv"], load="base", lora_load=str(tmp_path)))
+    assert training.settings(_flags(load="base")) is None

@@ -88,8 +88,6 @@ def resolve(args: argparse.Namespace, saved: Optional[LoraSettings] = None) -> O
     Flags that are given must agree with a saved adapter; flags not given take its values (then the defaults)."""
     targets = tuple(args.lora_target_modules or ())
     if not targets and saved is None:
-        if args.lora_load:
-            raise UsageError(f"--lora-load {args.lora_load}: no adapter checkpoint there")
         for flag in ("lora_r", "lora_alpha", "lora_dropout"):
             if getattr(args, flag) is not None:
                 raise UsageError(f"--{flag.replace('_', '-')} needs --lora-target-modules")

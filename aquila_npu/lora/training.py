@@ -18,7 +18,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from aquila_npu.errors import UsageError
+from aquila_npu.checkpoint import megatron_io
+from aquila_npu.errors import CheckpointError, UsageError
 from aquila_npu.lora import checkpoint as adapter_ckpt
 from aquila_npu.lora import settings as lora_settings
 from aquila_npu.lora.settings import LoraSettings
@@ -29,7 +30,10 @@ from aquila_npu.weights.mapping import Layout
 
 def settings(args: argparse.Namespace) -> Optional[LoraSettings]:
     """The run's LoRA settings (flags checked against the --lora-load adapter), None when LoRA is off."""
-    saved = adapter_ckpt.find(getattr(args, "lora_load", None))
+    saved = adapter_ckpt.find(args.lora_load)
+    if args.lora_load and saved is None:
+        raise CheckpointError(f"--lora-load {args.lora_load}: no adapter checkpoint there (no "
+                              f"{megatron_io.TRACKER})")
     s = lora_settings.resolve(args, saved.settings if saved else None)
     if s is not None and not args.load:
         raise UsageError("LoRA needs --load: the base model the adapters are trained on")
