@@ -68,7 +68,8 @@ def main():
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="OMP threads per process")
-    p.add_argument("--out", default=None, help="write the result as JSON here")
+    p.add_argument("--out", default=None, help="write the result as JSON here (benchmarks/results/lora-vs-full-*.json; "
+                                               "cpu-*.json there are aquila_npu.benchmark results)")
     a = p.parse_args()
 
     from aquila_npu.checkpoint.convert import to_megatron
