@@ -206,3 +206,39 @@ def test_training_settings_need_a_base_and_an_existing_adapter(tmp_path):
     with pytest.raises(CheckpointError, match="--lora-load .*: no adapter checkpoint there"):
         training.settings(_flags(lora_target_modules=["linear_qkv"], load="base", lora_load=str(tmp_path)))
     assert training.settings(_flags(load="base")) is None
+
+
+def test_the_converter_command_imports_merges_and_exports(base, tmp_path, capsys):
+    """The three LoRA conversions through tools/checkpoint/convert_ckpt.py's own flags (MindSpeed-LLM's): a PEFT
+    adapter in (--loader peft --base-dir), merged into the base on the way to Hugging Face (--lora-load), out again
+    as a PEFT adapter (--save-lora-to-hf); bad combinations are one-line errors."""
+    from aquila_npu.cli.convert import main
+
+    from helpers import call_main
+
+    model, peft_dir = _peft_dir(tmp_path, "fused-all")
+    adapter, merged, exported = (str(tmp_path / n) for n in ("adapter", "merged", "export"))
+    common = ["--model-type", "GPT", "--saver", "megatron"]
+    assert main([*common, "--loader", "peft", "--load-dir", peft_dir, "--base-dir", base["mg"],
+                 "--save-dir", adapter]) == 0
+    assert AdapterCheckpoint(adapter).layout == base["layout"]  # the base's tp2-pp2 by default
+    assert main([*common, "--loader", "megatron", "--save-model-type", "save_huggingface_llama", "--load-dir",
+                 base["mg"], "--lora-load", adapter, "--save-dir", merged]) == 0
+    got = load_file(os.path.join(merged, "mg2hg", "model.safetensors"))
+    want = model.merge_and_unload().state_dict()
+    assert all(torch.equal(got[n], want[n]) for n in hf_names(TINY))
+    assert main([*common, "--loader", "megatron", "--load-dir", base["mg"], "--lora-load", adapter,
+                 "--save-lora-to-hf", "--save-dir", exported]) == 0
+    assert sorted(os.listdir(exported)) == ["adapter_config.json", "adapter_model.safetensors"]
+    exported_tensors = load_file(os.path.join(exported, "adapter_model.safetensors"))
+    original = load_file(os.path.join(peft_dir, "adapter_model.safetensors"))
+    assert sorted(exported_tensors) == sorted(original)
+    assert all(torch.equal(exported_tensors[k], original[k]) for k in original)
+    for args, needle in ((["--loader", "peft", "--load-dir", peft_dir, "--save-dir", tmp_path / "x"], "--base-dir"),
+                         (["--loader", "hf", "--load-dir", base["hf"], "--lora-load", adapter, "--save-dir",
+                           tmp_path / "y"], "--loader megatron"),
+                         (["--loader", "megatron", "--load-dir", base["mg"], "--lora-load", adapter, "--lora-r", 8,
+                           "--save-dir", tmp_path / "z"], "--lora-r 8 (the adapter: 4)")):
+        rc, err = call_main(main, [*common, *args], capsys)
+        assert rc == 2 and needle in err, err
+    assert not any(os.path.exists(tmp_path / n) for n in "xyz")
