@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Tuple
 
 from aquila_npu.errors import DataError
 from aquila_npu.evaluation.exams import ExamTask
-from aquila_npu.evaluation.subjects import CMMLU, cmmlu_categories
+from aquila_npu.evaluation import subjects
 from aquila_npu.evaluation.tasks import register
 
 PATTERNS_FILE = os.path.join(os.path.dirname(__file__), "prompts", "modellink_cmmlu_answer_patterns.json")
@@ -57,10 +57,10 @@ class CMMLU(ExamTask):
     lm_eval_answer_cue = "答案："
 
     def _zh(self, subject: str) -> str:
-        if subject not in CMMLU:
+        if subject not in subjects.CMMLU:
             raise DataError(f"CMMLU subject {subject!r} (from its file name) is not one of CMMLU's 67 subjects: the "
                             "prompts name the subject in Chinese")
-        return CMMLU[subject][0]
+        return subjects.CMMLU[subject][0]
 
     def lm_eval_description(self, subject: str) -> str:
         return f"以下是关于{self._zh(subject)}的单项选择题，请直接给出正确答案的选项。\n\n"
@@ -79,4 +79,4 @@ class CMMLU(ExamTask):
         return self._zh(subject) if "zh" in self.options.eval_language else subject
 
     def categories(self, subject: str) -> Tuple[str, ...]:
-        return cmmlu_categories(subject)
+        return subjects.cmmlu_categories(subject)
