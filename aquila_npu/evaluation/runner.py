@@ -114,16 +114,15 @@ class ModelRunner:
         order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
         out: List[Optional[Completion]] = [None] * len(inputs)
         stops = [s for s in stop if s]
+
+        def stop_fn(_row, ids):
+            text = self.decode(ids)
+            return any(s in text for s in stops)
+
         bar = _progress(len(inputs), desc, unit="ex") if self.progress else None
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start:start + self.batch_size]
-            stop_fn = None
-            if stops:
-                def stop_fn(_i, ids):
-                    text = self.decode(ids)
-                    return any(s in text for s in stops)
+        for rows in self._batches(order, [len(x) for x in inputs], max_new_tokens):
             gens = self.generator.generate([inputs[i] for i in rows], max_new_tokens, sampling=sampling,
-                                           eos_id=self.eos_id, pad_id=self.scorer.pad_id, stop=stop_fn)
+                                           eos_id=self.eos_id, pad_id=self.scorer.pad_id, stop=stop_fn if stops else None)
             for i, g in zip(rows, gens):
                 out[i] = Completion(cut_at_stop_strings(self.decode(g.token_ids), stops), list(g.token_ids),
                                     g.finish_reason, truncated[i])
@@ -132,4 +131,18 @@ class ModelRunner:
         if bar is not None:
             bar.close()
         return out  # type: ignore[return-value]
+
+    def _batches(self, order: List[int], lengths: List[int], max_new_tokens: int) -> List[List[int]]:
+        """Rows (longest first) in batches of at most ``batch_size``. The static KV-cache loop feeds the tokens by
+        which a batch's prompts differ in length one step at a time, so a batch also ends where the next prompt is
+        shorter than its first by more than max(max_new_tokens, 32) tokens: the extra steps stay below the steps
+        generation takes anyway."""
+        slack = max(max_new_tokens, 32)
+        batches: List[List[int]] = []
+        for i in order:
+            if batches and len(batches[-1]) < self.batch_size and lengths[batches[-1][0]] - lengths[i] <= slack:
+                batches[-1].append(i)
+            else:
+                batches.append([i])
+        return batches
 
