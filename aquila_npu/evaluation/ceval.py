@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
 
-from aquila_npu.errors import DataError
 from aquila_npu.evaluation.exams import ExamTask, first_capital
 from aquila_npu.evaluation.subjects import CEVAL, ceval_categories
 from aquila_npu.evaluation.tasks import register
@@ -27,10 +26,9 @@ class CEval(ExamTask):
     description = "C-Eval, 52 Chinese exam subjects of four-choice questions (accuracy)"
     lm_eval_answer_cue = "答案："
 
+    known_subjects = CEVAL
+
     def lm_eval_description(self, subject: str) -> str:
-        if subject not in CEVAL:
-            raise DataError(f"C-Eval subject {subject!r} (from its file name) is not one of C-Eval's 52 subjects: "
-                            "lm-eval's prompt names the subject in Chinese")
         return f"以下是中国关于{CEVAL[subject][0]}的单项选择题，请选出其中的正确答案。\n\n"
 
     def modellink_fewshot(self, subject: str, dev: Sequence[dict]) -> str:

@@ -58,6 +58,7 @@ class ExamTask(Task):
     dev_name: str = "{subject}_dev.csv"
     modellink_max_new_tokens = 2  # MindSpeed-LLM's recommended --max-new-tokens for this benchmark
     lm_eval_answer_cue: str = "Answer:"  # the end of lm-eval's doc_to_text
+    known_subjects: Optional[Dict] = None  # the benchmark's subjects, when its prompts need a subject's table entry
 
     # ---------------------------------------------------------------- per benchmark
     def lm_eval_description(self, subject: str) -> str:
@@ -114,6 +115,9 @@ class ExamTask(Task):
         docs: List[dict] = []
         for file in data.list_files(path, (".csv",)):
             subject = subject_of(file)
+            if self.known_subjects is not None and subject not in self.known_subjects:
+                raise DataError(f"{file}: {self.name} subject {subject!r} (from the file name) is not one of its "
+                                f"{len(self.known_subjects)} subjects ({', '.join(sorted(self.known_subjects))})")
             rows = self._read(file, pandas_defaults=self._modellink())[:self.options.max_eval_samples]  # per file
             if self._modellink() and self.options.prompt_type:
                 shared = {"support": self._chat_support(self._dev_rows(path, subject, 1, "--prompt-type", True))}

@@ -100,6 +100,7 @@ def run_program(source: str, limits: Limits = Limits(), mode: str = "completes")
         _kill(status.get("pid"))
         _kill(proc.pid, group=True)
         proc.wait()
+        _wait_gone(status.get("pid"))
         seconds = time.perf_counter() - t0
         output = _tail(out_path, limits.output_bytes)
         if timed_out:
@@ -118,6 +119,19 @@ def run_program(source: str, limits: Limits = Limits(), mode: str = "completes")
                     pass
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(private, ignore_errors=True)
+
+
+def _wait_gone(pid: Optional[int], seconds: float = 10.0) -> None:
+    """Wait until the killed program process has exited (a large one takes a moment to free its memory)."""
+    deadline = time.monotonic() + seconds
+    while pid is not None and time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return
+        time.sleep(0.01)
 
 
 def _read_status(fd: int) -> dict:
