@@ -270,3 +270,26 @@ def test_humaneval_defaults_to_the_packaged_problems():
     assert ml.load(None, limit=1)[0]["prompt"] == "Complete:\n" + docs[0]["task"]["prompt"]
     with pytest.raises(UsageError, match="--instruction-template"):
         get_task("human_eval", EvalOptions(scoring="modellink", instruction_template="{x}")).load(None)
+
+
+@pytest.mark.parametrize("script", ["evaluate_aquila2_7b_ptd.sh", "evaluate_aquila2_34b_ptd.sh"])
+def test_example_scripts_take_every_task(script, tmp_path):
+    """TASK= picks the task, ModelLink's scoring and the task's data folder in ModelLink's layout; MAX_NEW_TOKENS
+    unset leaves each task its own default (ModelLink's script passes 1, meant for BoolQ's first token)."""
+    from conftest import ROOT, stub_torchrun_argv
+
+    expected = {"boolq": "./boolq/test", "mmlu": "./mmlu/test", "ceval": "./ceval/val", "cmmlu": "./cmmlu/test",
+                "gsm8k": "./gsm8k", "bbh": "./bbh", "agieval": "./agieval", "human_eval": None}
+    assert sorted(expected) == sorted(load_tasks())
+    for task, data_path in expected.items():
+        _, module, argv = stub_torchrun_argv(ROOT / "examples" / "aquila2" / script, tmp_path, TASK=task)
+        flags = dict(zip(argv, argv[1:]))
+        assert module == "aquila_npu.evaluate" and flags["--task"] == task
+        assert flags["--scoring"] == ("first-token" if task == "boolq" else "modellink")
+        assert flags.get("--task-data-path") == data_path
+        assert flags.get("--max-new-tokens") == ("1" if task == "boolq" else None)
+    _, _, argv = stub_torchrun_argv(ROOT / "examples" / "aquila2" / script, tmp_path, TASK="mmlu,gsm8k",
+                                    EVAL_DATA_PATH="./mmlu/test,./gsm8k", SCORING="lm-eval", MAX_NEW_TOKENS="64")
+    flags = dict(zip(argv, argv[1:]))
+    assert (flags["--task"], flags["--task-data-path"], flags["--scoring"], flags["--max-new-tokens"]) == \
+        ("mmlu,gsm8k", "./mmlu/test,./gsm8k", "lm-eval", "64")
