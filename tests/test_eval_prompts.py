@@ -182,7 +182,8 @@ def test_modellink_answer_rules():
              "Answer: C": "C"}
     assert {t: first_option(t) for t in cmmlu} == cmmlu
     gsm = {"There are 6 eggs. The answer is 24.\n\nQ: next": "24", "The answer is $1,200.": "1200",
-           "The answer is 5 apples": "5", "no answer": None, "Q: The answer is 3.": None, "The answer is 2.5.": "2"}  # "." became " "
+           "The answer is 5 apples": "5", "no answer": None, "Q: The answer is 3.": None,
+           "The answer is 2.5.": "2"}  # "." became " "
     assert {t: modellink_gsm8k_answer(t) for t in gsm} == gsm
     bbh = {("(A) 02/05/1973", "date_understanding"): "A", (" False\n\nQ: x", "boolean_expressions"): "False",
            ("It is true.", "boolean_expressions"): "true", ("", "date_understanding"): "",

@@ -155,8 +155,8 @@ class AGIEval(Task):
         records: List[Optional[dict]] = [None] * len(docs)
         if scoring == "modellink":
             outs = modellink_generate(runner, [d["prompt"] for d in docs],
-                                      self.options.max_new_tokens or MODELLINK_MAX_NEW_TOKENS,
-                                      self.options.no_chat_template, desc=self.name)
+                                      self.options.max_new_tokens or MODELLINK_MAX_NEW_TOKENS, self.options,
+                                      desc=self.name)
             for i, (d, out) in enumerate(zip(docs, outs)):
                 text = out.text.lstrip()
                 pred = text.splitlines()[0].replace("$", "").replace("(", "").replace(")", "") if text else None

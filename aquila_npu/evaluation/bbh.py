@@ -18,14 +18,13 @@ import json
 import os
 import re
 from functools import lru_cache
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 from aquila_npu.errors import DataError, UsageError
 from aquila_npu.evaluation import data
 from aquila_npu.evaluation.exams import subject_of
-from aquila_npu.evaluation.protocols import exact_match, lm_eval_generate, modellink_generate
-from aquila_npu.evaluation.runner import ModelRunner
-from aquila_npu.evaluation.tasks import Task, register
+from aquila_npu.evaluation.protocols import GenerationTask, exact_match
+from aquila_npu.evaluation.tasks import register
 
 PROMPTS = os.path.join(os.path.dirname(__file__), "prompts")
 LM_EVAL_UNTIL = ("</s>", "Q", "\n\n")
@@ -56,14 +55,20 @@ def modellink_bbh_answer(text: str, subtask: str) -> str:
 
 
 @register
-class BBH(Task):
+class BBH(GenerationTask):
     name = "bbh"
     description = "BIG-Bench Hard, 27 subtasks, 3-shot generation (exact match)"
+    lm_eval_until = LM_EVAL_UNTIL
+    lm_eval_max_gen_toks = LM_EVAL_MAX_GEN_TOKS
+    modellink_max_new_tokens = MODELLINK_MAX_NEW_TOKENS
 
     def load(self, path: Optional[str], limit: Optional[int] = None) -> List[dict]:
         if path is None:
             raise UsageError("--task-data-path: bbh needs its folder of subtask .json files")
         modellink = self.scoring == "modellink"
+        if self.options.prompt_type:
+            raise UsageError("--prompt-type: not available for bbh (ModelLink's chat variant of BBH re-scores "
+                             "answers by loss; use the default prompts)")
         shots = _prompts("modellink_bbh_3shot.json" if modellink else "lm_eval_bbh_fewshot.json")
         k = 3 if self.options.num_fewshot is None else self.options.num_fewshot
         if not modellink and not 0 <= k <= 3:
@@ -92,31 +97,13 @@ class BBH(Task):
                     return docs
         return docs
 
-    def score(self, docs: Sequence[dict], runner, scoring: Optional[str] = None) -> List[dict]:
-        scoring = self.checked_scoring(scoring)
-        runner = ModelRunner.of(runner)
-        prompts = [d["prompt"] for d in docs]
-        records = []
+    def judge(self, doc: dict, text: str, scoring: str):
         if scoring == "lm-eval":
-            outs = lm_eval_generate(runner, prompts, LM_EVAL_UNTIL,
-                                    self.options.max_new_tokens or LM_EVAL_MAX_GEN_TOKS, desc=self.name)
-            for d, out in zip(docs, outs):
-                m = exact_match(out.text, d["target"])
-                records.append(self._record(d, out, out.text, {"exact_match": m}, m))
-        else:
-            outs = modellink_generate(runner, prompts, self.options.max_new_tokens or MODELLINK_MAX_NEW_TOKENS,
-                                      self.options.no_chat_template, desc=self.name)
-            for d, out in zip(docs, outs):
-                pred = modellink_bbh_answer(out.text, d["subject"])
-                ok = bool(pred) and pred.lower() == d["target"].lstrip("(").rstrip(")").lower()
-                records.append(self._record(d, out, pred, {"acc": float(ok)}, ok))
-        return records
-
-    @staticmethod
-    def _record(d: dict, out, prediction, metrics: dict, correct) -> dict:
-        return {"file": d["file"], "line": d["line"], "subject": d["subject"], "prompt": d["prompt"],
-                "target": d["target"], "generation": out.text, "prediction": prediction, "correct": bool(correct),
-                "metrics": metrics, "truncated": out.truncated}
+            m = exact_match(text, doc["target"])
+            return text, {"exact_match": m}, m
+        pred = modellink_bbh_answer(text, doc["subject"])
+        ok = bool(pred) and pred.lower() == doc["target"].lstrip("(").rstrip(")").lower()
+        return pred, {"acc": float(ok)}, ok
 
     def metric_names(self, scoring: str) -> Tuple[str, ...]:
         return ("exact_match",) if scoring == "lm-eval" else ("acc",)

@@ -4,17 +4,18 @@ Rows: ``question``, ``passage``, ``answer`` (bool), ``title`` (optional) as in t
 (SuperGLUE's ``label`` 0/1 is accepted instead of ``answer``). Both scorings use the prompt
 ``{passage}\\nQuestion: {question}?\\nAnswer:``:
 
-* ``loglikelihood``, also called ``lm-eval`` (lm-evaluation-harness's ``boolq``): the more likely continuation of " no" / " yes" (a tie
-  gives "no", the first choice, as lm-eval's argmax does);
-* ``first-token``, also called ``modellink`` (ModelLink's ``boolq_eval.py``, behind the published Aquila2 figures 77.8% / 88.0%): the
-  next-token log-probabilities of ``encode("Yes")[-1]`` and ``encode("No")[-1]``; Yes >= No means true.
+* ``loglikelihood``, also called ``lm-eval`` (lm-evaluation-harness's ``boolq``): the more likely continuation of
+  " no" / " yes" (a tie gives "no", the first choice, as lm-eval's argmax does);
+* ``first-token``, also called ``modellink`` (ModelLink's ``boolq_eval.py``, behind the published Aquila2 figures
+  77.8% / 88.0%): the next-token log-probabilities of ``encode("Yes")[-1]`` and ``encode("No")[-1]``; Yes >= No means
+  true.
 """
 
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
-from aquila_npu.errors import DataError
+from aquila_npu.errors import DataError, UsageError
 from aquila_npu.evaluation.data import first_per_file, read_jsonl
 from aquila_npu.evaluation.runner import ModelRunner
 from aquila_npu.evaluation.tasks import Task, register
@@ -64,6 +65,8 @@ class BoolQ(Task):
     def load(self, path: Optional[str], limit: Optional[int] = None) -> List[dict]:
         if path is None:
             raise DataError("--task-data-path: boolq needs its dev.jsonl (or folder)")
+        if self.options.prompt_type:
+            raise UsageError("--prompt-type: not available for boolq (its prompt is scored as it is)")
         docs = [parse_row(row) for row in first_per_file(list(read_jsonl(path)), self.options.max_eval_samples)]
         if not docs:
             raise DataError(f"--task-data-path {path}: no rows")

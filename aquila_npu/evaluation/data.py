@@ -12,7 +12,6 @@ CSV files are read with pandas, the library ModelLink reads them with, in one of
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from dataclasses import dataclass
@@ -58,31 +57,13 @@ def read_jsonl(path: str, suffixes: Sequence[str] = (".jsonl", ".json"),
     """Every JSON object of every data file (JSON lines, gzipped JSON lines, or a ``.json`` array), with where it
     stands."""
     for file in list_files(path, suffixes, exclude_prefixes=exclude_prefixes):
-        if file.endswith(".gz"):
-            yield from _read_gzip_jsonl(file)
-            continue
-        for where, obj in iter_json_objects(file):
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            yield Row(file, int(where.rsplit(" ", 1)[1]), where, obj)
-
-
-def _read_gzip_jsonl(file: str) -> Iterator[Row]:
-    try:
-        with gzip.open(file, "rt", encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError, EOFError) as e:
-        raise DataError(f"{file}: cannot read as gzipped JSON lines ({e})") from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{file} line {i}: invalid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{file} line {i}: expected a JSON object, got {type(obj).__name__}")
-        yield Row(file, i, f"{file} line {i}", obj)
+            for where, obj in iter_json_objects(file):
+                if not isinstance(obj, dict):
+                    raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+                yield Row(file, int(where.rsplit(" ", 1)[1]), where, obj)
+        except (EOFError, OSError) as e:  # a damaged gzip file
+            raise DataError(f"{file}: cannot read ({e})") from None
 
 
 def read_json(file: str) -> object:

@@ -160,14 +160,9 @@ class ExamTask(Task):
         return [dev[i] for i in picked]
 
     def _chat_prompt(self, doc: dict) -> str:
-        from aquila_npu.inference.chat import CHAT_TEMPLATES
         from aquila_npu.data.templates import TEMPLATES
 
-        name, lang = self.options.prompt_type, self.options.eval_language
-        if name not in TEMPLATES:
-            raise UsageError(f"--prompt-type {name}: not a chat template; choose one of {', '.join(CHAT_TEMPLATES)}")
-        if lang not in CHAT_SYSTEM:
-            raise UsageError(f"--eval-language {lang}: choose en or zh")
+        name, lang = self.options.prompt_type, self.options.eval_language  # checked by tasks.check_options
 
         def user(r):
             return r["question"] + "".join(f"\n{x}. {c}" for x, c in zip(LETTERS, r["choices"])) + CHAT_ANSWER[lang]
@@ -199,7 +194,8 @@ class ExamTask(Task):
                 records.append(self._record(d, p, LETTERS[argmax(ll)], m, loglikelihoods=ll))
         else:
             n = self.options.max_new_tokens or self.modellink_max_new_tokens
-            outs = modellink_generate(runner, prompts, n, self.options.no_chat_template, desc=self.name)
+            outs = modellink_generate(runner, prompts, n, self.options, rendered=bool(self.options.prompt_type),
+                                      desc=self.name)
             for d, p, out in zip(docs, prompts, outs):
                 pred = self.modellink_answer(out.text, chat=bool(self.options.prompt_type))
                 ok = self.modellink_correct(pred, d["answer"])

@@ -22,13 +22,12 @@ import json
 import os
 import random
 import re
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 from aquila_npu.errors import DataError, UsageError
 from aquila_npu.evaluation import data
-from aquila_npu.evaluation.protocols import exact_match, lm_eval_generate, modellink_generate, regex_filter
-from aquila_npu.evaluation.runner import ModelRunner
-from aquila_npu.evaluation.tasks import Task, register
+from aquila_npu.evaluation.protocols import GenerationTask, exact_match, regex_filter
+from aquila_npu.evaluation.tasks import register
 
 PROMPTS = os.path.join(os.path.dirname(__file__), "prompts")
 LM_EVAL_UNTIL = ("Question:", "</s>", "<|im_end|>")
@@ -74,9 +73,12 @@ def find_train(path: str) -> Tuple[Optional[str], List[str]]:
 
 
 @register
-class GSM8K(Task):
+class GSM8K(GenerationTask):
     name = "gsm8k"
     description = "GSM8K grade-school math, generation (exact match)"
+    lm_eval_until = LM_EVAL_UNTIL
+    lm_eval_max_gen_toks = LM_EVAL_MAX_GEN_TOKS
+    modellink_max_new_tokens = MODELLINK_MAX_NEW_TOKENS
 
     def load(self, path: Optional[str], limit: Optional[int] = None) -> List[dict]:
         if path is None:
@@ -84,7 +86,7 @@ class GSM8K(Task):
         rows = _rows(path, exclude_train=True)
         rows = data.first_per_file(rows, self.options.max_eval_samples)[:limit]
         docs = [{"file": r.file, "line": r.line, "subject": "gsm8k", "question": r.data["question"],
-                 "answer": r.data["answer"]} for r in rows]
+                 "target": r.data["answer"]} for r in rows]
         if self.scoring == "modellink":
             fewshot = modellink_fewshot()
             for d in docs:
@@ -110,33 +112,15 @@ class GSM8K(Task):
                 f"Question: {d['question']}\nAnswer:"
         return docs
 
-    def score(self, docs: Sequence[dict], runner, scoring: Optional[str] = None) -> List[dict]:
-        scoring = self.checked_scoring(scoring)
-        runner = ModelRunner.of(runner)
-        prompts = [d["prompt"] for d in docs]
-        records = []
+    def judge(self, doc: dict, text: str, scoring: str):
         if scoring == "lm-eval":
-            outs = lm_eval_generate(runner, prompts, LM_EVAL_UNTIL,
-                                    self.options.max_new_tokens or LM_EVAL_MAX_GEN_TOKS, desc=self.name)
-            for d, out in zip(docs, outs):
-                filtered = {name: regex_filter(out.text, pattern, group) for name, (pattern, group) in FILTERS.items()}
-                metrics = {f"exact_match,{name}": exact_match(v, d["answer"], EXACT_MATCH_IGNORE, ignore_case=True)
-                           for name, v in filtered.items()}
-                records.append(self._record(d, out, filtered, metrics, metrics["exact_match,strict-match"]))
-        else:
-            outs = modellink_generate(runner, prompts, self.options.max_new_tokens or MODELLINK_MAX_NEW_TOKENS,
-                                      self.options.no_chat_template, desc=self.name)
-            for d, out in zip(docs, outs):
-                pred = modellink_gsm8k_answer(out.text)
-                gold = d["answer"].split("#### ")[-1]
-                records.append(self._record(d, out, pred, {"acc": float(pred == gold)}, pred == gold))
-        return records
-
-    @staticmethod
-    def _record(d: dict, out, prediction, metrics: dict, correct) -> dict:
-        return {"file": d["file"], "line": d["line"], "subject": "gsm8k", "prompt": d["prompt"],
-                "target": d["answer"], "generation": out.text, "prediction": prediction, "correct": bool(correct),
-                "metrics": metrics, "truncated": out.truncated}
+            filtered = {name: regex_filter(text, pattern, group) for name, (pattern, group) in FILTERS.items()}
+            metrics = {f"exact_match,{name}": exact_match(v, doc["target"], EXACT_MATCH_IGNORE, ignore_case=True)
+                       for name, v in filtered.items()}
+            return filtered, metrics, metrics["exact_match,strict-match"]
+        pred = modellink_gsm8k_answer(text)
+        ok = pred == doc["target"].split("#### ")[-1]
+        return pred, {"acc": float(ok)}, ok
 
     def metric_names(self, scoring: str) -> Tuple[str, ...]:
         if scoring == "lm-eval":

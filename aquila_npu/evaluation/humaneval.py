@@ -131,7 +131,8 @@ class HumanEval(Task):
         """Completions per document: one greedy, or ``--num-samples`` sampled ones."""
         n = self.options.num_samples
         if modellink:
-            ids = [modellink_prompt_ids(runner.tokenizer, d["prompt"], self.options.no_chat_template) for d in docs]
+            ids = [modellink_prompt_ids(runner.tokenizer, d["prompt"], self.options.no_chat_template,
+                                        self.options.prompt_type) for d in docs]
             max_new, stop = self.options.max_new_tokens or MODELLINK_MAX_NEW_TOKENS, ()
         else:
             ids = [lm_eval_context_ids(runner, d["prompt"]) for d in docs]

@@ -44,7 +44,8 @@ class MMLU(ExamTask):
 
     def modellink_fewshot(self, subject: str, dev: Sequence[dict]) -> str:
         shots = "\n".join(f"{self.question_block(r)}\nAnswer: {r['answer']}" for r in dev[:5])
-        return f"The following are multiple choice questions (with answers) about  {subject.replace('_', ' ')}.\n{shots}"
+        header = f"The following are multiple choice questions (with answers) about  {subject.replace('_', ' ')}.\n"
+        return header + shots
 
     def modellink_prompt(self, fewshot: str, row: dict) -> str:
         return f"{fewshot}\n\n{self.question_block(row)}\nAnswer:"

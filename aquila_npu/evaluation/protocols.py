@@ -11,19 +11,21 @@ lm-eval (0.4.13):
   tokens) and left-truncated to ``max_length - max_gen_toks``; stop strings ``until`` plus the EOS text; the text cut
   at them (``runner.cut_at_stop_strings``).
 
-ModelLink (MindSpeed-LLM ``evaluation.py``, ``LLMChat.chat``): the prompt is ``tokenizer.encode(prompt)`` (or, when
-the tokenizer has a chat template and ``--no-chat-template`` is not given, ``tokenizer.apply_chat_template`` of one
-user message, as ModelLink does), greedy decoding of ``--max-new-tokens`` tokens stopped only by the EOS, the new
-tokens decoded with special tokens skipped.
+ModelLink (MindSpeed-LLM ``evaluation.py``, ``LLMChat.chat``): the prompt is ``tokenizer.encode(prompt)`` (with
+``--prompt-type`` the prompt as one user turn of that chat template; or, when the tokenizer has a chat template and
+``--no-chat-template`` is not given, ``tokenizer.apply_chat_template`` of one user message), greedy decoding of
+``--max-new-tokens`` tokens stopped only by the EOS, the new tokens decoded with special tokens skipped.
 """
 
 from __future__ import annotations
 
 import re
 import string
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
+from aquila_npu.errors import UsageError
 from aquila_npu.evaluation.runner import Completion, ModelRunner
+from aquila_npu.evaluation.tasks import Task
 from aquila_npu.inference.sampling import SamplingParams
 
 INVALID = "[invalid]"  # lm-eval's RegexFilter fallback
@@ -83,17 +85,31 @@ def lm_eval_context_ids(runner: ModelRunner, context: str) -> List[int]:
     return tok(context)["input_ids"]
 
 
-def modellink_prompt_ids(tokenizer, prompt: str, no_chat_template: bool = False) -> List[int]:
-    """The tokens ModelLink's ``LLMChat.chat`` generates from."""
+def modellink_prompt_ids(tokenizer, prompt: str, no_chat_template: bool = False, prompt_type: Optional[str] = None,
+                         rendered: bool = False) -> List[int]:
+    """The tokens ModelLink's ``LLMChat.chat`` generates from: with ``--prompt-type`` the prompt as one user turn of
+    that chat template (``rendered``: the prompt is already a rendered conversation); else the tokenizer's own chat
+    template when it has one and ``--no-chat-template`` is not given; else the prompt itself."""
+    if rendered:
+        return tokenizer.encode(prompt)
+    if prompt_type:
+        from aquila_npu.inference.chat import chat_prompt
+
+        try:
+            return tokenizer.encode(chat_prompt(prompt_type, prompt))
+        except ValueError as e:
+            raise UsageError(f"--prompt-type {prompt_type}: {e}") from None
     if getattr(tokenizer, "chat_template", None) and not no_chat_template:
         return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
     return tokenizer.encode(prompt)
 
 
-def modellink_generate(runner: ModelRunner, prompts: Sequence[str], max_new_tokens: int,
-                       no_chat_template: bool = False, sampling: SamplingParams = SamplingParams(),
+def modellink_generate(runner: ModelRunner, prompts: Sequence[str], max_new_tokens: int, options,
+                       rendered: bool = False, sampling: SamplingParams = SamplingParams(),
                        desc: str = "generating") -> List[Completion]:
-    ids = [modellink_prompt_ids(runner.tokenizer, p, no_chat_template) for p in prompts]
+    """ModelLink's greedy generation of ``max_new_tokens`` for each prompt (``options``: the task's EvalOptions)."""
+    ids = [modellink_prompt_ids(runner.tokenizer, p, options.no_chat_template, options.prompt_type, rendered)
+           for p in prompts]
     return runner.generate(ids, max_new_tokens, sampling=sampling, desc=desc)
 
 
@@ -121,3 +137,34 @@ def exact_match(prediction: str, reference: str, regexes_to_ignore: Sequence[str
         table = str.maketrans("", "", string.punctuation)
         prediction, reference = prediction.translate(table), reference.translate(table)
     return float(prediction == reference)
+
+
+class GenerationTask(Task):
+    """A task answered by generation under both scorings: each document has a ``prompt`` (built by ``load`` for the
+    task's scoring) and a ``target``; ``judge`` reads the answer from the generated text."""
+
+    lm_eval_until: Tuple[str, ...] = ()
+    lm_eval_max_gen_toks = 256  # lm-eval's default max_gen_toks
+    modellink_max_new_tokens = 128  # ModelLink's default --max-new-tokens
+
+    def judge(self, doc: dict, text: str, scoring: str) -> Tuple[object, Dict[str, float], bool]:
+        """(prediction, metrics, correct) of one generated text."""
+        raise NotImplementedError
+
+    def score(self, docs: Sequence[dict], runner, scoring: Optional[str] = None) -> List[dict]:
+        scoring = self.checked_scoring(scoring)
+        runner = ModelRunner.of(runner)
+        prompts = [d["prompt"] for d in docs]
+        if scoring == "lm-eval":
+            outs = lm_eval_generate(runner, prompts, self.lm_eval_until,
+                                    self.options.max_new_tokens or self.lm_eval_max_gen_toks, desc=self.name)
+        else:
+            outs = modellink_generate(runner, prompts, self.options.max_new_tokens or self.modellink_max_new_tokens,
+                                      self.options, desc=self.name)
+        records = []
+        for d, out in zip(docs, outs):
+            prediction, metrics, correct = self.judge(d, out.text, scoring)
+            records.append({"file": d["file"], "line": d["line"], "subject": d["subject"], "prompt": d["prompt"],
+                            "target": d["target"], "generation": out.text, "prediction": prediction,
+                            "correct": bool(correct), "metrics": metrics, "truncated": out.truncated})
+        return records

@@ -122,7 +122,8 @@ class ModelRunner:
         bar = _progress(len(inputs), desc, unit="ex") if self.progress else None
         for rows in self._batches(order, [len(x) for x in inputs], max_new_tokens):
             gens = self.generator.generate([inputs[i] for i in rows], max_new_tokens, sampling=sampling,
-                                           eos_id=self.eos_id, pad_id=self.scorer.pad_id, stop=stop_fn if stops else None)
+                                           eos_id=self.eos_id, pad_id=self.scorer.pad_id,
+                                           stop=stop_fn if stops else None)
             for i, g in zip(rows, gens):
                 out[i] = Completion(cut_at_stop_strings(self.decode(g.token_ids), stops), list(g.token_ids),
                                     g.finish_reason, truncated[i])

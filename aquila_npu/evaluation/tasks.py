@@ -62,6 +62,7 @@ class Task(abc.ABC):
     def __init__(self, options: Optional[EvalOptions] = None):
         self.options = options or EvalOptions()
         self.scoring = self.resolve_scoring(self.options.scoring)
+        check_options(self.options, self.scoring)
 
     def resolve_scoring(self, scoring: Optional[str]) -> str:
         if scoring is None:
@@ -99,6 +100,26 @@ class Task(abc.ABC):
     def categories(self, subject: str) -> Tuple[str, ...]:
         """The report groups a subject's results under these categories (none: no category table)."""
         return ()
+
+
+def check_options(options: EvalOptions, scoring: str) -> None:
+    """The checks of the flags that need no data."""
+    from aquila_npu.data.templates import TEMPLATES
+
+    for name in ("max_new_tokens", "max_eval_samples", "batch_size", "num_samples"):
+        value = getattr(options, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {value} must be >= 1")
+    if options.prompt_type is not None:
+        if options.prompt_type not in TEMPLATES:
+            raise UsageError(f"--prompt-type {options.prompt_type}: not a chat template; choose one of "
+                             f"{', '.join(sorted(TEMPLATES))}")
+        if scoring not in ("modellink", "first-token"):
+            raise UsageError(f"--prompt-type is an option of the modellink scoring, not of {scoring}")
+    if options.eval_language not in ("en", "zh"):
+        raise UsageError(f"--eval-language {options.eval_language}: choose en or zh")
+    if options.timeout is not None and options.timeout <= 0:
+        raise UsageError(f"--execution-timeout {options.timeout} must be > 0")
 
 
 def register(cls: Type[Task]) -> Type[Task]:
