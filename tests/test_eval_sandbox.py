@@ -165,3 +165,19 @@ def test_pass_at_k_with_sampled_completions(canonical):
     again = Runner(good)
     task.score(list(reversed(docs)), again)
     assert sorted(again.seeds) == sorted(seeds)  # the same seeds whatever the order
+
+
+@pytest.mark.parametrize("source", [
+    "import os\nwhile True:\n    os.fork()\n",
+    "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n",
+    "open('/tmp/aquila-sandbox-escape-test.txt', 'w').write('x')\n",
+    "x = bytearray(64 * 2**30)\n",
+    "import os\nprint(open(f'/proc/{os.getppid()}/environ').read())\n",
+])
+def test_without_namespaces_the_other_layers_still_hold(source):
+    """Where user namespaces are not allowed (some containers), limits, Landlock and seccomp (or, lacking them, the
+    Python-level guards) still contain the program."""
+    outcome = sandbox.run_program(source, sandbox.Limits(timeout=2.0, namespaces=False))
+    assert outcome.status == "failed", outcome
+    assert not any("namespace" in layer for layer in outcome.layers)
+    assert not os.path.exists("/tmp/aquila-sandbox-escape-test.txt")

@@ -40,6 +40,7 @@ class Limits:
     memory_bytes: int = 2 << 30  # address space
     file_size_bytes: int = 16 << 20  # largest file it may write
     output_bytes: int = 8 << 10  # how much of its output the result keeps (the tail)
+    namespaces: bool = True  # False: without the namespace layer (tests: what the other layers hold on their own)
 
 
 @dataclass
@@ -83,7 +84,8 @@ def run_program(source: str, limits: Limits = Limits(), mode: str = "completes")
             f.write(source)
         config = {"workdir": workdir, "program": program, "mode": mode, "status_fd": write_fd,
                   "memory_bytes": limits.memory_bytes, "file_size_bytes": limits.file_size_bytes,
-                  "cpu_seconds": int(limits.timeout) + 2, "env": _environment(workdir)}
+                  "cpu_seconds": int(limits.timeout) + 2, "env": _environment(workdir),
+                  "namespaces": limits.namespaces}
         out_path = os.path.join(private, "output")
         with open(out_path, "wb") as out:
             proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", LAUNCHER, json.dumps(config)], cwd=workdir,
