@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-import torch
 
 from aquila_npu.evaluation.scoring import _progress
 from aquila_npu.inference.generation import TextGenerator
