@@ -647,6 +647,46 @@ def test_mc2_linears_refuse_what_the_kernels_cannot_do():
         check_mc2(ok, 2, (512, 128))
 
 
+def test_use_mc2_is_a_switch_of_the_npu_backend_only(tmp_path, capsys):
+    """--use-mc2 swaps in the MC2 linears on npu; cuda and cpu refuse it; FusedOps.all() (every kernel) leaves it off;
+    generation refuses it (no sequence parallelism there), in one line."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    from aquila_npu.cli.generate import main as generate
+    from aquila_npu.device import npu_modules
+    from aquila_npu.device.backends import CpuBackend, CudaBackend, FusedOps, NpuBackend
+    from aquila_npu.errors import FusedKernelUnavailable
+    from helpers import call_main
+
+    class Args:
+        use_mc2, use_flash_attn = True, False
+
+    assert FusedOps.from_args(Args) == FusedOps(mc2=True) and not FusedOps.all().mc2
+    mc2 = NpuBackend(FusedOps(mc2=True))
+    assert mc2.column_parallel_linear() is npu_modules.Mc2ColumnParallelLinear
+    assert mc2.row_parallel_linear() is npu_modules.Mc2RowParallelLinear
+    plain = NpuBackend(FusedOps.all())
+    assert (plain.column_parallel_linear(), plain.row_parallel_linear()) == (ColumnParallelLinear, RowParallelLinear)
+    for backend in (CudaBackend, CpuBackend):
+        with pytest.raises(FusedKernelUnavailable, match="--use-mc2"):
+            backend(FusedOps(mc2=True))
+    rc, err = call_main(generate, ["--load", tmp_path, "--tokenizer-name-or-path", tmp_path, "--prompt", "x",
+                                   "--use-mc2"], capsys)
+    assert rc == 2 and "--use-mc2" in err and "sequence parallelism" in err
+
+
+def test_mc2_linear_without_sequence_parallelism_is_refused_when_built(cpu_device):
+    from aquila_npu.device.npu_modules import Mc2ColumnParallelLinear, Mc2RowParallelLinear
+    from aquila_npu.errors import UsageError
+    from aquila_npu.models.config import transformer_config
+    from aquila_npu.testing.tiny_hf import TINY
+
+    cfg = transformer_config(TINY.replace(hidden_size=512), params_dtype=torch.bfloat16)
+    for cls, kw in ((Mc2ColumnParallelLinear, {}), (Mc2RowParallelLinear, {"input_is_parallel": True})):
+        with pytest.raises(UsageError, match="--use-mc2 .*--sequence-parallel"):
+            cls(512, 512, config=cfg, init_method=torch.nn.init.zeros_, bias=False, skip_bias_add=True, **kw)
+
+
 # ------------------------------------------------------------------------------------------ MC2 on two processes
 MC2_WORKER = r'''
 import json, sys
