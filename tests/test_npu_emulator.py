@@ -687,6 +687,31 @@ def test_mc2_linear_without_sequence_parallelism_is_refused_when_built(cpu_devic
             cls(512, 512, config=cfg, init_method=torch.nn.init.zeros_, bias=False, skip_bias_add=True, **kw)
 
 
+def test_hccl_comm_name_asks_the_groups_npu_backend_with_the_global_rank(monkeypatch):
+    """As torch_npu's docs do (10240): ``group._get_backend(torch.device("npu")).get_hccl_comm_name(global rank)``."""
+    try:
+        torch.device("npu")
+    except RuntimeError:
+        pytest.skip("torch.device('npu') needs torch_npu or the fake NPU runtime (issue 13 section 1)")
+    from aquila_npu.device.npu_modules import hccl_comm_name
+
+    asked = []
+
+    class Backend:
+        def get_hccl_comm_name(self, rank):
+            asked.append(rank)
+            return "hcom-name"
+
+    class Group:
+        def _get_backend(self, device):
+            asked.append(device)
+            return Backend()
+
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(torch.distributed, "get_global_rank", lambda group, rank: rank + 4)
+    assert hccl_comm_name(Group()) == "hcom-name" and asked == [torch.device("npu"), 5]
+
+
 # ------------------------------------------------------------------------------------------ MC2 on two processes
 MC2_WORKER = r'''
 import json, sys
