@@ -157,8 +157,9 @@ class CudaBackend(TorchBackend):
 
     def __init__(self, fused: FusedOps = FusedOps()):
         if fused.mc2:
-            raise FusedKernelUnavailable("--use-mc2 is Ascend's MC2 (torch_npu kernels): drop it on cuda (megatron-core "
-                                         "overlaps tensor-parallel communication there with Transformer Engine)")
+            raise FusedKernelUnavailable("--use-mc2 is Ascend's MC2 (torch_npu kernels): drop it on cuda "
+                                         "(megatron-core overlaps tensor-parallel communication there with Transformer "
+                                         "Engine)")
         needs_te = [FusedOps.SWITCHES[name][0] for name in ("rmsnorm", "flash_attn", "rotary") if getattr(fused, name)]
         if needs_te and not have_transformer_engine():
             raise FusedKernelUnavailable(

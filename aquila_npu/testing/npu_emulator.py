@@ -248,7 +248,8 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
            "query, key and value must be float16, bfloat16 or float32")
     # 1676「输入query、key、value、pse的数据类型必须一致.」
     dtypes = {t.dtype for t in (query, key, value, pse) if t is not None}
-    _check(len(dtypes) == 1, op, 1676, f"query, key, value and pse must share one dtype, not {sorted(map(str, dtypes))}")
+    _check(len(dtypes) == 1, op, 1676,
+           f"query, key, value and pse must share one dtype, not {sorted(map(str, dtypes))}")
     # 1607「input_layout: string类型, 代表输入query、key、value的数据排布格式, 支持BSH、SBH、BSND、BNSD、TND」
     _check(input_layout in ("BSH", "SBH", "BSND", "BNSD", "TND"), op, 1607,
            f"input_layout must be BSH, SBH, BSND, BNSD or TND, not {input_layout!r}")
