@@ -67,10 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fused kernels: off (plain PyTorch modules, default), on (the fused switches), both (both "
                         "runs back to back and their throughput ratio; on a device without fused kernels, e.g. "
                         "cpu, the unfused run only, saying why)")
-    g.add_argument("--fused-switches", default=",".join(SWITCHES),
+    g.add_argument("--fused-switches", default=",".join(n.replace("_", "-") for n in FusedOps.KERNELS),
                    help="which switches the fused run turns on, comma-separated from "
                         + ", ".join(f"{short} ({FusedOps.SWITCHES[name][0]})" for short, name in SWITCHES.items())
-                        + "; default all")
+                        + "; default every kernel (mc2 also needs --sequence-parallel after --)")
     g.add_argument("--device-peak-tflops", type=float, default=None,
                    help=f"peak dense TFLOP/s of one device for MFU (default from the table: {peaks}; none for CPU)")
     g = p.add_argument_group("measurement and output")

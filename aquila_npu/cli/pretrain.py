@@ -17,7 +17,7 @@ from aquila_npu.models.registry import MODELS
 
 PROG = "aquila_npu.pretrain"
 INERT = ("--swiglu", "--disable-bias-linear", "--attention-softmax-in-fp32", "--no-masked-softmax-fusion",
-         "--no-gradient-accumulation-fusion", "--use-mc2")
+         "--no-gradient-accumulation-fusion")
 
 
 def _model(p):
