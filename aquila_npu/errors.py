@@ -16,16 +16,16 @@ class UsageError(UserError):
     """A flag's value, or a combination of flags, that cannot work (found before any work starts)."""
 
 
+class ArchitectureMismatch(UsageError):
+    """An architecture flag on the command line disagrees with the checkpoint or the registry."""
+
+
 class DataError(UserError):
     """A data file (training, preprocessing or evaluation data) that is missing, empty or malformed."""
 
 
 class CheckpointError(UserError):
     """A checkpoint or model folder (Megatron or Hugging Face) that is missing, unreadable or of another model."""
-
-
-class ArchitectureMismatch(CheckpointError):
-    """An architecture flag on the command line disagrees with the checkpoint or the registry."""
 
 
 class NotAquilaConfig(CheckpointError):

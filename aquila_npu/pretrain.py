@@ -1,9 +1,8 @@
-"""Pretraining and fine-tuning entry point: ``torchrun ... -m aquila_npu.pretrain <Megatron-LM / ModelLink flags>``
-(``--help`` lists them). The logic lives in ``aquila_npu.training``."""
+"""``python -m aquila_npu.pretrain``: the command lives in ``aquila_npu.cli.pretrain`` (``--help``: its flags)."""
 
 import sys
 
-from aquila_npu.training.run import main
+from aquila_npu.cli.pretrain import main
 
 if __name__ == "__main__":
     sys.exit(main())

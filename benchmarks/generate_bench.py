@@ -187,8 +187,10 @@ def kv_vs_recompute(a):
 
     from aquila_npu.device.setup import setup
     from aquila_npu.inference.generation import GenerationStats, TextGenerator
-    from aquila_npu.models.config import DTYPES, transformer_config
-    from aquila_npu.models.gpt import build_model, padded_vocab_size
+    from aquila_npu.models.config import transformer_config
+    from aquila_npu.models.dtypes import DTYPES
+    from aquila_npu.models.gpt import build_model
+    from aquila_npu.models.registry import padded_vocab_size
     from aquila_npu.parallel import initialize_model_parallel
 
     spec = get_shape(a.model)

@@ -6,24 +6,12 @@ import torch
 from aquila_npu.device import patches
 from aquila_npu.device.backends import CpuBackend, CudaBackend, FusedOps, NpuBackend, have_transformer_engine
 from aquila_npu.device.setup import resolve, setup
-from aquila_npu.errors import FusedKernelUnavailable
+from aquila_npu.errors import DeviceUnavailable, FusedKernelUnavailable, UsageError
 from aquila_npu.models.config import transformer_config
 from aquila_npu.models.gpt import build_model
-from aquila_npu.parallel import destroy_model_parallel, initialize_model_parallel
 from aquila_npu.testing import npu_emulator
 from aquila_npu.testing.tiny_hf import TINY
 from aquila_npu.weights.mapping import Layout, mcore_param_names
-
-
-@pytest.fixture(scope="module")
-def cpu_device():
-    dev = setup("cpu")
-    initialize_model_parallel(1, 1)
-    yield dev
-    # leave nothing behind for later tests in this process (HF from_pretrained breaks under the CPU redirection)
-    destroy_model_parallel()
-    torch.distributed.destroy_process_group()
-    patches.undo_all()
 
 
 def _state_shapes(backend):
@@ -35,7 +23,9 @@ def _state_shapes(backend):
 def test_state_dict_identical_for_cpu_npu_cuda(cpu_device):
     cpu, _ = _state_shapes(CpuBackend())
     with npu_emulator.installed():
-        npu, npu_model = _state_shapes(NpuBackend(FusedOps.all()))
+        npu_backend = NpuBackend(FusedOps.all())
+        patches.provide_fused_rope(npu_backend.rope_fn())  # what setup() does for this backend
+        npu, npu_model = _state_shapes(npu_backend)
     cuda_fused = FusedOps(swiglu=True) if not have_transformer_engine() else FusedOps.all()
     cuda, _ = _state_shapes(CudaBackend(cuda_fused))
     assert cpu == npu == cuda
@@ -60,12 +50,12 @@ def test_cuda_without_transformer_engine_is_a_clear_error():
 
 
 def test_device_selection_errors(monkeypatch):
-    with pytest.raises(ValueError, match="--device"):
+    with pytest.raises(UsageError, match="--device"):
         resolve("tpu")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="no CUDA"):
+        with pytest.raises(DeviceUnavailable, match="no CUDA"):
             resolve("cuda")
-    with pytest.raises(RuntimeError, match="torch_npu"):
+    with pytest.raises(DeviceUnavailable, match="torch_npu"):
         resolve("npu")
     monkeypatch.setenv("AQUILA_DEVICE", "cpu")
     assert resolve() == "cpu"
@@ -80,38 +70,42 @@ def test_fused_ops_from_modellink_args():
 
 
 def test_patches_are_opt_in_and_undoable():
-    """The cpu redirection and the rope hook install and uninstall cleanly; megatron-core sees CUDA type names."""
+    """The cpu redirection and the fused-RoPE slot install and uninstall cleanly; megatron-core sees CUDA type names."""
     patches.undo_all()
-    from megatron.core.transformer import attention
+    from megatron.core.models.common.embeddings import rope_utils
 
-    original = attention.apply_rotary_pos_emb
+    original = rope_utils.fused_apply_rotary_pos_emb
     assert torch.randn(2).type() == "torch.FloatTensor"
     patches.redirect_cuda_to_cpu()
-    patches.install_rope_hook()
+    patches.provide_fused_rope(lambda t, f: t)
     try:
         assert patches.applied() == {"cpu", "rope"}
         assert torch.randn(2).type() == "torch.cuda.FloatTensor"
         assert torch.randn(2).type(torch.float64).dtype == torch.float64
         assert torch.zeros(3, device="cuda").device.type == "cpu"
-        assert attention.apply_rotary_pos_emb is not original
+        assert rope_utils.fused_apply_rotary_pos_emb is not original
     finally:
         patches.undo_all()
-    assert attention.apply_rotary_pos_emb is original
+    assert rope_utils.fused_apply_rotary_pos_emb is original
     assert torch.randn(2).type() == "torch.FloatTensor"
     with pytest.raises((RuntimeError, AssertionError)):
         torch.zeros(1, device="cuda")
     patches.redirect_cuda_to_cpu()  # leave the process as the other tests expect it
 
 
-def test_rope_hook_uses_config_function_only_when_set():
+def test_fused_rope_slot_serves_only_configs_that_ask_for_fusion():
     from megatron.core.transformer import attention
 
-    patches.install_rope_hook()
-    cfg = transformer_config(TINY)
-    t, freqs = torch.randn(5, 1, 2, 8), torch.randn(5, 1, 1, 8)
-    plain = attention.apply_rotary_pos_emb(t, freqs, config=cfg)
-    cfg.aquila_rope_fn = lambda t, f: t * 0 + 7
-    assert (attention.apply_rotary_pos_emb(t, freqs, config=cfg) == 7).all()
+    patches.provide_fused_rope(lambda t, f: t * 0 + 7)
+    try:
+        t, freqs = torch.randn(5, 1, 2, 8), torch.randn(5, 1, 1, 8)
+        plain = attention.apply_rotary_pos_emb(t, freqs, config=transformer_config(TINY))
+        assert not (plain == 7).all()
+        fused = transformer_config(TINY, apply_rope_fusion=True)  # what NpuBackend.config_overrides() sets
+        assert (attention.apply_rotary_pos_emb(t, freqs, config=fused) == 7).all()
+    finally:
+        patches.undo_all()
+        patches.redirect_cuda_to_cpu()
     with npu_emulator.installed():
         from aquila_npu.device.npu_modules import npu_rope
         assert torch.allclose(npu_rope(t, freqs), plain, atol=1e-6)

@@ -1,5 +1,7 @@
 """tools/checkpoint/convert_ckpt.py: HF <-> Megatron at any tp/pp, bit for bit; clear errors, no partial output."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -9,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aquila_npu.checkpoint.cli import main
+from aquila_npu.cli.convert import main
 from aquila_npu.testing.tiny_hf import tiny_llama
-from conftest import ROOT
+from helpers import ROOT, assert_one_line_error, child_env
 
 
 def _hf_state(path):
@@ -31,7 +33,14 @@ def hf_dir(request, tmp_path_factory):
 
 
 def _convert(*args):
-    return main([*map(str, args)])
+    """The converter in this process; an input error (exit status 2) must be one line on stderr."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main([*map(str, args)])
+    sys.stderr.write(err.getvalue())  # still there for tests that read it
+    if rc == 2:
+        assert_one_line_error(err.getvalue())
+    return rc
 
 
 def _to_mg(src, dst, tp, pp, loader="llama2_hf"):
@@ -93,7 +102,7 @@ def test_bad_inputs_leave_no_output(hf_dir, tmp_path, capsys):
 
 def test_help_lists_every_flag():
     out = subprocess.run([sys.executable, str(ROOT / "tools/checkpoint/convert_ckpt.py"), "--help"],
-                         capture_output=True, text=True)
+                         env=child_env(), capture_output=True, text=True)
     assert out.returncode == 0
     for flag in ("--model-type", "--loader", "--saver", "--save-model-type", "--load-dir", "--save-dir",
                  "--target-tensor-parallel-size", "--target-pipeline-parallel-size", "--tokenizer-model",
@@ -103,7 +112,7 @@ def test_help_lists_every_flag():
 
 @pytest.mark.slow
 def test_converted_tp2_pp2_checkpoint_matches_hf_logits_on_four_processes(tmp_path):
-    from conftest import read_json, torchrun
+    from helpers import read_json, torchrun
 
     hf = tmp_path / "hf"
     tiny_llama().save_pretrained(hf)

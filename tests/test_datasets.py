@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import torchrun
+from helpers import torchrun
 
 from aquila_npu.data.datasets import build_instruction_datasets, build_pretrain_datasets, parse_data_path
 from aquila_npu.errors import DataError
-from aquila_npu.data.preprocess import main
-from test_preprocess import ALPACA_SYSTEM, ROWS, TEXTS, _train_tokenizer
+from aquila_npu.cli.preprocess import main
+from helpers import ALPACA_SYSTEM, ROWS, TEXTS, train_data_tokenizer as _train_tokenizer
 
 SEQ = 16
 

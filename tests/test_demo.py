@@ -2,17 +2,14 @@
 held-out questions really are held out."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT, run_module
 
 
 def test_held_out_questions_never_appear_in_training(tmp_path):
-    from aquila_npu.demo import make_data
+    from aquila_npu.cli.demo import make_data
 
     train, dev = make_data(tmp_path, n_train=2000, n_eval=200)
     by_passage = {}
@@ -28,9 +25,7 @@ def test_held_out_questions_never_appear_in_training(tmp_path):
 
 @pytest.mark.slow
 def test_demo_short_mode_runs_every_step(tmp_path):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "aquila_npu.demo", "--short", "--workdir", str(tmp_path / "demo")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = run_module("aquila_npu.demo", "--short", "--workdir", tmp_path / "demo", cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     for step in ("preprocess", "pretrain", "Megatron -> Hugging Face", "Hugging Face -> Megatron tp2", "generate",

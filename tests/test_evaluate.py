@@ -17,8 +17,7 @@ import torch
 
 from aquila_npu.testing.lm_eval_tasks import write_boolq_task
 from aquila_npu.testing.tiny_hf import tiny_llama
-from conftest import read_json, torchrun
-from test_generate import assert_help_documents_every_flag, build_assets, subprocess_env, words
+from helpers import assert_help_documents_every_flag, build_assets, call_main, child_env, read_json, torchrun, words
 
 
 def write_boolq(folder, n_files=2, rows=14, seed=1):
@@ -55,7 +54,7 @@ def lm_eval_reference(setup_data):
     tasks.mkdir()
     write_boolq_task(tasks, "boolq_local", files)
     out = root / "lmeval_out"
-    env = subprocess_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+    env = child_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                          HF_DATASETS_CACHE=str(root / "hf_datasets_cache"))
     proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
                            f"pretrained={assets['hf']},dtype=float32", "--tasks", "boolq_local", "--include_path",
@@ -80,7 +79,7 @@ def _evaluate(assets, data, tmp_path, tp, pp, *flags, dp=1):
 
 def _check_against_lm_eval(report, reference):
     rows, acc = reference
-    preds = report["predictions"]
+    preds = report["records"]
     assert len(preds) == len(rows) == report["total"] == 28
     assert [p["correct"] for p in preds] == [c for _, _, c in rows]
     assert report["accuracy"] == pytest.approx(acc, abs=1e-12)
@@ -119,8 +118,8 @@ def test_first_token_scoring_equals_hf_next_token_logits(setup_data, tmp_path):
     yes, no = tok.encode("Yes")[-1], tok.encode("No")[-1]
     model = tiny_llama()
     docs = BoolQ().load(data)
-    assert report["scoring"] == "first-token" and len(report["predictions"]) == len(docs)
-    for d, p in zip(docs, report["predictions"]):
+    assert report["scoring"] == "first-token" and len(report["records"]) == len(docs)
+    for d, p in zip(docs, report["records"]):
         ids = torch.tensor([tok.encode(prompt(d))[-128:]])
         with torch.no_grad():
             lp = torch.log_softmax(model(ids).logits[0, -1].float(), -1)
@@ -130,10 +129,9 @@ def test_first_token_scoring_equals_hf_next_token_logits(setup_data, tmp_path):
 
 
 def _entry(args, capsys):
-    from aquila_npu.evaluate import entry
+    from aquila_npu.cli.evaluate import main
 
-    rc = entry([str(a) for a in args])
-    return rc, capsys.readouterr().err
+    return call_main(main, args, capsys)
 
 
 @pytest.mark.parametrize("content,message", [
@@ -149,29 +147,28 @@ def test_malformed_rows_are_clear_errors(setup_data, tmp_path, capsys, content, 
     bad.write_text(content)
     rc, err = _entry(["--task", "boolq", "--task-data-path", bad, "--load", assets[1, 1], "--tokenizer-name-or-path",
                       assets["hf"]], capsys)
-    assert rc == 1 and str(bad) in err and message in err, err
+    assert rc == 2 and str(bad) in err and message in err, err
 
 
 def test_bad_paths_and_flags(setup_data, tmp_path, capsys):
     assets = setup_data[0]
     common = ["--task", "boolq", "--tokenizer-name-or-path", assets["hf"]]
     rc, err = _entry([*common, "--task-data-path", tmp_path, "--load", assets[1, 1]], capsys)
-    assert rc == 1 and "no .jsonl or .json files" in err
+    assert rc == 2 and "no .jsonl or .json files" in err
     rc, err = _entry([*common, "--task-data-path", tmp_path / "nope", "--load", assets[1, 1]], capsys)
-    assert rc == 1 and "no such file or folder" in err
+    assert rc == 2 and "no such file or folder" in err
     (tmp_path / "d.jsonl").write_text('{"question": "q", "passage": "p", "answer": true}\n')
     rc, err = _entry([*common, "--task-data-path", tmp_path, "--load", tmp_path / "ckpt"], capsys)
-    assert rc == 1 and "--load" in err
+    assert rc == 2 and "--load" in err
     rc, err = _entry([*common, "--task-data-path", tmp_path, "--load", assets[1, 1], "--scoring", "exact"], capsys)
-    assert rc == 1 and "loglikelihood, first-token" in err
-    with pytest.raises(SystemExit) as e:
-        _entry(["--task", "nosuchtask", "--task-data-path", tmp_path, "--load", assets[1, 1],
-                "--tokenizer-name-or-path", assets["hf"]], capsys)
-    assert e.value.code == 2
+    assert rc == 2 and "loglikelihood, first-token" in err
+    rc, err = _entry(["--task", "nosuchtask", "--task-data-path", tmp_path, "--load", assets[1, 1],
+                      "--tokenizer-name-or-path", assets["hf"]], capsys)
+    assert rc == 2 and "--task" in err
 
 
 def test_help_documents_every_flag():
-    from aquila_npu.evaluate import build_parser
+    from aquila_npu.cli.evaluate import build_parser
 
     assert_help_documents_every_flag(build_parser())
 

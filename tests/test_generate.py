@@ -5,8 +5,7 @@ and converted): never ``from_pretrained`` here (see DEVELOPERS.md). Our side run
 """
 
 import json
-import os
-import random
+import shutil
 import subprocess
 import sys
 
@@ -14,50 +13,11 @@ import pytest
 import torch
 
 from aquila_npu.testing.tiny_hf import TINY, tiny_llama
-from conftest import ROOT, stub_torchrun_argv, torchrun
+from helpers import (ROOT, assert_help_documents_every_flag, build_assets, call_main, child_env, stub_torchrun_argv,
+                     torchrun)
 
-SYLLABLES = ["ka", "lo", "mi", "ta", "ren", "shu", "po", "vex", "quin", "dar", "el", "ost", "ung", "ber", "fy"]
-CHINESE = "北京是中国的首都上海天气很好我们今天学习人工智能模型生成文本问题答案是否你好世界语言"
 PROMPTS = ["kalo mi taren", "北京是中国的首都，今天天气很好", "ber fy ost ung dar el quin vex po shu ta"]
 N_NEW = 20
-
-
-# torch.distributed's environment: a test that ran setup() in the pytest process leaves these behind (and a process
-# group holding MASTER_PORT); a plain subprocess must not inherit them.
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
-            "MASTER_PORT", "TORCHELASTIC_RUN_ID")
-
-
-def subprocess_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", **extra)
-    return env
-
-
-def words(rng, n):
-    return " ".join("".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(n))
-
-
-def build_assets(root, layouts=((1, 1), (2, 2))):
-    """A byte-level BPE tokenizer trained here (English + Chinese, TINY's 1003 ids, Aquila2's special tokens), the
-    tiny HF model saved with it, and Megatron conversions of it: {"hf": dir, (tp, pp): dir}."""
-    from aquila_npu.checkpoint.convert import to_megatron
-    from aquila_npu.checkpoint.hf_io import HFReader
-    from aquila_npu.testing.tiny_tokenizer import train_tokenizer
-
-    rng = random.Random(0)
-    corpus = []
-    for _ in range(3000):
-        corpus.append(words(rng, rng.randint(5, 15)) + ". Question: is it true? Answer: yes no Yes No")
-        corpus.append("".join(rng.choice(CHINESE) for _ in range(rng.randint(5, 20))))
-    hf = os.path.join(root, "hf")
-    train_tokenizer(hf, corpus, TINY.vocab_size, exact_size=True)  # pad 0, bos 1, eos 2 as TINY
-    tiny_llama().save_pretrained(hf)
-    out = {"hf": hf}
-    for tp, pp in layouts:
-        out[tp, pp] = os.path.join(root, f"mg-tp{tp}-pp{pp}")
-        to_megatron(HFReader(hf), out[tp, pp], tp, pp)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -128,33 +88,84 @@ def test_tp1_pp1_recompute_and_top_k_1_sampling_match_hf_greedy(assets, tmp_path
 
 
 NPU_WORKER = """
-import json, sys
+import json, sys, torch
 from aquila_npu.checkpoint.load_model import load_model_for_inference
+from aquila_npu.checkpoint.megatron_io import CheckpointInfo
 from aquila_npu.device.backends import FusedOps
 from aquila_npu.device.setup import setup
 from aquila_npu.inference.generation import TextGenerator
 from aquila_npu.testing import npu_emulator
-load, prompts, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+load, prompts, n, dtype = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), getattr(torch, sys.argv[4])
 with npu_emulator.installed() as fake:
     dev = setup("cpu", FusedOps.all(), kernels="npu")
-    gen = TextGenerator.from_loaded(load_model_for_inference(load, dev), dev.torch_device)
+    loaded = load_model_for_inference(CheckpointInfo.read(load), dev, params_dtype=dtype)
+    gen = TextGenerator.from_loaded(loaded, dev.torch_device)
     print(json.dumps({"ids": [g.token_ids for g in gen.generate(prompts, n)], "calls": dict(fake.calls)}))
 """
+# Head dim 16 (TINY's is 8): npu_fused_infer_attention_score needs a multiple of 16 in float16/bfloat16
+# (torch_npu _op_plugin_docs.py:8210).
+SPEC16 = TINY.replace(hidden_size=128)
 
 
-def test_ascend_fused_kernels_through_emulator_match_hf(assets):
-    """The NPU backend (fused RMSNorm, flash attention with the KV cache, fused RoPE, SwiGLU; torch_npu emulated on
-    the CPU) generates HF's greedy tokens."""
-    tok = _tokenizer(assets)
-    ref = hf_greedy(tok, PROMPTS, N_NEW)
-    env = subprocess_env()
-    proc = subprocess.run([sys.executable, "-c", NPU_WORKER, assets[1, 1], json.dumps([tok.encode(p) for p in PROMPTS]),
-                           str(N_NEW)], env=env, capture_output=True, text=True, timeout=300)
+def _npu_generate(load, tok, dtype):
+    proc = subprocess.run([sys.executable, "-c", NPU_WORKER, load, json.dumps([tok.encode(p) for p in PROMPTS]),
+                           str(N_NEW), dtype], env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["ids"] == ref
-    for op in ("npu_rms_norm", "npu_fusion_attention", "npu_rotary_mul", "npu_swiglu"):
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def assets16(assets, tmp_path_factory):
+    """The tokenizer of ``assets`` with a TINY-shaped model of head dim 16, converted for one process."""
+    from aquila_npu.checkpoint.convert import to_megatron
+    from aquila_npu.checkpoint.hf_io import HFReader
+
+    root = tmp_path_factory.mktemp("gen16")
+    hf = root / "hf"
+    shutil.copytree(assets["hf"], hf)
+    tiny_llama(SPEC16).save_pretrained(hf)  # replaces the model, keeps the tokenizer
+    to_megatron(HFReader(str(hf)), str(root / "mg"), 1, 1)
+    return {"hf": str(hf), (1, 1): str(root / "mg")}
+
+
+def test_ascend_fused_kernels_fp32_through_emulator_match_hf(assets):
+    """fp32: fused RMSNorm, RoPE and SwiGLU (torch_npu emulated on the CPU) generate HF's greedy tokens exactly.
+    Ascend's inference attention takes no fp32 (docs 8065), so attention runs the plain path; the training kernel
+    never runs in generation."""
+    tok = _tokenizer(assets)
+    out = _npu_generate(assets[1, 1], tok, "float32")
+    assert out["ids"] == hf_greedy(tok, PROMPTS, N_NEW)
+    for op in ("npu_rms_norm", "npu_rotary_mul", "npu_swiglu"):
         assert out["calls"].get(op, 0) > 0, op
+    assert "npu_fusion_attention" not in out["calls"] and "npu_fused_infer_attention_score" not in out["calls"]
+
+
+def test_ascend_inference_attention_bf16_through_emulator_follows_hf_greedy(assets16):
+    """bf16 with every fused kernel: the prompt and each decoding step through npu_fused_infer_attention_score
+    (megatron-core's static KV cache), never npu_fusion_attention (training only, docs 1674).
+
+    Compared with HF on the same weights: bf16 greedy paths of a random tiny model part at near-ties (HF bf16, our
+    plain bf16 path and the fused one each pick differently there), so every token we generate is checked, on its
+    own prefix, against HF's fp32 logits (teacher forcing): within bf16 noise (1e-2, logits of magnitude ~0.8) of the
+    best one, which makes it HF's exact argmax wherever HF's top-2 margin exceeds that - most steps (asserted)."""
+    tok = _tokenizer(assets16)
+    out = _npu_generate(assets16[1, 1], tok, "bfloat16")
+    assert out["calls"].get("npu_fused_infer_attention_score", 0) > 0 and "npu_fusion_attention" not in out["calls"]
+    for op in ("npu_rms_norm", "npu_rotary_mul", "npu_swiglu"):
+        assert out["calls"].get(op, 0) > 0, op
+    model = tiny_llama(SPEC16)
+    gaps, decisive = [], 0
+    for prompt, ids in zip(PROMPTS, out["ids"]):
+        prefix = tok.encode(prompt)
+        assert len(ids) == N_NEW
+        with torch.no_grad():
+            logits = model(torch.tensor([prefix + ids])).logits[0, len(prefix) - 1:-1]
+        for token, row in zip(ids, logits):
+            top2 = row.topk(2).values
+            gaps.append((row.max() - row[token]).item())
+            decisive += (top2[0] - top2[1]).item() > 1e-2
+    assert max(gaps) <= 1e-2, gaps
+    assert decisive >= len(gaps) // 2, (decisive, len(gaps))
 
 
 def test_chat_templates_are_flagai_prompts():
@@ -189,48 +200,35 @@ def test_sampling_filters_like_hf_warpers():
     assert torch.allclose(ours[~torch.isinf(ours)], ref[~torch.isinf(ref)])
 
 
-def _fails(module, args, capsys):
-    import importlib
+def _fails(args, capsys):
+    from aquila_npu.cli.generate import main
 
-    rc = importlib.import_module(module).entry([str(a) for a in args])
-    return rc, capsys.readouterr().err
+    return call_main(main, args, capsys)
 
 
 def test_bad_inputs_are_one_line_errors(assets, tmp_path, capsys):
     base = ["--tokenizer-name-or-path", assets["hf"], "--prompt", "x"]
-    rc, err = _fails("aquila_npu.generate", ["--load", tmp_path / "missing", *base], capsys)
-    assert rc == 1 and "--load" in err and "no such directory" in err
-    rc, err = _fails("aquila_npu.generate", ["--load", assets[1, 1], "--tokenizer-name-or-path", tmp_path / "no",
-                                             "--prompt", "x"], capsys)
-    assert rc == 1 and "--tokenizer-name-or-path" in err
-    rc, err = _fails("aquila_npu.generate", ["--load", assets[1, 1], *base, "--num-layers", 32, "--hidden-size", 64],
-                     capsys)
-    assert rc == 1 and "--num-layers 32 (checkpoint: 4)" in err and "--hidden-size" not in err
-    rc, err = _fails("aquila_npu.generate", ["--load", assets[2, 2], *base], capsys)  # 1 process, tp2-pp2 weights
-    assert rc == 1 and "tp2-pp2" in err and "--nproc-per-node 4" in err and "convert_ckpt.py" in err
-    rc, err = _fails("aquila_npu.generate", ["--load", assets[1, 1], *base, "--tensor-model-parallel-size", 2],
-                     capsys)
-    assert rc == 1 and "--target-tensor-parallel-size 2" in err
-    rc, err = _fails("aquila_npu.generate", ["--load", assets[1, 1], *base, "--greedy", "--top-p", 0.9], capsys)
-    assert rc == 1 and "--greedy cannot be combined with --top-p" in err
+    rc, err = _fails(["--load", tmp_path / "missing", *base], capsys)
+    assert rc == 2 and "--load" in err and "no such directory" in err
+    rc, err = _fails(["--load", assets[1, 1], "--tokenizer-name-or-path", tmp_path / "no", "--prompt", "x"], capsys)
+    assert rc == 2 and "--tokenizer-name-or-path" in err
+    rc, err = _fails(["--load", assets[1, 1], *base, "--num-layers", 32, "--hidden-size", 64], capsys)
+    assert rc == 2 and "--num-layers 32 (checkpoint: 4)" in err and "--hidden-size" not in err
+    rc, err = _fails(["--load", assets[2, 2], *base], capsys)  # 1 process, tp2-pp2 weights
+    assert rc == 2 and "tp2-pp2" in err and "--nproc-per-node 4" in err and "convert_ckpt.py" in err
+    rc, err = _fails(["--load", assets[1, 1], *base, "--tensor-model-parallel-size", 2], capsys)
+    assert rc == 2 and "--target-tensor-parallel-size 2" in err
+    rc, err = _fails(["--load", assets[1, 1], *base, "--greedy", "--top-p", 0.9], capsys)
+    assert rc == 2 and "--greedy cannot be combined with --top-p" in err
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "a"}\n{"prompt": 3}\n')
-    rc, err = _fails("aquila_npu.generate", ["--load", assets[1, 1], "--tokenizer-name-or-path", assets["hf"],
-                                             "--prompts-file", bad], capsys)
-    assert rc == 1 and "line 2" in err
-
-
-def assert_help_documents_every_flag(parser):
-    text = parser.format_help()
-    for action in parser._actions:
-        for flag in action.option_strings:
-            assert flag in text
-        if action.option_strings and action.dest != "help":
-            assert action.help, f"{action.option_strings} has no help"
+    rc, err = _fails(["--load", assets[1, 1], "--tokenizer-name-or-path", assets["hf"], "--prompts-file", bad],
+                     capsys)
+    assert rc == 2 and "line 2" in err
 
 
 def test_help_documents_every_flag():
-    from aquila_npu.generate import build_parser
+    from aquila_npu.cli.generate import build_parser
 
     assert_help_documents_every_flag(build_parser())
 
@@ -248,21 +246,19 @@ def test_example_script_flags_parse_and_describe_the_model(script, tmp_path):
     parser and the architecture flags agree with the published model."""
     import importlib
 
-    from aquila_npu.checkpoint.load_model import check_architecture
-    from aquila_npu.inference.cli import architecture_flags
+    from aquila_npu.models import arch_flags
     from aquila_npu.models.registry import get_model_spec
-    from aquila_npu.weights.mapping import Layout
 
     path = ROOT / "examples" / "aquila2" / script
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
     launcher, launched, argv = stub_torchrun_argv(path, tmp_path)
     module, model, tp, pp = SCRIPTS[script]
     assert launched == module
-    args = importlib.import_module(module).build_parser().parse_args(argv)
+    args = importlib.import_module(module.replace("aquila_npu.", "aquila_npu.cli.")).build_parser().parse_args(argv)
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (tp, pp)
     assert int(launcher["--nproc_per_node"]) * int(launcher["--nnodes"]) == tp * pp
     spec = get_model_spec(model)
-    check_architecture(spec, Layout(spec, tp, pp, 1), architecture_flags(args))
+    arch_flags.check(spec, arch_flags.given(args), "published model", padded_vocab=spec.vocab_size, tp=tp)
     if module == "aquila_npu.evaluate":
         assert (args.task, args.task_data_path, args.scoring) == ("boolq", "./boolq/test", "first-token")
     assert args.load.endswith(f"-tp{tp}-pp{pp}/")

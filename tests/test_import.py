@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from conftest import ROOT
+from helpers import ROOT, child_env
 
 CHECK = """
 import sys, torch
@@ -14,6 +14,7 @@ import aquila_npu.device.torch_modules, aquila_npu.device.patches
 import aquila_npu.models.registry, aquila_npu.models.config, aquila_npu.models.gpt
 import aquila_npu.weights.mapping, aquila_npu.weights.load, aquila_npu.inference.forward
 import aquila_npu.testing.npu_emulator
+import aquila_npu.lora.layers, aquila_npu.lora.convert, aquila_npu.lora.training
 from megatron.core.transformer import attention
 assert 'torch_npu' not in sys.modules, 'torch_npu was imported'
 assert (torch.cuda.current_device, torch.Tensor.type, torch.empty) == orig, 'torch was patched on import'
@@ -24,12 +25,12 @@ print('clean')
 
 
 def test_import_has_no_side_effects():
-    out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", CHECK], env=child_env(), capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("clean")
 
 
 def test_issue_acceptance_one_liner():
     out = subprocess.run([sys.executable, "-c", "import aquila_npu, sys; assert 'torch_npu' not in sys.modules"],
-                         capture_output=True, text=True, cwd=ROOT)
+                         env=child_env(), capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr

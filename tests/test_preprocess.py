@@ -18,47 +18,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT
+from helpers import ALPACA_SYSTEM, AQUILA_SYSTEM, ROOT, ROWS, TEXTS, assert_one_line_error, child_env
+from helpers import train_data_tokenizer as _train_tokenizer
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from aquila_npu.data.preprocess import main
-from aquila_npu.testing.tiny_tokenizer import train_tokenizer
+from aquila_npu.cli.preprocess import main
 
 TOOL = str(ROOT / "tools" / "preprocess_data.py")
 IGNORE = -100
-# ModelLink's alpaca training prompt (docs/data.md), spelled out here independently of aquila_npu.data.templates
-ALPACA_SYSTEM = ("Below is an instruction that describes a task, paired with an input that provides further context. "
-                 "Write a response that appropriately completes the request. Please note that you need to think "
-                 "through your response logically and step by step.")
-AQUILA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-                 "helpful, detailed, and polite answers to the human's questions.")
-
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "你好，世界！这是一个测试。",
-    "",  # empty: no document (as in Megatron)
-    "Line one\nline two\n\n  indented line with   spaces ",
-    "emoji 🙂 and accents: café, naïve, Ærøskøbing",
-    "word " * 300,
-    "</s> literal special token text and <|endoftext|>",
-    "x",
-]
-ROWS = [
-    {"instruction": "Give three tips for staying healthy.", "input": "",
-     "output": "1. Eat well.\n2. Exercise.\n3. Sleep."},
-    {"instruction": "Translate to Chinese.", "input": "Good morning", "output": "早上好"},
-    {"instruction": "Summarize the text.", "input": "The quick brown fox jumps over the lazy dog. " * 5,
-     "output": "A fox jumps over a dog."},
-    {"instruction": "Say nothing.", "input": "", "output": ""},
-]
-
-
-def _train_tokenizer(path):
-    corpus = TEXTS + [r[k] for r in ROWS for k in ("instruction", "input", "output")] + [ALPACA_SYSTEM, AQUILA_SYSTEM]
-    return train_tokenizer(str(path), corpus * 5, vocab_size=500)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +52,10 @@ def env(tmp_path_factory):
 
 def _run(args, capsys=None):
     rc = main([str(a) for a in args])
-    return rc, (capsys.readouterr().err if capsys else "")
+    err = capsys.readouterr().err if capsys else ""
+    if rc == 2 and capsys:
+        assert_one_line_error(err)
+    return rc, err
 
 
 def _outputs(directory):
@@ -222,7 +195,7 @@ def test_workers_two_processes_same_bytes_as_one(env, tmp_path, capsys):
     rc, err = _run(args + ["--output-prefix", tmp_path / "w1", "--workers", "1"], capsys)
     assert rc == 0 and "Processed 100 documents (" in err and "Processed 400 documents (" in err
     proc = subprocess.run([sys.executable, TOOL, *map(str, args), "--output-prefix", str(tmp_path / "w2"),
-                           "--workers", "2"], capture_output=True, text=True, timeout=300)
+                           "--workers", "2"], env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     progress = [line for line in proc.stderr.splitlines() if line.startswith("Processed ")]
     assert [line.split(" (")[0] for line in progress] == [f"Processed {n} documents" for n in (100, 200, 300, 400)]
@@ -349,11 +322,12 @@ def test_bad_flags(env, tmp_path, capsys, args, needle):
 def test_command_line_exit_status_and_help(tmp_path):
     proc = subprocess.run([sys.executable, TOOL, "--input", "x.jsonl", "--tokenizer-name-or-path",
                            str(tmp_path / "nope"), "--output-prefix", str(tmp_path / "x")],
-                          capture_output=True, text=True, timeout=120)
+                          env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert f"preprocess_data.py: error: --tokenizer-name-or-path: {tmp_path / 'nope'} does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
-    helptext = subprocess.run([sys.executable, TOOL, "--help"], capture_output=True, text=True, timeout=120).stdout
+    helptext = subprocess.run([sys.executable, TOOL, "--help"], env=child_env(), capture_output=True, text=True,
+                              timeout=120).stdout
     for flag in ("--input", "--json-keys", "--handler-name", "--prompt-type", "--conversation-key", "--tokenizer-type",
                  "--tokenizer-name-or-path", "--tokenizer-not-use-fast", "--append-eod", "--output-prefix",
                  "--workers", "--log-interval", "GeneralInstructionHandler", "_packed_labels_document", "aquila-v1"):

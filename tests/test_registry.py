@@ -3,9 +3,9 @@ import json
 import pytest
 import torch.nn.functional as F
 
-from aquila_npu.models.config import spec_from_hf_config, transformer_config
-
-from aquila_npu.errors import NotAquilaConfig
+from aquila_npu.errors import CheckpointError, NotAquilaConfig
+from aquila_npu.models.config import transformer_config
+from aquila_npu.models.hf_config import spec_from_hf_config
 from aquila_npu.models.registry import MODELS, get_model_spec
 
 
@@ -86,5 +86,17 @@ def test_bad_hf_config(bad, match):
 
 
 def test_missing_hf_config(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config"):
+    with pytest.raises(CheckpointError, match="config"):
         spec_from_hf_config(tmp_path)
+
+
+def test_chat_template_is_recorded_from_the_model_name(tmp_path):
+    """FlagAI picks the conversation template by model name; the converter records it in the spec (and so in the
+    checkpoint's metadata), where generation's --chat finds it."""
+    cfg = get_model_spec("aquilachat2-7b").to_hf_config()
+    for folder, template in (("AquilaChat2-7B", "aquila-v1"), ("AquilaChat2-34B-16K", "aquila"),
+                             ("Aquila2-7B", None), ("my-finetune", None)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "config.json").write_text(json.dumps(cfg))
+        assert spec_from_hf_config(tmp_path / folder).chat_template == template, folder
+    assert spec_from_hf_config(dict(cfg, _name_or_path="BAAI/AquilaChat2-34B")).chat_template == "aquila-legacy"

@@ -14,12 +14,9 @@
 See docs/data.md and --help.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from aquila_npu.data.preprocess import main  # noqa: E402
+from aquila_npu.cli.preprocess import main
 
 if __name__ == "__main__":
     sys.exit(main())

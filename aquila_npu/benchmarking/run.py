@@ -20,7 +20,9 @@ from typing import List, Optional
 
 from aquila_npu.benchmarking import environment
 from aquila_npu.device.backends import FusedOps
+from aquila_npu.errors import FusedKernelUnavailable
 from aquila_npu.flops import training_flops_per_token
+from aquila_npu.models import arch_flags
 from aquila_npu.models.registry import ModelSpec, get_model_spec, padded_vocab_size
 from aquila_npu.ports import free_port
 
@@ -67,13 +69,8 @@ def pretrain_argv(s: Settings, spec: ModelSpec, fused: bool, metrics_file: str) 
     """Flags of the training entry point for one measured run."""
     if spec == get_model_spec(s.model):
         arch = ["--model", s.model]
-    else:  # a derived architecture: every shape flag, the vocabulary by --vocab-size (no tokenizer with mock data)
-        arch = ["--num-layers", spec.num_layers, "--hidden-size", spec.hidden_size,
-                "--ffn-hidden-size", spec.intermediate_size, "--num-attention-heads", spec.num_attention_heads,
-                "--max-position-embeddings", spec.max_position_embeddings, "--vocab-size", spec.vocab_size,
-                "--rotary-base", spec.rope_theta, "--norm-epsilon", spec.rms_norm_eps]
-        if spec.num_key_value_heads != spec.num_attention_heads:
-            arch += ["--group-query-attention", "--num-query-groups", spec.num_key_value_heads]
+    else:  # a derived architecture: every flag, the vocabulary by --vocab-size (no tokenizer with mock data)
+        arch = arch_flags.to_argv(spec)
     argv = [*arch, "--seq-length", seq_length(s, spec), "--mock-data", "--train-iters", s.warmup + s.iters,
             "--micro-batch-size", s.micro_batch_size, "--tensor-model-parallel-size", s.tp,
             "--pipeline-model-parallel-size", s.pp, "--lr", "1e-5", "--lr-decay-style", "constant",
@@ -86,7 +83,7 @@ def pretrain_argv(s: Settings, spec: ModelSpec, fused: bool, metrics_file: str) 
     if s.peak_tflops is not None:
         argv += ["--device-peak-tflops", s.peak_tflops]
     if fused:
-        argv += [FusedOps.FLAGS[name] for name in s.fused_switches]
+        argv += FusedOps.from_names(s.fused_switches).requested()
     return [str(a) for a in argv] + list(s.extra)
 
 
@@ -184,7 +181,7 @@ def measure(s: Settings, spec: ModelSpec, fused: bool, workdir: str, echo=print)
                              f"{_tail(log_path)}(full log: {log_path})")
     records = read_metrics(metrics) if os.path.exists(metrics) else []
     gbs = records[0]["global_batch_size"] if records else 0
-    out = {"fused": fused, "switches": [FusedOps.FLAGS[n] for n in s.fused_switches] if fused else [],
+    out = {"fused": fused, "switches": FusedOps.from_names(s.fused_switches).requested() if fused else [],
            "command": shlex.join(cmd), "global_batch_size": gbs}
     out.update(aggregate(records, warmup=s.warmup, tokens_per_step=gbs * seq_length(s, spec), world=s.nproc,
                          flops_per_token=flops(s, spec)))
@@ -211,7 +208,7 @@ def settings_record(s: Settings, spec: ModelSpec, gbs: int) -> dict:
             "tensor_model_parallel_size": s.tp, "pipeline_model_parallel_size": s.pp,
             "data_parallel_size": s.nproc // (s.tp * s.pp), "nproc": s.nproc, "dtype": s.dtype,
             "warmup_iters": s.warmup, "iters": s.iters,
-            "fused_switches": [FusedOps.FLAGS[n] for n in s.fused_switches], "extra_args": list(s.extra),
+            "fused_switches": FusedOps.from_names(s.fused_switches).requested(), "extra_args": list(s.extra),
             "data": "--mock-data (random tokens)"}
 
 
@@ -224,9 +221,9 @@ def run_benchmark(s: Settings, *, fused_mode: str, log_dir: Optional[str] = None
     cannot_fuse = None
     if fused_mode != "off":
         cannot_fuse = environment.fused_unavailable(
-            s.device, FusedOps(**{n: True for n in s.fused_switches}))
+            s.device, FusedOps.from_names(s.fused_switches))
         if cannot_fuse and fused_mode == "on":
-            raise BenchmarkError(f"--fused on: {cannot_fuse}")
+            raise FusedKernelUnavailable(f"--fused on: {cannot_fuse}")
         if cannot_fuse:
             echo(f"benchmark: no fused run on {s.device}: {cannot_fuse}")
     variants = [False, True] if fused_mode == "both" and not cannot_fuse else [fused_mode == "on"]

@@ -17,6 +17,8 @@ from tqdm import tqdm
 
 from aquila_npu.checkpoint import hf_io, megatron_io
 from aquila_npu.errors import CheckpointError
+from aquila_npu.models import arch_flags
+from aquila_npu.models.dtypes import parse_dtype
 from aquila_npu.weights.mapping import Layout, hf_names, hf_rank_to_mcore, hf_shapes
 
 ITERATION = 1  # what converted checkpoints carry, as ModelLink's converter
@@ -43,10 +45,10 @@ def _model_bytes(spec, dtype: torch.dtype) -> int:
 
 def _output_dtype(reader, params_dtype: Optional[torch.dtype]) -> torch.dtype:
     """--params-dtype, else the input checkpoint's dtype, else the config's."""
-    return params_dtype or getattr(reader, "dtype", None) or getattr(torch, reader.spec.torch_dtype)
+    return params_dtype or getattr(reader, "dtype", None) or parse_dtype(reader.spec.torch_dtype)
 
 
-class _AtomicDir:
+class AtomicDir:
     """A temporary directory next to ``target`` that replaces it on success and is removed on failure."""
 
     def __init__(self, target: str):
@@ -81,11 +83,11 @@ def _check_megatron_target(save_dir: str, layout: Layout) -> None:
     if not os.listdir(save_dir):
         return
     try:
-        _, existing, _ = megatron_io.read_layout(save_dir)
+        existing = megatron_io.CheckpointInfo.read(save_dir).spec
     except CheckpointError:
         raise CheckpointError(f"--save-dir {save_dir} is not empty and holds no aquila_npu checkpoint; choose an "
                               "empty or new directory") from None
-    if existing.spec.replace(name="", source="") != layout.spec.replace(name="", source=""):
+    if not arch_flags.same_architecture(existing, layout.spec):
         raise CheckpointError(f"--save-dir {save_dir} already holds a checkpoint of a different model; choose another "
                               "directory")
 
@@ -106,7 +108,7 @@ def to_megatron(reader, save_dir: str, tp: int, pp: int, make_vocab_size_divisib
     # One (stage, TP rank) shard in memory at a time; safetensors inputs are memory-mapped views.
     progress = _Progress(_model_bytes(reader.spec, dtype), f"-> megatron tp{tp}-pp{pp}")
     try:
-        with _AtomicDir(save_dir) as tmp:
+        with AtomicDir(save_dir) as tmp:
             for stage in range(pp):
                 for rank in range(tp):
                     shard = hf_rank_to_mcore(reader.get, layout, stage, rank, cast=cast)
@@ -130,7 +132,7 @@ def to_huggingface(reader, save_dir: str, hf_dir_for_files: Optional[str] = None
             base_cfg = json.load(f)
     progress = _Progress(_model_bytes(spec, dtype), "-> huggingface")
     try:
-        with _AtomicDir(save_dir) as tmp:
+        with AtomicDir(save_dir) as tmp:
             writer = hf_io.HFWriter(tmp, hf_shapes(spec), dtype, max_shard_bytes)
             for name in hf_names(spec):  # layer by layer: the reader maps each source stage once
                 t = reader.get(name).to(dtype)

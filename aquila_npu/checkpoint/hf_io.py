@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from aquila_npu.errors import CheckpointError
+from aquila_npu.models.dtypes import dtype_name
 from aquila_npu.models.hf_config import spec_from_hf_config
 from aquila_npu.models.registry import ModelSpec
 from aquila_npu.weights.mapping import IGNORED_HF_SUFFIXES
@@ -233,6 +234,6 @@ def write_config(spec: ModelSpec, dst: str, dtype: torch.dtype, base: Optional[d
     """config.json: the original one (when given) with our architecture fields, so nothing of it is lost."""
     cfg = dict(base or {})
     cfg.update(spec.to_hf_config() if not base else {})
-    cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+    cfg["torch_dtype"] = dtype_name(dtype)
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)

@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from dataclasses import dataclass, field
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
 from aquila_npu.errors import CheckpointError
+from aquila_npu.models import arch_flags
+from aquila_npu.models.dtypes import dtype_name, parse_dtype
 from aquila_npu.models.registry import ModelSpec
 from aquila_npu.weights.mapping import Layout, hf_names, mcore_stage_to_hf
 
@@ -36,25 +39,18 @@ def rank_dir(iteration: int, tp_rank: int, pp_rank: int, pp: int) -> str:
 
 
 def megatron_args(layout: Layout, params_dtype: torch.dtype) -> argparse.Namespace:
-    s = layout.spec
-    return argparse.Namespace(
-        num_layers=s.num_layers, hidden_size=s.hidden_size, ffn_hidden_size=s.intermediate_size,
-        num_attention_heads=s.num_attention_heads, group_query_attention=s.num_key_value_heads != s.num_attention_heads,
-        num_query_groups=s.num_key_value_heads, max_position_embeddings=s.max_position_embeddings,
-        seq_length=s.max_position_embeddings, norm_epsilon=s.rms_norm_eps, rotary_base=s.rope_theta,
-        normalization="RMSNorm", swiglu=True, untie_embeddings_and_output_weights=not s.tie_word_embeddings,
-        add_bias_linear=False, position_embedding_type="rope", tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp, make_vocab_size_divisible_by=layout.make_vocab_size_divisible_by,
-        padded_vocab_size=layout.padded_vocab, vocab_size=s.vocab_size, params_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
-    )
+    """The ``args`` Megatron-LM stores: the architecture flags, the layout and the dtype flags."""
+    return arch_flags.megatron_namespace(
+        layout.spec, tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        make_vocab_size_divisible_by=layout.make_vocab_size_divisible_by, padded_vocab_size=layout.padded_vocab,
+        params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16)
 
 
 def checkpoint_meta(layout: Layout, params_dtype: torch.dtype) -> dict:
     return {"spec": dataclasses.asdict(layout.spec), "tp": layout.tp, "pp": layout.pp,
             "make_vocab_size_divisible_by": layout.make_vocab_size_divisible_by,
             "padded_vocab_size": layout.padded_vocab, "tokenizer_vocab_size": layout.spec.vocab_size,
-            "params_dtype": str(params_dtype).replace("torch.", "")}
+            "params_dtype": dtype_name(params_dtype)}
 
 
 def save_rank(root: str, iteration: int, layout: Layout, pp_rank: int, tp_rank: int, sd: Dict[str, torch.Tensor],
@@ -108,26 +104,62 @@ def load_rank(root: str, iteration: int, tp_rank: int, pp_rank: int, pp: int) ->
         raise CheckpointError(f"{path}: cannot read ({e})") from None
 
 
-def read_layout(root: str):
-    """(iteration, Layout, params dtype) of a checkpoint directory written by aquila_npu."""
-    iteration = read_iteration(root)
-    d = _iter_dir(root, iteration)
-    if not os.path.isdir(d):
-        raise CheckpointError(f"{root}: {TRACKER} says iteration {iteration} but {d} is missing")
-    ranks = sorted(os.listdir(d))
-    if not ranks:
-        raise CheckpointError(f"{d}: no mp_rank_* directories")
-    single_stage = os.path.isdir(os.path.join(d, "mp_rank_00"))
-    obj = load_rank(root, iteration, 0, 0, 1 if single_stage else 2)  # pp > 1 names it mp_rank_00_000
-    meta = obj.get("aquila")
-    if meta is None:
-        raise CheckpointError(f"{root}: the checkpoint carries no architecture ('aquila' entry); it was not written "
-                              "by aquila_npu")
-    layout = Layout(ModelSpec(**meta["spec"]), meta["tp"], meta["pp"], meta["make_vocab_size_divisible_by"])
-    expected = layout.tp * layout.pp
-    if len(ranks) != expected:
-        raise CheckpointError(f"{d}: {len(ranks)} rank directories, expected {expected} (tp{layout.tp} x pp{layout.pp})")
-    return iteration, layout, getattr(torch, meta["params_dtype"])
+@dataclass
+class CheckpointInfo:
+    """What a Megatron checkpoint directory holds, read once (no process group needed): its iteration, layout
+    (architecture, tp/pp, vocabulary padding), stored dtype and whether training wrote it (optimizer state).
+
+    ``load_rank`` hands out one rank's file; rank (0, 0)'s, already read for the metadata, is not read again."""
+
+    root: str
+    iteration: int
+    layout: Layout
+    params_dtype: torch.dtype
+    trained: bool  # written by training (optimizer, scheduler, RNG), not by the converter
+    _first: Optional[dict] = field(default=None, repr=False, compare=False)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.layout.spec
+
+    @classmethod
+    def read(cls, root: str) -> "CheckpointInfo":
+        """CheckpointError when ``root`` is not a checkpoint written by aquila_npu."""
+        iteration = read_iteration(root)
+        d = _iter_dir(root, iteration)
+        if not os.path.isdir(d):
+            raise CheckpointError(f"{root}: {TRACKER} says iteration {iteration} but {d} is missing")
+        ranks = sorted(os.listdir(d))
+        if not ranks:
+            raise CheckpointError(f"{d}: no mp_rank_* directories")
+        single_stage = os.path.isdir(os.path.join(d, "mp_rank_00"))
+        first = load_rank(root, iteration, 0, 0, 1 if single_stage else 2)  # pp > 1 names it mp_rank_00_000
+        meta = first.get("aquila")
+        if meta is None:
+            raise CheckpointError(f"{root}: the checkpoint carries no architecture ('aquila' entry); it was not "
+                                  "written by aquila_npu")
+        layout = Layout(ModelSpec(**meta["spec"]), meta["tp"], meta["pp"], meta["make_vocab_size_divisible_by"])
+        expected = layout.tp * layout.pp
+        if len(ranks) != expected:
+            raise CheckpointError(f"{d}: {len(ranks)} rank directories, expected {expected} (tp{layout.tp} x "
+                                  f"pp{layout.pp})")
+        return cls(root, iteration, layout, parse_dtype(meta["params_dtype"]), "optimizer" in first, first)
+
+    @classmethod
+    def find(cls, root: Optional[str]) -> Optional["CheckpointInfo"]:
+        """The checkpoint in ``root``, or None when ``root`` holds no tracker file (nothing saved yet)."""
+        if not root or not os.path.exists(os.path.join(root, TRACKER)):
+            return None
+        return cls.read(root)
+
+    def load_rank(self, tp_rank: int, pp_rank: int) -> dict:
+        if (tp_rank, pp_rank) == (0, 0) and self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return load_rank(self.root, self.iteration, tp_rank, pp_rank, self.layout.pp)
+
+    def rank_path(self, tp_rank: int, pp_rank: int) -> str:
+        return rank_path(self.root, self.iteration, tp_rank, pp_rank, self.layout.pp)
 
 
 class MegatronReader:
@@ -137,7 +169,8 @@ class MegatronReader:
 
     def __init__(self, root: str):
         self.root = root
-        self.iteration, self.layout, self.dtype = read_layout(root)
+        self.info = CheckpointInfo.read(root)
+        self.iteration, self.layout, self.dtype = self.info.iteration, self.info.layout, self.info.params_dtype
         self.spec = self.layout.spec
         self._stage: Optional[int] = None
         self._shards: list = []
@@ -155,11 +188,14 @@ class MegatronReader:
         """Unmap the current stage's files."""
         self._stage, self._shards, self._merged, self._ready, self._last = None, [], iter(()), {}, -1
 
+    def stage_shards(self, stage: int) -> list:
+        """The megatron-core state dicts of one pipeline stage, one per TP rank (memory-mapped)."""
+        return [self.info.load_rank(r, stage)["model"] for r in range(self.layout.tp)]
+
     def _restart(self, stage: int) -> None:
         if stage != self._stage:
             self.release()
-            self._shards = [load_rank(self.root, self.iteration, r, stage, self.layout.pp)["model"]
-                            for r in range(self.layout.tp)]
+            self._shards = self.stage_shards(stage)
             self._stage = stage
         self._merged = mcore_stage_to_hf(self._shards, self.layout, stage)
         self._ready, self._last = {}, -1

@@ -1,14 +1,14 @@
 """megatron-core ``BackendSpecProvider``s for the three devices.
 
 The ModelLink switches choose fused modules: ``--use-fused-rmsnorm``, ``--use-flash-attn``,
-``--use-fused-rotary-pos-emb``, ``--use-fused-swiglu``. With none of them every backend builds the plain-PyTorch
+``--use-fused-rotary-pos-emb``, ``--use-fused-swiglu``, and on Ascend ``--use-mc2`` (sequence-parallel linears whose
+all-gather / reduce-scatter run inside the matmul kernels). With none of them every backend builds the plain-PyTorch
 modules of ``torch_modules``. Asking for a fused op the device cannot provide raises ``FusedKernelUnavailable``.
 Parameter names and shapes never depend on the backend: fused modules subclass or mirror the plain ones.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -22,29 +22,54 @@ from aquila_npu.errors import FusedKernelUnavailable
 
 @dataclass(frozen=True)
 class FusedOps:
-    """Which fused kernels to use (the ModelLink switches)."""
+    """Which fused kernels to use: the ModelLink switches (``SWITCHES``: field -> (flag, help)), which this class also
+    adds to a parser (``add_arguments``) and reads back (``from_args``)."""
 
-    rmsnorm: bool = False  # --use-fused-rmsnorm
-    flash_attn: bool = False  # --use-flash-attn
-    rotary: bool = False  # --use-fused-rotary-pos-emb
-    swiglu: bool = False  # --use-fused-swiglu
+    rmsnorm: bool = False
+    flash_attn: bool = False
+    rotary: bool = False
+    swiglu: bool = False
+    mc2: bool = False
 
-    FLAGS = {"rmsnorm": "--use-fused-rmsnorm", "flash_attn": "--use-flash-attn",
-             "rotary": "--use-fused-rotary-pos-emb", "swiglu": "--use-fused-swiglu"}
+    SWITCHES = {
+        "rmsnorm": ("--use-fused-rmsnorm", "fused RMSNorm (npu_rms_norm on Ascend; Transformer Engine on CUDA)"),
+        "flash_attn": ("--use-flash-attn", "fused attention (npu_fusion_attention on Ascend; Transformer Engine on "
+                                           "CUDA)"),
+        "rotary": ("--use-fused-rotary-pos-emb", "fused RoPE (npu_rotary_mul on Ascend; Transformer Engine on "
+                                                 "CUDA)"),
+        "swiglu": ("--use-fused-swiglu", "fused SwiGLU (npu_swiglu on Ascend; megatron-core's kernel on CUDA)"),
+        "mc2": ("--use-mc2", "Ascend MC2: the sequence-parallel all-gather / reduce-scatter of the tensor-parallel "
+                             "linears fused into the matmuls (npu_all_gather_base_mm / npu_mm_reduce_scatter_base; "
+                             "training with --sequence-parallel at tp 2, 4 or 8, bf16/fp16)"),
+    }
+    KERNELS = ("rmsnorm", "flash_attn", "rotary", "swiglu")  # the per-layer kernels; mc2 needs sequence parallelism
 
     @classmethod
     def all(cls) -> "FusedOps":
-        return cls(True, True, True, True)
+        """Every fused kernel (not --use-mc2, which only sequence-parallel training can use)."""
+        return cls(**{name: True for name in cls.KERNELS})
+
+    @classmethod
+    def add_arguments(cls, parser, title: str = "fused kernels (ModelLink switches; need an Ascend NPU, or on CUDA "
+                                                 "Transformer Engine)"):
+        g = parser.add_argument_group(title)
+        for flag, text in cls.SWITCHES.values():
+            g.add_argument(flag, action="store_true", help=text)
+        return g
 
     @classmethod
     def from_args(cls, args) -> "FusedOps":
-        return cls(rmsnorm=bool(getattr(args, "use_fused_rmsnorm", False)),
-                   flash_attn=bool(getattr(args, "use_flash_attn", False)),
-                   rotary=bool(getattr(args, "use_fused_rotary_pos_emb", False)),
-                   swiglu=bool(getattr(args, "use_fused_swiglu", False)))
+        """From parsed flags (argparse dests, e.g. ``use_fused_rmsnorm``)."""
+        return cls(**{name: bool(getattr(args, flag[2:].replace("-", "_"), False))
+                      for name, (flag, _) in cls.SWITCHES.items()})
+
+    @classmethod
+    def from_names(cls, names) -> "FusedOps":
+        return cls(**{name: True for name in names})
 
     def requested(self):
-        return [self.FLAGS[f.name] for f in dataclasses.fields(self) if getattr(self, f.name)]
+        """The flags of the switches that are on."""
+        return [flag for name, (flag, _) in self.SWITCHES.items() if getattr(self, name)]
 
 
 class TorchBackend(LocalSpecProvider):
@@ -72,7 +97,8 @@ class TorchBackend(LocalSpecProvider):
         return None
 
     def rope_fn(self) -> Optional[Callable]:
-        """A fused rotary function ``fn(t, freqs)``, or None for megatron-core's own."""
+        """A fused rotary function ``fn(t, freqs)`` for megatron-core's fused-RoPE slot (the device layer installs it;
+        ``config_overrides`` then sets ``apply_rope_fusion``), or None for megatron-core's own choice."""
         return None
 
     def config_overrides(self) -> dict:
@@ -96,6 +122,12 @@ class NpuBackend(TorchBackend):
 
     name = "npu"
 
+    def column_parallel_linear(self) -> type:
+        return npu_modules.Mc2ColumnParallelLinear if self.fused.mc2 else ColumnParallelLinear
+
+    def row_parallel_linear(self) -> type:
+        return npu_modules.Mc2RowParallelLinear if self.fused.mc2 else RowParallelLinear
+
     def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
         return npu_modules.NpuRMSNorm if self.fused.rmsnorm else torch_modules.RMSNorm
 
@@ -107,6 +139,10 @@ class NpuBackend(TorchBackend):
 
     def rope_fn(self) -> Optional[Callable]:
         return npu_modules.npu_rope if self.fused.rotary else None
+
+    def config_overrides(self) -> dict:
+        # Fused RoPE through megatron-core's own fused slot (aquila_npu.device.patches.provide_fused_rope).
+        return {**super().config_overrides(), "apply_rope_fusion": self.fused.rotary}
 
 
 def have_transformer_engine() -> bool:
@@ -120,8 +156,11 @@ class CudaBackend(TorchBackend):
     name = "cuda"
 
     def __init__(self, fused: FusedOps = FusedOps()):
-        needs_te = [flag for flag, on in (("--use-fused-rmsnorm", fused.rmsnorm), ("--use-flash-attn", fused.flash_attn),
-                                          ("--use-fused-rotary-pos-emb", fused.rotary)) if on]
+        if fused.mc2:
+            raise FusedKernelUnavailable("--use-mc2 is Ascend's MC2 (torch_npu kernels): drop it on cuda "
+                                         "(megatron-core overlaps tensor-parallel communication there with Transformer "
+                                         "Engine)")
+        needs_te = [FusedOps.SWITCHES[name][0] for name in ("rmsnorm", "flash_attn", "rotary") if getattr(fused, name)]
         if needs_te and not have_transformer_engine():
             raise FusedKernelUnavailable(
                 f"{', '.join(needs_te)} on cuda needs Transformer Engine (pip install transformer_engine[pytorch]); "

@@ -8,11 +8,11 @@ Two groups of patches exist:
 * ``redirect_cuda_to_cpu()``: megatron-core assumes CUDA in a few places (``torch.cuda.current_device()`` as a
   device, tensor factories called with ``device='cuda'``, CUDA RNG state helpers, ``param.type() ==
   'torch.cuda.FloatTensor'`` checks in grad clipping and the optimizers). On a plain CPU we send all of them to the
-  CPU. On an Ascend NPU the same role is played by ``torch_npu.contrib.transfer_to_npu`` (see ``device/npu.py``).
-* ``install_rope_hook()``: megatron-core's attention applies rotary embeddings through the module-level function
-  ``megatron.core.transformer.attention.apply_rotary_pos_emb``. The hook wraps it so that a config carrying a
-  ``aquila_rope_fn`` (set by a fused-rotary backend, e.g. ``torch_npu.npu_rotary_mul``) uses that function; every
-  other config goes to megatron-core's own implementation unchanged.
+  CPU. On an Ascend NPU the same role is played by ``torch_npu.contrib.transfer_to_npu`` (imported by
+  ``aquila_npu.device.setup``), with ``adapt_megatron_to_npu()`` adding what it leaves out.
+* ``provide_fused_rope(fn)``: megatron-core applies rotary embeddings with its own code, or, for a config with
+  ``apply_rope_fusion=True``, with the function in its fused-RoPE slot (Transformer Engine's on CUDA). A backend with
+  a fused RoPE kernel (``torch_npu.npu_rotary_mul``) sets ``apply_rope_fusion`` and its function goes into the slot.
 """
 
 from __future__ import annotations
@@ -190,24 +190,23 @@ def adapt_megatron_to_npu() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Rotary hook
+# Fused RoPE
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def install_rope_hook() -> None:
-    """Route megatron-core's rotary embedding through ``config.aquila_rope_fn`` where a config sets one."""
+def provide_fused_rope(fn: Callable) -> None:
+    """Put ``fn(t, freqs)`` into megatron-core's fused-RoPE slot (``rope_utils.fused_apply_rotary_pos_emb``, filled by
+    Transformer Engine where it is installed). megatron-core uses the slot for every config with
+    ``apply_rope_fusion=True``, which the backend that chose ``fn`` sets (``config_overrides``)."""
     if "rope" in _groups:
         return
-    from megatron.core.transformer import attention
+    from megatron.core.models.common.embeddings import rope_utils
 
-    original = attention.apply_rotary_pos_emb
-
-    @functools.wraps(original)
-    def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None):
-        fn = getattr(config, "aquila_rope_fn", None)
-        if fn is None or cu_seqlens is not None or mscale != 1.0 or config.rotary_interleaved:
-            return original(t, freqs, config=config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
+    def fused_apply_rotary_pos_emb(t, freqs, interleaved: bool = False, **unused):
+        if interleaved:
+            raise NotImplementedError("the fused RoPE kernel here is rotate-half (Aquila2's); interleaved RoPE is not "
+                                      "supported")
         return fn(t, freqs)
 
-    _set(attention, "apply_rotary_pos_emb", apply_rotary_pos_emb)
+    _set(rope_utils, "fused_apply_rotary_pos_emb", fused_apply_rotary_pos_emb)
     _groups.add("rope")

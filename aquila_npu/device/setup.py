@@ -15,12 +15,11 @@ from typing import Optional
 
 import torch
 
-from aquila_npu.device import patches
+from aquila_npu.device import DEVICES, DIST_BACKENDS, patches
 from aquila_npu.device.backends import FusedOps, TorchBackend, make_backend
+from aquila_npu.errors import DeviceUnavailable, UsageError
 from aquila_npu.ports import free_port
 
-DEVICES = ("npu", "cuda", "cpu")
-DIST_BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 
 
 @dataclass
@@ -59,12 +58,12 @@ def resolve(device: Optional[str] = None) -> str:
     if device == "auto":
         return detect()
     if device not in DEVICES:
-        raise ValueError(f"--device {device!r}: choose one of auto, {', '.join(DEVICES)}")
+        raise UsageError(f"--device {device!r}: choose one of auto, {', '.join(DEVICES)}")
     if device == "npu" and not npu_available():
-        raise RuntimeError("--device npu: torch_npu is not importable or sees no NPU (install torch_npu matching "
-                           "torch and source CANN's set_env.sh)")
+        raise DeviceUnavailable("--device npu: torch_npu is not importable or sees no NPU (install torch_npu "
+                                "matching torch and source CANN's set_env.sh)")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: torch sees no CUDA GPU")
+        raise DeviceUnavailable("--device cuda: torch sees no CUDA GPU")
     return device
 
 
@@ -103,7 +102,7 @@ def setup(device: Optional[str] = None, fused: FusedOps = FusedOps(), *, distrib
         patches.redirect_cuda_to_cpu()
         torch_device = torch.device("cpu")
     if backend.rope_fn() is not None:
-        patches.install_rope_hook()
+        patches.provide_fused_rope(backend.rope_fn())
     if distributed:
         init_distributed(DIST_BACKENDS[name])
     return Device(name=name, backend=backend, dist_backend=DIST_BACKENDS[name], torch_device=torch_device)

@@ -30,13 +30,6 @@ def chat_prompt(template: str, question: str, system: Optional[str] = None) -> s
 
 
 def default_template(spec) -> str:
-    """FlagAI's choice per model (``predict.py``'s template_map), recognised from the architecture: the 16K models
-    (linear RoPE scaling) ``aquila``, AquilaChat2-7B ``aquila-v1``, AquilaChat2-34B ``aquila-legacy``, anything else
-    FlagAI's default ``aquila-chat``."""
-    if spec.rope_scaling_factor:
-        return "aquila"
-    if (spec.hidden_size, spec.num_layers) == (4096, 32):
-        return "aquila-v1"
-    if (spec.hidden_size, spec.num_layers) == (6144, 60):
-        return "aquila-legacy"
-    return "aquila-chat"
+    """The checkpoint's template (``ModelSpec.chat_template``: FlagAI's choice for the model, recorded by the
+    converter from the model's name), else FlagAI's default ``aquila-chat``."""
+    return spec.chat_template or "aquila-chat"

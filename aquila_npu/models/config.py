@@ -6,12 +6,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from aquila_npu.models.dtypes import DTYPES
-from aquila_npu.models.hf_config import spec_from_hf_config
-from aquila_npu.errors import NotAquilaConfig
 from aquila_npu.models.registry import ModelSpec
-
-__all__ = ['DTYPES', 'NotAquilaConfig', 'spec_from_hf_config', 'transformer_config']
 
 
 

@@ -15,9 +15,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
-from aquila_npu.models.registry import ModelSpec, padded_vocab_size
-
-__all__ = ['padded_vocab_size', 'layer_spec', 'block_spec', 'build_model']
+from aquila_npu.models.registry import ModelSpec
 
 
 def layer_spec(backend) -> ModuleSpec:
@@ -61,10 +59,6 @@ def build_model(spec: ModelSpec, config: TransformerConfig, backend, *, padded_v
                 pre_process: bool = True, post_process: bool = True, pp_rank: Optional[int] = None,
                 max_sequence_length: Optional[int] = None, parallel_output: bool = True) -> GPTModel:
     """One pipeline stage of the model (pre_process: holds the embedding; post_process: final norm + output)."""
-    fn = backend.rope_fn()
-    if fn is not None:
-        # Read by the rotary hook in aquila_npu.device.patches (installed by the device layer).
-        config.aquila_rope_fn = fn
     return GPTModel(
         config=config,
         transformer_layer_spec=block_spec(config, backend, pp_rank),

@@ -6,8 +6,8 @@ import json
 import os
 from typing import Optional, Union
 
-from aquila_npu.errors import NotAquilaConfig
-from aquila_npu.models.registry import ModelSpec
+from aquila_npu.errors import CheckpointError, NotAquilaConfig
+from aquila_npu.models.registry import ModelSpec, chat_template_for
 
 
 def spec_from_hf_config(cfg: Union[str, os.PathLike, dict], name: Optional[str] = None) -> ModelSpec:
@@ -21,7 +21,7 @@ def spec_from_hf_config(cfg: Union[str, os.PathLike, dict], name: Optional[str] 
             with open(path, encoding="utf-8") as f:
                 cfg = json.load(f)
         except FileNotFoundError:
-            raise FileNotFoundError(f"no Hugging Face config at {path}") from None
+            raise CheckpointError(f"no Hugging Face config at {path}") from None
         except json.JSONDecodeError as e:
             raise NotAquilaConfig(f"{path} is not valid JSON: {e}") from None
     where = path or "config"
@@ -52,8 +52,11 @@ def spec_from_hf_config(cfg: Union[str, os.PathLike, dict], name: Optional[str] 
         return v[0] if isinstance(v, list) else v
 
     dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+    name = name or cfg.get("_name_or_path") or (os.path.basename(os.path.dirname(os.path.abspath(path)))
+                                                  if path else "") or "hf-model"
     return ModelSpec(
-        name=name or cfg.get("_name_or_path") or "hf-model",
+        name=name,
+        chat_template=chat_template_for(name),
         hidden_size=cfg["hidden_size"],
         intermediate_size=cfg["intermediate_size"],
         num_layers=cfg["num_hidden_layers"],
@@ -68,6 +71,6 @@ def spec_from_hf_config(cfg: Union[str, os.PathLike, dict], name: Optional[str] 
         bos_token_id=token_id("bos_token_id", 1),
         eos_token_id=token_id("eos_token_id", 2),
         pad_token_id=token_id("pad_token_id", 0) if cfg.get("pad_token_id") is not None else 0,
-        torch_dtype=str(dtype).replace("torch.", ""),
+        torch_dtype=str(dtype).replace("torch.", ""),  # config.json text, e.g. "bfloat16"
         source=where,
     )

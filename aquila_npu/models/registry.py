@@ -45,14 +45,13 @@ class ModelSpec:
     pad_token_id: int = 0
     torch_dtype: str = "float16"
     source: str = ""
+    # The AquilaChat2 conversation template FlagAI's predict.py uses for this model (aquila_npu.data.templates);
+    # None: not a chat model of the registry (generation's --chat then uses FlagAI's default, aquila-chat).
+    chat_template: Optional[str] = None
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
-
-    @property
-    def kv_channels(self) -> int:
-        return self.head_dim * self.num_key_value_heads
 
     def num_parameters(self, padded_vocab_size: Optional[int] = None) -> int:
         """Parameter count of the model (the HF checkpoint's, unless a padded vocab is given)."""
@@ -106,13 +105,13 @@ MODELS: Dict[str, ModelSpec] = {
     s.name: s
     for s in [
         ModelSpec("aquila2-7b", **_7B, source="BAAI/Aquila2-7B config.json (Oct-2023 revision)"),
-        ModelSpec("aquilachat2-7b", **_7B, source="BAAI/AquilaChat2-7B config.json"),
+        ModelSpec("aquilachat2-7b", **_7B, source="BAAI/AquilaChat2-7B config.json", chat_template="aquila-v1"),
         ModelSpec("aquilachat2-7b-16k", **{**_7B, "max_position_embeddings": 16384}, rope_scaling_factor=8.0,
-                  source="BAAI/AquilaChat2-7B-16K config.json"),
+                  source="BAAI/AquilaChat2-7B-16K config.json", chat_template="aquila"),
         ModelSpec("aquila2-34b", **_34B, source="BAAI/Aquila2-34B config.json (revision 356733c)"),
-        ModelSpec("aquilachat2-34b", **_34B, source="BAAI/AquilaChat2-34B config.json"),
+        ModelSpec("aquilachat2-34b", **_34B, source="BAAI/AquilaChat2-34B config.json", chat_template="aquila-legacy"),
         ModelSpec("aquilachat2-34b-16k", **{**_34B, "max_position_embeddings": 16384}, rope_scaling_factor=4.0,
-                  source="BAAI/AquilaChat2-34B-16K config.json"),
+                  source="BAAI/AquilaChat2-34B-16K config.json", chat_template="aquila"),
         ModelSpec("aquila2-7b-2406", **{**_7B, **_2406}, source="BAAI/Aquila2-7B config.json (2024-06 release)"),
         ModelSpec("aquila2-34b-2406", **{**_34B, **_2406}, source="BAAI/Aquila2-34B config.json (2024-06 release)"),
         # Small debug configs: Aquila2-shaped (RMSNorm, SwiGLU, RoPE, GQA, untied, no bias), quick on a CPU.
@@ -124,6 +123,12 @@ MODELS: Dict[str, ModelSpec] = {
                   source="debug: real vocab, 7B-like proportions"),
     ]
 }
+
+
+def chat_template_for(name: str) -> Optional[str]:
+    """FlagAI's template for a model named like a registry entry (a folder ``.../AquilaChat2-7B``), else None."""
+    spec = MODELS.get(name.rstrip("/").rsplit("/", 1)[-1].lower())
+    return spec.chat_template if spec else None
 
 
 def get_model_spec(name: str) -> ModelSpec:

@@ -1,1 +1,2 @@
-"""Pretraining / SFT on megatron-core: flags, architecture resolution, data batches, step, checkpoints, reports."""
+"""Pretraining / SFT on megatron-core: the resolved run (``config``), data batches, the step, checkpoints, reports
+and the loop (``run``). The flags: ``aquila_npu.cli.pretrain``."""

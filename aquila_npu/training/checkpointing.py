@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -24,6 +24,8 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
 from aquila_npu.checkpoint import megatron_io
+from aquila_npu.checkpoint.load_model import relayout_command
+from aquila_npu.checkpoint.megatron_io import CheckpointInfo
 from aquila_npu.errors import CheckpointError
 from aquila_npu.weights.load import load_stage_state
 from aquila_npu.weights.mapping import Layout
@@ -51,16 +53,6 @@ def _dist_opt_state(optimizer) -> list:
                             elem["padding"] = False
         states.append(state)
     return states
-
-
-def peek(root: Optional[str]):
-    """(iteration, Layout, dtype, aquila meta) of the checkpoint in ``root``; None when there is none."""
-    if not root or not os.path.exists(os.path.join(root, megatron_io.TRACKER)):
-        return None
-    iteration, layout, dtype = megatron_io.read_layout(root)
-    pp_name = 1 if layout.pp == 1 else 2
-    meta = megatron_io.load_rank(root, iteration, 0, 0, pp_name)["aquila"]
-    return iteration, layout, dtype, meta
 
 
 def _rng_state() -> dict:
@@ -128,18 +120,18 @@ def save(root: str, iteration: int, *, model, optimizer, scheduler, layout: Layo
     torch.distributed.barrier()
 
 
-def load(root: str, *, model, optimizer, scheduler, layout: Layout, params_dtype: torch.dtype, finetune: bool,
-         no_load_optim: bool, no_load_rng: bool, use_distributed_optimizer: bool) -> Tuple[int, int, str]:
-    """Load this rank's shard; (iteration, consumed samples, what was loaded)."""
-    iteration, have, _ = megatron_io.read_layout(root)
+def load(info: CheckpointInfo, *, model, optimizer, scheduler, layout: Layout, params_dtype: torch.dtype,
+         finetune: bool, no_load_optim: bool, no_load_rng: bool,
+         use_distributed_optimizer: bool) -> Tuple[int, int, str]:
+    """Load this rank's shard of the checkpoint ``info`` describes; (iteration, consumed samples, what was loaded)."""
+    root, iteration = info.root, info.iteration
+    have = info.layout
     if (have.tp, have.pp) != (layout.tp, layout.pp):
         raise CheckpointError(
             f"--load {root} is tp{have.tp}-pp{have.pp}, but this run is tp{layout.tp}-pp{layout.pp}; re-lay it out "
-            f"with: python tools/checkpoint/convert_ckpt.py --model-type GPT --loader megatron --saver megatron "
-            f"--load-dir {root} --save-dir <new-dir> --target-tensor-parallel-size {layout.tp} "
-            f"--target-pipeline-parallel-size {layout.pp}")
+            f"with: {relayout_command(root, layout.tp, layout.pp)}")
     tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    ck = megatron_io.load_rank(root, iteration, tp, pp, layout.pp)
+    ck = info.load_rank(tp, pp)
     load_stage_state(model.module, {k: v.to(params_dtype) for k, v in ck["model"].items()})
     trained = "optimizer" in ck  # converted checkpoints carry weights only
     if finetune or not trained:
@@ -154,8 +146,7 @@ def load(root: str, *, model, optimizer, scheduler, layout: Layout, params_dtype
                                   "--use-distributed-optimizer; pass the same flag, or --no-load-optim")
         optimizer.load_state_dict(ck["optimizer"])
         if ck.get("distributed_optimizer"):
-            path = os.path.join(megatron_io.rank_path(root, iteration, tp, pp, layout.pp),
-                                _dist_opt_file(ps.get_data_parallel_rank()))
+            path = os.path.join(info.rank_path(tp, pp), _dist_opt_file(ps.get_data_parallel_rank()))
             saved_dp = ck.get("data_parallel_size")
             if saved_dp != ps.get_data_parallel_world_size() or not os.path.exists(path):
                 raise CheckpointError(f"--load {root}: its distributed-optimizer state was saved by {saved_dp} "

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 
 import torch
 
-from aquila_npu.errors import CheckpointError, FusedKernelUnavailable, LayoutError, UsageError
-from aquila_npu.device.backends import FusedOps
+from aquila_npu.checkpoint.megatron_io import CheckpointInfo
 from aquila_npu.device.setup import setup
+from aquila_npu.errors import CheckpointError, UsageError
 from aquila_npu.flops import peak_tflops, training_flops_per_token
 from aquila_npu.models.config import transformer_config
+from aquila_npu.models.dtypes import dtype_name
 from aquila_npu.models.gpt import build_model
 from aquila_npu.parallel import initialize_model_parallel
-from aquila_npu.training import architecture, batches, checkpointing
+from aquila_npu.training import batches, checkpointing
+from aquila_npu.training.config import RunConfig, resolve
 from aquila_npu.training.report import Reporter, device_memory
 from aquila_npu.training.step import eval_step, train_step
-from aquila_npu.weights.mapping import Layout
+from aquila_npu.lora import training as lora_training
 
 
 def _print0(*a):
@@ -35,11 +36,7 @@ def _load_tokenizer(args):
     return MCoreTokenizer.from_pretrained(args.tokenizer_name_or_path, use_fast=not args.tokenizer_not_use_fast)
 
 
-def _dtype(args) -> torch.dtype:
-    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-
-
-def build(args, dev, spec, layout):
+def build(args, cfg: RunConfig, dev, lora=None):
     """(DDP-wrapped model stage, optimizer, scheduler, transformer config)."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -47,24 +44,28 @@ def build(args, dev, spec, layout):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    dtype = _dtype(args)
+    spec, layout, dtype = cfg.spec, cfg.layout, cfg.params_dtype
     recompute = {}
     if args.recompute_granularity:
         recompute = {"recompute_granularity": args.recompute_granularity,
                      "recompute_method": args.recompute_method, "recompute_num_layers": args.recompute_num_layers}
-    cfg = transformer_config(spec, tensor_parallel=layout.tp, pipeline_parallel=layout.pp,
-                             sequence_parallel=args.sequence_parallel, params_dtype=dtype,
-                             hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
-                             init_method_std=args.init_method_std, calculate_per_token_loss=True,
-                             use_cpu_initialization=dev.name == "cpu", **recompute,
-                             **dev.backend.config_overrides())
+    tcfg = transformer_config(spec, tensor_parallel=layout.tp, pipeline_parallel=layout.pp,
+                              sequence_parallel=cfg.sequence_parallel, params_dtype=dtype,
+                              hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+                              init_method_std=args.init_method_std, calculate_per_token_loss=True,
+                              use_cpu_initialization=dev.name == "cpu", **recompute,
+                              **dev.backend.config_overrides())
     pp_rank = ps.get_pipeline_model_parallel_rank()
-    model = build_model(spec, cfg, dev.backend, padded_vocab=layout.padded_vocab, pre_process=pp_rank == 0,
+    model = build_model(spec, tcfg, dev.backend, padded_vocab=layout.padded_vocab, pre_process=pp_rank == 0,
                         post_process=pp_rank == layout.pp - 1, pp_rank=pp_rank, parallel_output=True,
                         max_sequence_length=spec.max_position_embeddings)
+    if lora is not None:  # adapters on the frozen base, before DDP and the optimizer see the parameters
+        from aquila_npu.lora.layers import apply_lora  # peft (and transformers): only LoRA runs import them
+
+        model = apply_lora(model, tcfg, lora, layout, pp_rank, args.seed)
     model.to(dev.torch_device)
     ddp = DistributedDataParallel(
-        config=cfg, module=model,
+        config=tcfg, module=model,
         ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                  use_distributed_optimizer=args.use_distributed_optimizer))
     optimizer = get_megatron_optimizer(
@@ -74,7 +75,7 @@ def build(args, dev, spec, layout):
                         initial_loss_scale=args.initial_loss_scale if args.fp16 else None,
                         use_distributed_optimizer=args.use_distributed_optimizer),
         [ddp])
-    gbs = args.global_batch_size
+    gbs = cfg.global_batch_size
     decay_iters = args.lr_decay_iters or args.train_iters
     warmup = args.lr_warmup_iters
     if args.lr_warmup_fraction is not None:
@@ -86,31 +87,31 @@ def build(args, dev, spec, layout):
         optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup * gbs,
         lr_decay_steps=max(decay_iters, 1) * gbs, lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
         end_wd=args.weight_decay, wd_incr_steps=max(args.train_iters, 1) * gbs, wd_incr_style="constant")
-    cfg.no_sync_func = ddp.no_sync
-    cfg.finalize_model_grads_func = finalize_model_grads
+    tcfg.no_sync_func = ddp.no_sync
+    tcfg.finalize_model_grads_func = finalize_model_grads
     if args.fp16:
-        cfg.grad_scale_func = optimizer.scale_loss
-    return ddp, optimizer, scheduler, cfg
+        tcfg.grad_scale_func = optimizer.scale_loss
+    return ddp, optimizer, scheduler
 
 
-def datasets(args, tokenizer, spec):
+def datasets(args, cfg: RunConfig, tokenizer):
     """(train, valid) datasets holding at least the samples this run consumes."""
-    gbs = args.global_batch_size
+    gbs, seq = cfg.global_batch_size, cfg.seq_length
     n_train = args.train_iters * gbs
     n_valid = (args.train_iters // args.eval_interval + 1) * args.eval_iters * gbs if args.eval_iters else 0
     if args.mock_data:
-        vocab = tokenizer.vocab_size if tokenizer is not None else spec.vocab_size
-        valid = batches.MockDataset(n_valid, args.seq_length, vocab, args.seed + 1) if n_valid else None
-        return batches.MockDataset(n_train, args.seq_length, vocab, args.seed), valid
+        vocab = tokenizer.vocab_size if tokenizer is not None else cfg.spec.vocab_size
+        valid = batches.MockDataset(n_valid, seq, vocab, args.seed + 1) if n_valid else None
+        return batches.MockDataset(n_train, seq, vocab, args.seed), valid
     from aquila_npu.data import datasets as data
 
     sizes = [n_train, n_valid, 0]
     if args.is_instruction_dataset:
-        train, valid, _ = data.build_instruction_datasets(args.data_path, args.split, args.seq_length, args.seed,
+        train, valid, _ = data.build_instruction_datasets(args.data_path, args.split, seq, args.seed,
                                                           sizes, tokenizer=tokenizer,
                                                           data_cache_path=args.data_cache_path)
     else:
-        train, valid, _ = data.build_pretrain_datasets(args.data_path, args.split, args.seq_length, args.seed,
+        train, valid, _ = data.build_pretrain_datasets(args.data_path, args.split, seq, args.seed,
                                                        tokenizer, sizes, data_cache_path=args.data_cache_path)
     if train is None:
         raise UsageError(f"--split {args.split} leaves no training data")
@@ -118,77 +119,75 @@ def datasets(args, tokenizer, spec):
 
 
 def run(args) -> int:
-    dtype = _dtype(args)
-    dev = setup(args.device, FusedOps.from_args(args))
+    """Train as the parsed flags say (``aquila_npu.cli.pretrain``); every input error before any work."""
+    checkpoint = CheckpointInfo.find(args.load)  # read once; rank 0's file is loaded from it again below
+    if args.load and checkpoint is None and (args.finetune or args.exit_on_missing_checkpoint):
+        raise CheckpointError(f"--load {args.load}: no checkpoint there (no latest_checkpointed_iteration.txt)")
+    lora = lora_training.settings(args)  # None: LoRA off
+    tokenizer = _load_tokenizer(args)
+    cfg = resolve(args, checkpoint, tokenizer.vocab_size if tokenizer is not None else None,
+                  int(os.environ.get("WORLD_SIZE", "1")))
+    dev = setup(args.device, cfg.fused)
     from megatron.core import parallel_state as ps
 
-    tokenizer = _load_tokenizer(args)
-    found = checkpointing.peek(args.load)
-    if args.load and found is None and (args.finetune or args.exit_on_missing_checkpoint):
-        raise CheckpointError(f"--load {args.load}: no checkpoint there (no latest_checkpointed_iteration.txt)")
-    spec, divisible = architecture.resolve(args, found[3] if found else None,
-                                           tokenizer.vocab_size if tokenizer is not None else None)
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    world = torch.distributed.get_world_size()
-    if world % (tp * pp):
-        raise UsageError(f"{world} processes are not a multiple of --tensor-model-parallel-size {tp} x "
-                            f"--pipeline-model-parallel-size {pp}")
-    layout = Layout(spec, tp, pp, divisible)
-    dp = world // (tp * pp)
-    if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size * dp
-    if args.global_batch_size % (args.micro_batch_size * dp):
-        raise UsageError(f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
-                            f"{args.micro_batch_size} x data-parallel size {dp}")
-    num_micro = args.global_batch_size // (args.micro_batch_size * dp)
-    initialize_model_parallel(tp, pp, args.seed)
-    model, optimizer, scheduler, cfg = build(args, dev, spec, layout)
+    world, dp = torch.distributed.get_world_size(), cfg.data_parallel_size
+    initialize_model_parallel(cfg.tp, cfg.pp, args.seed)
+    model, optimizer, scheduler = build(args, cfg, dev, lora)
     iteration, consumed = 0, 0
-    if found is not None:
+    if lora is not None:  # the --load base (weights only), then the --lora-load adapter
+        iteration, consumed, what = lora_training.load(args, checkpoint, model=model, optimizer=optimizer,
+                                                       scheduler=scheduler, layout=cfg.layout,
+                                                       params_dtype=cfg.params_dtype)
+        _print0(f"loaded {what}; continuing at iteration {iteration}")
+        _print0(lora_training.describe(model, optimizer, lora))  # collective: every rank computes it
+    elif checkpoint is not None:
         iteration, consumed, what = checkpointing.load(
-            args.load, model=model, optimizer=optimizer, scheduler=scheduler, layout=layout, params_dtype=dtype,
-            finetune=args.finetune, no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng,
-            use_distributed_optimizer=args.use_distributed_optimizer)
-        _print0(f"loaded {what} from {args.load} (iteration {found[0]}); continuing at iteration {iteration}")
+            checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, layout=cfg.layout,
+            params_dtype=cfg.params_dtype, finetune=args.finetune, no_load_optim=args.no_load_optim,
+            no_load_rng=args.no_load_rng, use_distributed_optimizer=args.use_distributed_optimizer)
+        _print0(f"loaded {what} from {args.load} (iteration {checkpoint.iteration}); continuing at iteration "
+                f"{iteration}")
     elif args.load:
         _print0(f"warning: --load {args.load} holds no checkpoint; starting from random weights")
-    _print0(f"aquila_npu.pretrain: {spec.name} on {dev.name} (kernels {dev.kernels}), tp{tp} pp{pp} dp{dp}, "
-            f"{str(dtype).replace('torch.', '')}, seq {args.seq_length}, global batch {args.global_batch_size} "
-            f"= {num_micro} micro-batches x {args.micro_batch_size} x dp{dp}, {spec.num_parameters():,} parameters")
+    _print0(f"aquila_npu.pretrain: {cfg.spec.name} on {dev.name} (kernels {dev.kernels}), tp{cfg.tp} pp{cfg.pp} "
+            f"dp{dp}, {dtype_name(cfg.params_dtype)}, seq {cfg.seq_length}, global batch {cfg.global_batch_size} = "
+            f"{cfg.num_microbatches} micro-batches x {cfg.micro_batch_size} x dp{dp}, "
+            f"{cfg.spec.num_parameters():,} parameters")
     dp_rank = ps.get_data_parallel_rank()
-    train_ds, valid_ds = datasets(args, tokenizer, spec)
+    train_ds, valid_ds = datasets(args, cfg, tokenizer)
     train_iter = batches.micro_batches(train_ds, consumed_samples=consumed, micro_batch_size=args.micro_batch_size,
                                        dp_rank=dp_rank, dp_size=dp)
     valid_iter = batches.cycle_for_eval(valid_ds, args.micro_batch_size, dp_rank, dp)
     is_writer = torch.distributed.get_rank() == world - 1
     reporter = Reporter(is_writer=is_writer, train_iters=args.train_iters, metrics_file=args.metrics_file,
                         tensorboard_dir=args.tensorboard_dir)
-    flops_per_token = training_flops_per_token(spec, args.seq_length, layout.padded_vocab)
+    flops_per_token = training_flops_per_token(cfg.spec, cfg.seq_length, cfg.layout.padded_vocab)
     peak = args.device_peak_tflops or (peak_tflops(torch.cuda.get_device_name()) if dev.name != "cpu" else None)
-    step_kw = dict(num_microbatches=num_micro, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size)
+    step_kw = dict(num_microbatches=cfg.num_microbatches, seq_length=cfg.seq_length,
+                   micro_batch_size=cfg.micro_batch_size)
     skipped, last_saved = 0, iteration
     try:
         while iteration < args.train_iters:
             t0 = time.perf_counter()
-            out = train_step(train_iter, model, optimizer, scheduler, global_batch_size=args.global_batch_size,
+            out = train_step(train_iter, model, optimizer, scheduler, global_batch_size=cfg.global_batch_size,
                              **step_kw)
             if dev.name != "cpu":
                 torch.cuda.synchronize()
             step_time = time.perf_counter() - t0
             iteration += 1
-            consumed += args.global_batch_size
+            consumed += cfg.global_batch_size
             skipped += int(out["skipped"])
             if not math.isfinite(out["lm_loss"]) and ps.is_pipeline_last_stage():
                 raise FloatingPointError(f"loss is {out['lm_loss']} at iteration {iteration}")
             if reporter.is_writer and out["loss_tokens"] == 0:
                 print(f"warning: iteration {iteration} had no tokens to learn from (all masked: instruction prompts "
-                      f"longer than --seq-length {args.seq_length}?)", flush=True)
+                      f"longer than --seq-length {cfg.seq_length}?)", flush=True)
             if iteration % args.log_interval == 0:
-                tokens_per_device = args.global_batch_size * args.seq_length / step_time / world
+                tokens_per_device = cfg.global_batch_size * cfg.seq_length / step_time / world
                 tflops = tokens_per_device * flops_per_token / 1e12
                 reporter.log(iteration, {
                     "consumed_samples": consumed, "lm_loss": out["lm_loss"], "grad_norm": out["grad_norm"],
-                    "learning_rate": optimizer.param_groups[0]["lr"], "global_batch_size": args.global_batch_size,
+                    "learning_rate": optimizer.param_groups[0]["lr"], "global_batch_size": cfg.global_batch_size,
                     "loss_scale": optimizer.get_loss_scale().item() if args.fp16 else None,
                     "skipped_iterations": skipped, "step_time_s": step_time,
                     "tokens_per_sec_per_device": tokens_per_device, "tflops_per_device": tflops,
@@ -197,40 +196,26 @@ def run(args) -> int:
                 losses = [eval_step(valid_iter, model, **step_kw) for _ in range(args.eval_iters)]
                 reporter.log_eval(iteration, sum(losses) / len(losses))
             if args.save and args.save_interval and iteration % args.save_interval == 0:
-                _save(args, iteration, model, optimizer, scheduler, layout, dtype, consumed)
+                _save(args, cfg, lora, iteration, model, optimizer, scheduler, consumed)
                 last_saved = iteration
             if args.exit_interval and iteration % args.exit_interval == 0:
                 _print0(f"exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
                 break
         if args.save and last_saved != iteration:
-            _save(args, iteration, model, optimizer, scheduler, layout, dtype, consumed)
+            _save(args, cfg, lora, iteration, model, optimizer, scheduler, consumed)
     finally:
         reporter.close()
     return 0
 
 
-def _save(args, iteration, model, optimizer, scheduler, layout, dtype, consumed):
+def _save(args, cfg: RunConfig, lora, iteration, model, optimizer, scheduler, consumed):
     t = time.perf_counter()
-    checkpointing.save(args.save, iteration, model=model, optimizer=optimizer, scheduler=scheduler, layout=layout,
-                       params_dtype=dtype, consumed_samples=consumed, args=args,
-                       use_distributed_optimizer=args.use_distributed_optimizer,
-                       no_shared_storage=args.no_shared_storage)
+    if lora is not None:  # the adapters and their optimizer state only
+        lora_training.save(args, lora, iteration, model=model, optimizer=optimizer, scheduler=scheduler,
+                           layout=cfg.layout, consumed_samples=consumed)
+    else:
+        checkpointing.save(args.save, iteration, model=model, optimizer=optimizer, scheduler=scheduler,
+                           layout=cfg.layout, params_dtype=cfg.params_dtype, consumed_samples=consumed, args=args,
+                           use_distributed_optimizer=args.use_distributed_optimizer,
+                           no_shared_storage=args.no_shared_storage)
     _print0(f"saved checkpoint at iteration {iteration} to {args.save} in {time.perf_counter() - t:.1f}s")
-
-
-def main(argv=None) -> int:
-    from aquila_npu.training.arguments import parse
-
-    args = parse(argv)
-    try:
-        rc = run(args)
-    except (UsageError, CheckpointError, LayoutError, FusedKernelUnavailable) as e:
-        print(f"aquila_npu.pretrain: error: {e}", file=sys.stderr, flush=True)
-        rc = 2
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    return rc
-
-
-if __name__ == "__main__":
-    os._exit(main())

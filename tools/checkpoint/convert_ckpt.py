@@ -12,12 +12,9 @@
         --target-tensor-parallel-size 1 --target-pipeline-parallel-size 1 --save-dir ./model_from_hf/Aquila2-7B/
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from aquila_npu.checkpoint.cli import main  # noqa: E402
+from aquila_npu.cli.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

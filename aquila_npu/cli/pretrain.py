@@ -1,47 +1,36 @@
-"""Command-line flags of ``aquila_npu.pretrain``: the Megatron-LM / ModelLink names users already pass."""
+"""``python -m aquila_npu.pretrain`` (also ``aquila-pretrain``): pretraining and fine-tuning with the Megatron-LM /
+ModelLink flags users already pass; ``torchrun ... -m aquila_npu.pretrain`` for several processes. The training run
+itself: ``aquila_npu.training``."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import List, Optional
 
+from aquila_npu.cli.common import add_device_argument, add_inert_arguments, run_cli
 from aquila_npu.device.backends import FusedOps
 from aquila_npu.errors import UsageError
+from aquila_npu.lora import settings as lora_settings
+from aquila_npu.models import arch_flags
+from aquila_npu.models.registry import MODELS
+
+PROG = "aquila_npu.pretrain"
+INERT = ("--swiglu", "--disable-bias-linear", "--attention-softmax-in-fp32", "--no-masked-softmax-fusion",
+         "--no-gradient-accumulation-fusion")
 
 
 def _model(p):
-    g = p.add_argument_group("model (filled from --model, or from the --load checkpoint, when not given)")
+    g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
-                   help="a registry name (aquila2-7b, aquila2-34b, aquila2-tiny, ...: python -m aquila_npu.models) "
-                        "that fills the architecture flags below")
-    g.add_argument("--num-layers", type=int)
-    g.add_argument("--hidden-size", type=int)
-    g.add_argument("--ffn-hidden-size", type=int)
-    g.add_argument("--num-attention-heads", type=int)
-    g.add_argument("--group-query-attention", action="store_true", help="use --num-query-groups key/value heads")
-    g.add_argument("--num-query-groups", type=int, help="key/value heads with --group-query-attention")
-    g.add_argument("--seq-length", type=int, help="training sequence length")
-    g.add_argument("--max-position-embeddings", type=int)
-    g.add_argument("--vocab-size", type=int,
-                   help="vocabulary size (unpadded) of a model built from the flags; default: the tokenizer's "
-                        "(needed with --mock-data and no tokenizer, as the benchmark does)")
-    g.add_argument("--position-embedding-type", default="rope", choices=["rope"])
-    g.add_argument("--rotary-base", type=float, help="RoPE theta (default 10000)")
-    g.add_argument("--normalization", default="RMSNorm", choices=["RMSNorm"])
-    g.add_argument("--norm-epsilon", type=float)
-    g.add_argument("--swiglu", action="store_true", help="SwiGLU MLP (Aquila2 always uses it)")
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
-                   help="separate output layer (Aquila2 always has one)")
-    g.add_argument("--disable-bias-linear", action="store_true", help="no linear biases (Aquila2 has none)")
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
-                   help="pad the vocabulary to a multiple of this x tp (default 1, as ModelLink's Aquila2 scripts; "
-                        "a checkpoint's own value when loading one)")
+                   help=f"a registry name ({', '.join(sorted(MODELS))}) whose architecture fills the flags below; "
+                        "or the --load checkpoint's; or the flags alone")
+    g.add_argument("--seq-length", type=int, help="training sequence length (default: the model's positions)")
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--init-method-std", type=float, default=0.02)
-    g.add_argument("--attention-softmax-in-fp32", action="store_true", help="accepted; always on")
-    g.add_argument("--no-masked-softmax-fusion", action="store_true", help="accepted; the backend picks kernels")
-    g.add_argument("--no-gradient-accumulation-fusion", action="store_true", help="accepted; always off")
+    arch_flags.add_arguments(p, "architecture (from --model or the --load checkpoint when not given; checked "
+                                "against them when given)")
 
 
 def _parallel(p):
@@ -51,12 +40,7 @@ def _parallel(p):
     g.add_argument("--sequence-parallel", action="store_true", help="megatron-core sequence parallelism (tp > 1)")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard optimizer state across data-parallel ranks (megatron-core DistributedOptimizer)")
-    g.add_argument("--device", default="auto", help="auto (default: npu, else cuda, else cpu), npu, cuda or cpu")
-    g.add_argument("--use-flash-attn", action="store_true", help="fused attention (npu_fusion_attention on Ascend)")
-    g.add_argument("--use-fused-rmsnorm", action="store_true", help="fused RMSNorm (npu_rms_norm)")
-    g.add_argument("--use-fused-rotary-pos-emb", action="store_true", help="fused RoPE (npu_rotary_mul)")
-    g.add_argument("--use-fused-swiglu", action="store_true", help="fused SwiGLU (npu_swiglu)")
-    g.add_argument("--use-mc2", action="store_true", help="accepted for ModelLink scripts; no effect")
+    add_device_argument(g)
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
     g.add_argument("--recompute-num-layers", type=int, default=None)
@@ -130,11 +114,14 @@ def _logging(p):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="torchrun ... -m aquila_npu.pretrain",
+        prog=PROG,
         description="Pretrain or fine-tune Aquila2 on megatron-core (tensor, pipeline and data parallel) on Ascend "
                     "NPUs, NVIDIA GPUs or CPUs. Flags follow Megatron-LM / ModelLink.")
     for add in (_model, _parallel, _training, _data, _checkpoint, _logging):
         add(p)
+    FusedOps.add_arguments(p)
+    lora_settings.add_arguments(p)
+    add_inert_arguments(p, INERT)
     return p
 
 
@@ -162,10 +149,7 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("--data-path is required (or --mock-data)")
     if not args.mock_data and not args.tokenizer_name_or_path:
         raise UsageError("--tokenizer-name-or-path is required with --data-path")
-    if args.group_query_attention and args.num_query_groups is None:
-        raise UsageError("--group-query-attention needs --num-query-groups")
-    if args.num_query_groups is not None and not args.group_query_attention:
-        raise UsageError("--num-query-groups needs --group-query-attention")
+    arch_flags.validate(arch_flags.given(args))
     if args.recompute_method and args.recompute_granularity != "full":
         raise UsageError("--recompute-method needs --recompute-granularity full")
     if args.recompute_granularity == "full" and not (args.recompute_method and args.recompute_num_layers):
@@ -177,9 +161,17 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("--save-interval must be >= 1")
     if args.lr_warmup_fraction is not None and args.lr_warmup_iters:
         raise UsageError("--lr-warmup-fraction and --lr-warmup-iters exclude each other")
-    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
-        args.sequence_parallel = False  # as Megatron-LM: meaningless at tp 1
 
 
-def fused_ops(args) -> FusedOps:
-    return FusedOps.from_args(args)
+def _main(argv: Optional[List[str]] = None) -> int:
+    from aquila_npu.training.run import run  # megatron-core's training stack: only once the flags parsed
+
+    return run(parse(argv))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_cli(PROG, _main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Training throughput benchmark: tokens/s and model TFLOP/s per device, s/step, MFU and peak memory.
+
+    python -m aquila_npu.benchmark --model aquila2-tiny --iters 5                  # CPU smoke test
+    python -m aquila_npu.benchmark --model aquila2-7b --num-layers 4 --seq-length 4096 --dtype bf16 \\
+        --micro-batch-size 1 --global-batch-size 8 --fused both                   # one GPU / NPU
+    python -m aquila_npu.benchmark --model aquila2-7b --tp 8 --nproc 8 --global-batch-size 64 --dtype fp16 \\
+        --micro-batch-size 8 --seq-length 2048 --fused on -- --sequence-parallel   # ModelLink's 7B layout
+    python -m aquila_npu.benchmark --compare npu.json gpu.json [--plot cmp.png]
+
+Runs ``aquila_npu.pretrain`` on random tokens (``--mock-data``) for ``--warmup`` + ``--iters`` iterations on the
+device present, drops the warm-up iterations and reports the median step time and what follows from it; writes a JSON
+result. ``--compare`` prints saved results side by side. Flags after ``--`` go to aquila_npu.pretrain unchanged.
+Details, the FLOP formula and the peak table: docs/benchmark.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import sys
+import time
+from typing import List, Optional
+
+from aquila_npu.benchmarking import compare
+from aquila_npu.benchmarking.plot import plot
+from aquila_npu.benchmarking.run import BenchmarkError, Settings, run_benchmark
+from aquila_npu.cli.common import add_device_argument, run_cli
+from aquila_npu.device.backends import FusedOps
+from aquila_npu.device.setup import resolve as resolve_device
+from aquila_npu.errors import MissingDependency, UsageError
+from aquila_npu.flops import DEVICE_PEAK_TFLOPS
+from aquila_npu.models.registry import MODELS
+
+PROG = "python -m aquila_npu.benchmark"
+SWITCHES = {name.replace("_", "-"): name for name in FusedOps.SWITCHES}  # --fused-switches names -> FusedOps fields
+
+
+def build_parser() -> argparse.ArgumentParser:
+    peaks = ", ".join(f"{k} {v:g}" for k, v in DEVICE_PEAK_TFLOPS.items())
+    p = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage=f"{PROG} [options] [-- aquila_npu.pretrain flags]  |  {PROG} --compare A.json B.json ... [--plot P]",
+        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n", 2)[2],
+        epilog="examples:\n" + __doc__.split("\n\n")[1])
+    g = p.add_argument_group("model and batch")
+    g.add_argument("--model", default="aquila2-tiny",
+                   help=f"registry architecture (default aquila2-tiny; known: {', '.join(sorted(MODELS))})")
+    g.add_argument("--num-layers", type=int, default=None,
+                   help="layers (default: the model's); the width stays the model's, e.g. aquila2-7b with 4 layers")
+    g.add_argument("--seq-length", type=int, default=None,
+                   help="tokens per sample (default: the model's max positions; longer raises them, RoPE)")
+    g.add_argument("--micro-batch-size", type=int, default=1, help="samples per micro-batch (default 1)")
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="samples per iteration (default micro batch x data-parallel size)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="training precision (default auto: bf16 on npu/cuda, fp32 on cpu)")
+    g = p.add_argument_group("device and parallelism")
+    add_device_argument(g)
+    g.add_argument("--nproc", type=int, default=None,
+                   help="processes = devices (default tp x pp; more adds data parallelism; > 1 launches torchrun)")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    g.add_argument("--fused", default="off", choices=["off", "on", "both"],
+                   help="fused kernels: off (plain PyTorch modules, default), on (the fused switches), both (both "
+                        "runs back to back and their throughput ratio; on a device without fused kernels, e.g. "
+                        "cpu, the unfused run only, saying why)")
+    g.add_argument("--fused-switches", default=",".join(n.replace("_", "-") for n in FusedOps.KERNELS),
+                   help="which switches the fused run turns on, comma-separated from "
+                        + ", ".join(f"{short} ({FusedOps.SWITCHES[name][0]})" for short, name in SWITCHES.items())
+                        + "; default every kernel (mc2 also needs --sequence-parallel after --)")
+    g.add_argument("--device-peak-tflops", type=float, default=None,
+                   help=f"peak dense TFLOP/s of one device for MFU (default from the table: {peaks}; none for CPU)")
+    g = p.add_argument_group("measurement and output")
+    g.add_argument("--warmup", type=int, default=3, help="iterations run first and not measured (default 3)")
+    g.add_argument("--iters", type=int, default=10, help="measured iterations (default 10)")
+    g.add_argument("--output", default=None,
+                   help="JSON result path (default benchmarks/results/<device>-<model>-seq<S>-<time>.json under "
+                        "the current directory)")
+    g.add_argument("--label", default=None,
+                   help="device name in tables (default the device's own, e.g. 'NVIDIA H100 80GB HBM3'; a CPU "
+                        "label always says CPU)")
+    g.add_argument("--log-dir", default=None,
+                   help="keep the training logs and metrics files here (default: a temporary directory, kept "
+                        "only when a run fails)")
+    g.add_argument("--timeout", type=float, default=None, help="seconds allowed per training run (default none)")
+    g = p.add_argument_group("comparing saved results")
+    g.add_argument("--compare", nargs="+", metavar="RESULT.json", default=None,
+                   help="print these results side by side (tokens/p/s relative to the first) instead of running")
+    g.add_argument("--plot", default=None, metavar="PNG",
+                   help="also write a bar chart of the results (this run's, or the --compare files') to PNG "
+                        "(needs matplotlib)")
+    return p
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _default_output(result: dict) -> str:
+    st = result["settings"]
+    name = f"{_slug(result['label'])}-{st['architecture']['name']}-seq{st['seq_length']}-" \
+           f"{time.strftime('%Y%m%d-%H%M%S')}.json"
+    return os.path.join("benchmarks", "results", name)
+
+
+def _settings(a: argparse.Namespace, extra: List[str]) -> Settings:
+    if a.model.lower() not in MODELS:
+        raise UsageError(f"--model {a.model}: unknown model; known: {', '.join(sorted(MODELS))}")
+    for flag in ("num_layers", "seq_length", "micro_batch_size", "global_batch_size", "tp", "pp", "nproc", "iters"):
+        value = getattr(a, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
+    if a.warmup < 0:
+        raise UsageError("--warmup must be >= 0")
+    nproc = a.nproc or a.tp * a.pp
+    if nproc % (a.tp * a.pp):
+        raise UsageError(f"--nproc {nproc} is not a multiple of --tp {a.tp} x --pp {a.pp}")
+    switches = [s.strip() for s in a.fused_switches.split(",") if s.strip()]
+    unknown = [s for s in switches if s not in SWITCHES]
+    if unknown or not switches:
+        raise UsageError(f"--fused-switches {a.fused_switches}: choose from {', '.join(SWITCHES)}")
+    device = resolve_device(a.device)
+    dtype = a.dtype if a.dtype != "auto" else ("fp32" if device == "cpu" else "bf16")
+    return Settings(model=a.model.lower(), num_layers=a.num_layers, seq_length=a.seq_length,
+                    micro_batch_size=a.micro_batch_size, global_batch_size=a.global_batch_size, tp=a.tp, pp=a.pp,
+                    nproc=nproc, dtype=dtype, device=device, warmup=a.warmup, iters=a.iters,
+                    fused_switches=[SWITCHES[s] for s in switches], peak_tflops=a.device_peak_tflops,
+                    extra=extra, timeout=a.timeout)
+
+
+def _compare(a: argparse.Namespace) -> int:
+    results = [compare.load(path) for path in a.compare]
+    print(compare.table(results, a.compare))
+    if a.plot:
+        print(f"wrote {plot(results, a.plot)}")
+    return 0
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: List[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    a = build_parser().parse_args(argv)
+    if a.compare:
+        if extra:
+            raise UsageError("flags after -- are for a run, not for --compare")
+        return _compare(a)
+    if a.plot and importlib.util.find_spec("matplotlib") is None:  # before spending device time
+        raise MissingDependency("--plot needs the matplotlib package, which is not installed: pip install matplotlib")
+    s = _settings(a, extra)
+    try:
+        result = run_benchmark(s, fused_mode=a.fused, log_dir=a.log_dir, label=a.label)
+    except BenchmarkError as e:  # a measured run failed: its own error, not bad input (exit status 1)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    out = a.output or _default_output(result)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    print()
+    print(compare.table([result]))
+    fv = result["fused_vs_unfused"]
+    if fv is not None:
+        print(f"\nfused / unfused throughput: {fv['throughput_ratio']:.2f}x" if fv["available"] else
+              f"\nfused / unfused: not measured (no fused kernels on {s.device}; see the note above)")
+    print(f"\nwrote {out}")
+    if a.plot:
+        print(f"wrote {plot([result], a.plot)}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_cli(PROG, _main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Text generation from a converted Megatron checkpoint, any tensor/pipeline-parallel layout.
+
+    torchrun --nproc-per-node 8 -m aquila_npu.generate --load ./model_weights/Aquila2-7B-v0.1-tp8-pp1 \\
+        --tokenizer-name-or-path ./model_from_hf/Aquila2-7B --prompt "What is the capital of China?" \\
+        --max-new-tokens 128 --greedy
+    python -m aquila_npu.generate --load CKPT --tokenizer-name-or-path TOK --prompts-file prompts.txt \\
+        --micro-batch-size 4 --temperature 0.7 --top-p 0.9 --output out.jsonl
+    ... --chat                      # AquilaChat2 conversation template (see aquila_npu/inference/chat.py)
+
+Rank 0 prints the text as it is generated (token by token with one prompt per batch; each prompt's text at the end
+of its batch otherwise). ``--output`` writes one JSON line per prompt, in input order: ``prompt``, ``text``,
+``token_ids`` (the generated ids, without the EOS that ended them) and ``finish_reason`` ("eos" or "length").
+With more processes than tensor x pipeline parallel ranks, the data-parallel replicas share the prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from aquila_npu.cli import inference_args
+from aquila_npu.cli.common import check_output_file, inert_note, print0, run_cli
+from aquila_npu.data.sources import iter_json_objects
+from aquila_npu.errors import DataError, UsageError
+from aquila_npu.inference.chat import CHAT_TEMPLATES, chat_prompt, default_template
+from aquila_npu.inference.generation import TextGenerator
+from aquila_npu.inference.sampling import SamplingParams
+from aquila_npu.inference.session import Session, gather, shard
+
+PROG = "python -m aquila_npu.generate"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Generate text with an Aquila2 Megatron checkpoint.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    inference_args.add_arguments(p)
+    g = p.add_argument_group("prompts")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", metavar="TEXT",
+                     help="a prompt (repeat the flag for several)")
+    src.add_argument("--prompts-file", metavar="FILE",
+                     help="prompts, one per line; or a .jsonl file with a 'prompt' field per line")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap each prompt in the AquilaChat2 conversation template (for the chat models)")
+    g.add_argument("--chat-template", choices=CHAT_TEMPLATES, default=None,
+                   help="template for --chat (default: the checkpoint's, which the converter takes from FlagAI's "
+                        "choice for the model's name: aquila-v1 for AquilaChat2-7B, aquila-legacy for 34B, aquila for "
+                        "the 16K models; else aquila-chat; alpaca for a model fine-tuned with ModelLink's alpaca "
+                        "template)")
+    g.add_argument("--system-prompt", default=None, help="replace the template's system prompt (with --chat)")
+    s = p.add_argument_group("decoding")
+    s.add_argument("--max-new-tokens", type=int, default=512, help="most tokens to generate per prompt")
+    s.add_argument("--greedy", action="store_true",
+                   help="always take the most likely token (the default when no sampling flag is given)")
+    s.add_argument("--temperature", type=float, default=None, help="sample with this temperature (> 0)")
+    s.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0 = all)")
+    s.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with this probability")
+    s.add_argument("--seed", type=int, default=1234, help="random seed for sampling")
+    s.add_argument("--eos-token-id", type=int, default=None,
+                   help="stop a prompt at this token id (default: the tokenizer's EOS, e.g. </s> for Aquila2)")
+    s.add_argument("--no-kv-cache", action="store_true",
+                   help="recompute the whole sequence at every step instead of using the KV cache (slow; for "
+                        "comparisons)")
+    o = p.add_argument_group("output")
+    o.add_argument("--output", metavar="FILE.jsonl", default=None,
+                   help="write {prompt, text, token_ids, finish_reason} per prompt, one JSON line each")
+    return p
+
+
+def read_prompts(args: argparse.Namespace) -> List[str]:
+    if args.prompt:
+        return list(args.prompt)
+    path = args.prompts_file
+    prompts = []
+    if path.endswith(".jsonl"):
+        try:
+            for where, row in iter_json_objects(path):
+                if isinstance(row, str):
+                    prompts.append(row)
+                elif isinstance(row, dict) and isinstance(row.get("prompt"), str):
+                    prompts.append(row["prompt"])
+                else:
+                    raise DataError(f"{where}: expected a string or an object with a string 'prompt'")
+        except FileNotFoundError:
+            raise DataError(f"--prompts-file {path}: no such file") from None
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                prompts = [line for line in f.read().splitlines() if line.strip()]
+        except OSError as e:
+            raise DataError(f"--prompts-file {path}: {e.strerror or e}") from None
+    if not prompts:
+        raise DataError(f"--prompts-file {path}: no prompts")
+    return prompts
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    sampling_flags = [f for f, v in (("--temperature", args.temperature), ("--top-k", args.top_k),
+                                     ("--top-p", args.top_p)) if v is not None]
+    if args.greedy and sampling_flags:
+        raise UsageError(f"--greedy cannot be combined with {', '.join(sampling_flags)}")
+    try:
+        if not sampling_flags:
+            return SamplingParams(greedy=True, seed=args.seed)
+        return SamplingParams(greedy=False, temperature=1.0 if args.temperature is None else args.temperature,
+                              top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p, seed=args.seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+class ConsoleStream:
+    """Rank 0's console: live text for a one-prompt batch, whole texts at the end of larger batches."""
+
+    def __init__(self, tokenizer, enabled: bool):
+        self.tokenizer = tokenizer
+        self.enabled = enabled
+        self.ids: List[int] = []
+        self.printed = ""
+
+    def begin(self, label: str, prompt: str) -> None:
+        self.ids, self.printed = [], ""
+        if self.enabled:
+            sys.stdout.write(f"\n===== {label} =====\n{prompt}\n----- generated -----\n")
+            sys.stdout.flush()
+
+    def on_token(self, row: int, token: int) -> None:
+        if not self.enabled:
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next byte(s)
+            return
+        sys.stdout.write(text[len(self.printed):] if text.startswith(self.printed) else "\n" + text)
+        sys.stdout.flush()
+        self.printed = text
+
+    def write(self, text: str) -> None:
+        if self.enabled:
+            sys.stdout.write(text)
+
+    def end(self) -> None:
+        if self.enabled:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+def run(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    prompts = read_prompts(args)
+    sampling = sampling_params(args)
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    check_output_file("--output", args.output)
+    session = Session.start(inference_args.model_options(args))
+    tok, loaded = session.tokenizer, session.loaded
+    template = (args.chat_template or default_template(loaded.spec)) if args.chat else None
+    texts = [chat_prompt(template, p, system=args.system_prompt) if template else p for p in prompts]
+    encoded = [tok.encode(t) for t in texts]
+    generator = TextGenerator.from_loaded(loaded, session.device.torch_device, max_sequence_length=session.max_length)
+    stop = args.eos_token_id if args.eos_token_id is not None else session.eos_id()
+    batch = args.micro_batch_size or 1
+    mine = [i for i, _ in shard(prompts)]
+    stream = ConsoleStream(tok, enabled=session.is_rank0)
+    print0(f"{PROG}: {len(prompts)} prompt(s), {session.describe()}"
+           + (f", chat template {template}" if template else "") + inert_note(args, inference_args.INERT))
+    results = {}
+    for b0 in range(0, len(mine), batch):
+        idx = mine[b0:b0 + batch]
+        live = len(idx) == 1
+        if live:
+            stream.begin(f"prompt {idx[0] + 1}/{len(prompts)}", texts[idx[0]])
+        out = generator.generate([encoded[i] for i in idx], args.max_new_tokens, sampling, eos_id=stop,
+                                 pad_id=session.pad_id(), use_kv_cache=not args.no_kv_cache,
+                                 on_token=stream.on_token if live else None)
+        for i, g in zip(idx, out):
+            text = tok.decode(g.token_ids, skip_special_tokens=True)
+            results[i] = {"prompt": prompts[i], "text": text, "token_ids": g.token_ids,
+                          "finish_reason": g.finish_reason}
+            if not live:
+                stream.begin(f"prompt {i + 1}/{len(prompts)}", texts[i])
+                stream.write(text)
+            stream.end()
+    results = gather(results)
+    if args.output and session.is_rank0:
+        with open(args.output, "w", encoding="utf-8") as f:
+            for i in range(len(prompts)):
+                f.write(json.dumps(results[i], ensure_ascii=False) + "\n")
+        print0(f"{PROG}: wrote {len(prompts)} line(s) to {args.output}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """The command: ``run`` with input errors as one line and exit status 2."""
+    return run_cli(PROG, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

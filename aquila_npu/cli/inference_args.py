@@ -1,0 +1,62 @@
+"""The model flags of the inference commands (generate, evaluate): ModelLink's, so its scripts parse, but only
+``--load`` and ``--tokenizer-name-or-path`` are needed: the architecture comes from the checkpoint, and architecture
+flags that are given are checked against it."""
+
+from __future__ import annotations
+
+import argparse
+
+from aquila_npu.cli.common import add_device_argument, add_inert_arguments, check_positive
+from aquila_npu.device.backends import FusedOps
+from aquila_npu.errors import UsageError
+from aquila_npu.inference.session import ModelOptions
+from aquila_npu.models import arch_flags
+from aquila_npu.models.dtypes import DTYPES
+
+INERT = ("--swiglu", "--disable-bias-linear", "--exit-on-missing-checkpoint", "--no-load-optim", "--no-load-rng",
+         "--no-masked-softmax-fusion",
+         "--attention-softmax-in-fp32", "--no-gradient-accumulation-fusion", "--sequence-parallel")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--load", required=True, metavar="DIR",
+                   help="Megatron checkpoint directory written by tools/checkpoint/convert_ckpt.py (or training); "
+                        "the architecture, vocabulary and tp/pp split are read from it")
+    g.add_argument("--tokenizer-name-or-path", required=True, metavar="DIR",
+                   help="folder with the Hugging Face tokenizer files (the original HF model folder)")
+    g.add_argument("--tokenizer-type", default="PretrainedFromHF", choices=["PretrainedFromHF"],
+                   help="tokenizer kind (only PretrainedFromHF, as in ModelLink's scripts)")
+    g.add_argument("--tokenizer-not-use-fast", action="store_true",
+                   help="load the slow (Python) tokenizer, as ModelLink's scripts do; ids are the same for Aquila2")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=None, metavar="T",
+                   help="tensor-parallel size (default: the checkpoint's); must equal the checkpoint's")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=None, metavar="P",
+                   help="pipeline-parallel size (default: the checkpoint's); must equal the checkpoint's")
+    add_device_argument(g)
+    dt = g.add_mutually_exclusive_group()
+    dt.add_argument("--fp16", action="store_true", help="compute in float16 (default: the checkpoint's dtype)")
+    dt.add_argument("--bf16", action="store_true", help="compute in bfloat16 (default: the checkpoint's dtype)")
+    g.add_argument("--micro-batch-size", type=int, default=None, metavar="B",
+                   help="prompts (or evaluation sequences) per forward pass")
+    g.add_argument("--seq-length", type=int, default=None, metavar="N",
+                   help="longest sequence (prompt + generated tokens) to run (default and maximum: the model's "
+                        "max_position_embeddings)")
+    FusedOps.add_arguments(p)
+    arch_flags.add_arguments(p, "architecture (optional; read from the checkpoint, and checked against it when given)")
+    add_inert_arguments(p, INERT)
+
+
+def model_options(args: argparse.Namespace) -> ModelOptions:
+    check_positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
+                   "seq_length")
+    flags = arch_flags.given(args)
+    arch_flags.validate(flags)
+    dtype = DTYPES["fp16"] if args.fp16 else DTYPES["bf16"] if args.bf16 else None
+    if args.use_mc2:
+        raise UsageError("--use-mc2 fuses the communication of sequence-parallel training into its matmuls; generation "
+                         "and evaluation have no sequence parallelism: drop --use-mc2")
+    return ModelOptions(load=args.load, tokenizer=args.tokenizer_name_or_path, use_fast=not args.tokenizer_not_use_fast,
+                        tokenizer_type=args.tokenizer_type, tp=args.tensor_model_parallel_size,
+                        pp=args.pipeline_model_parallel_size, device=args.device, params_dtype=dtype,
+                        fused=FusedOps.from_args(args), architecture=flags, seq_length=args.seq_length)

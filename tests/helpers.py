@@ -1,0 +1,235 @@
+"""What several test files share: paths, the one child-process environment, torchrun / `python -m` launchers, the
+stand-in torchrun for example scripts, the --help check, and the tiny tokenizer + model + conversions fixture data.
+(Fixtures themselves live in conftest.py.)"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from aquila_npu.ports import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# torchrun's environment: a test that ran setup() in the pytest process may leave these behind (and a process group
+# holding MASTER_PORT); a child process must never inherit them.
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+                "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+                "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE")
+
+
+def child_env(**extra) -> dict:
+    """The environment of every child process a test starts: no torchrun variables, no AQUILA_DEVICE, one thread,
+    this checkout importable, warnings quiet; ``extra`` on top."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV and k != "AQUILA_DEVICE"}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_module(module: str, *args, cwd=None, timeout: int = 600, **env) -> subprocess.CompletedProcess:
+    """``python -m module args`` in a child process (exit status not checked)."""
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], env=child_env(**env), cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(script: str, nproc: int, args, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a worker under torchrun on the CPU (gloo), one thread per process; fails the test on a non-zero exit."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+           str(free_port()),
+           *(script.split() if script.startswith("-m ") else [str(ROOT / script)]), *map(str, args)]
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def stub_torchrun_argv(script, tmp_path, **env_vars):
+    """Run an example script with a stand-in ``torchrun`` that records its arguments (no CANN, no devices);
+    returns (launcher flags dict, module, the module's argv)."""
+    stub = tmp_path / "stub-bin"
+    stub.mkdir(exist_ok=True)
+    (stub / "torchrun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$STUB_OUT"\n')
+    (stub / "torchrun").chmod(0o755)
+    record = tmp_path / "torchrun-args.txt"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TP", "PP", "PROMPT", "PROMPTS_FILE", "OUTPUT", "CHAT", "DATA_PATH", "CKPT_SAVE_DIR")}
+    env.update(PATH=f"{stub}:{env['PATH']}", STUB_OUT=str(record), CANN_SET_ENV=str(tmp_path / "none.sh"),
+               **{k: str(v) for k, v in env_vars.items()})
+    proc = subprocess.run(["bash", str(script)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    argv = record.read_text().splitlines()
+    i = argv.index("-m")
+    return dict(zip(argv[:i:2], argv[1:i:2])), argv[i + 1], argv[i + 2:]
+
+
+def assert_help_documents_every_flag(parser):
+    text = parser.format_help()
+    for action in parser._actions:
+        for flag in action.option_strings:
+            assert flag in text
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{action.option_strings} has no help"
+
+
+def call_main(main, args, capsys):
+    """A command's ``main`` in this process: (exit status, stderr); argparse's own exits count as their status. An
+    input error (``run_cli``'s exit status 2) must be exactly one line on stderr."""
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:  # argparse: usage line + error line
+        return e.code, capsys.readouterr().err
+    err = capsys.readouterr().err
+    if rc == 2:
+        assert_one_line_error(err)
+    return rc, err
+
+
+def assert_one_line_error(stderr: str) -> None:
+    """What a user sees for bad input: one line ``<prog>: error: ...`` (progress bars and warnings aside)."""
+    lines = [ln for ln in stderr.strip().splitlines() if ": error: " in ln or "Traceback" in ln]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------ the tiny tokenizer, model, checkpoints
+SYLLABLES = ["ka", "lo", "mi", "ta", "ren", "shu", "po", "vex", "quin", "dar", "el", "ost", "ung", "ber", "fy"]
+CHINESE = "北京是中国的首都上海天气很好我们今天学习人工智能模型生成文本问题答案是否你好世界语言"
+
+
+def words(rng, n):
+    return " ".join("".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(n))
+
+
+def build_assets(root, layouts=((1, 1), (2, 2))):
+    """A byte-level BPE tokenizer trained here (English + Chinese, TINY's 1003 ids, Aquila2's special tokens), the
+    tiny HF model saved with it, and Megatron conversions of it: {"hf": dir, (tp, pp): dir}."""
+    from aquila_npu.checkpoint.convert import to_megatron
+    from aquila_npu.checkpoint.hf_io import HFReader
+    from aquila_npu.testing.tiny_hf import TINY, tiny_llama
+    from aquila_npu.testing.tiny_tokenizer import train_tokenizer
+
+    rng = random.Random(0)
+    corpus = []
+    for _ in range(3000):
+        corpus.append(words(rng, rng.randint(5, 15)) + ". Question: is it true? Answer: yes no Yes No")
+        corpus.append("".join(rng.choice(CHINESE) for _ in range(rng.randint(5, 20))))
+    hf = os.path.join(root, "hf")
+    train_tokenizer(hf, corpus, TINY.vocab_size, exact_size=True)  # pad 0, bos 1, eos 2 as TINY
+    tiny_llama().save_pretrained(hf)
+    out = {"hf": hf}
+    for tp, pp in layouts:
+        out[tp, pp] = os.path.join(root, f"mg-tp{tp}-pp{pp}")
+        to_megatron(HFReader(hf), out[tp, pp], tp, pp)
+    return out
+
+
+# ------------------------------------------------------------------------------------- documents for the data tests
+# ModelLink's alpaca training prompt (docs/data.md), spelled out here independently of aquila_npu.data.templates
+ALPACA_SYSTEM = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                 "Write a response that appropriately completes the request. Please note that you need to think "
+                 "through your response logically and step by step.")
+AQUILA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the human's questions.")
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "你好，世界！这是一个测试。",
+    "",  # empty: no document (as in Megatron)
+    "Line one\nline two\n\n  indented line with   spaces ",
+    "emoji 🙂 and accents: café, naïve, Ærøskøbing",
+    "word " * 300,
+    "</s> literal special token text and <|endoftext|>",
+    "x",
+]
+ROWS = [
+    {"instruction": "Give three tips for staying healthy.", "input": "",
+     "output": "1. Eat well.\n2. Exercise.\n3. Sleep."},
+    {"instruction": "Translate to Chinese.", "input": "Good morning", "output": "早上好"},
+    {"instruction": "Summarize the text.", "input": "The quick brown fox jumps over the lazy dog. " * 5,
+     "output": "A fox jumps over a dog."},
+    {"instruction": "Say nothing.", "input": "", "output": ""},
+]
+
+
+def train_data_tokenizer(path):
+    """A small BPE tokenizer over the data tests' documents."""
+    from aquila_npu.testing.tiny_tokenizer import train_tokenizer
+
+    corpus = TEXTS + [r[k] for r in ROWS for k in ("instruction", "input", "output")] + [ALPACA_SYSTEM, AQUILA_SYSTEM]
+    return train_tokenizer(str(path), corpus * 5, vocab_size=500)
+
+
+# ------------------------------------------------------------------- training: tiny model, tokenizer, SFT data
+NOUNS = ["apple", "sky", "grass", "snow", "coal", "sun", "rose", "sea", "cloud", "leaf", "milk", "fire"]
+COLORS = ["red", "blue", "green", "white", "black", "yellow", "pink", "blue", "grey", "green", "white", "orange"]
+
+
+def instruction_rows():
+    rng = random.Random(0)
+    rows = []
+    for _ in range(48):
+        i = rng.randrange(len(NOUNS))
+        rows.append({"instruction": f"What color is the {NOUNS[i]}?", "input": "",
+                     "output": f"The {NOUNS[i]} is {COLORS[i]}."})
+    return rows
+
+
+def preprocess_instructions(rows, tok, prefix, *extra):
+    from aquila_npu.cli.preprocess import main as preprocess
+
+    src = prefix + ".jsonl"
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    with open(src, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    assert preprocess(["--input", src, "--tokenizer-name-or-path", tok, "--output-prefix", prefix,
+                       "--tokenizer-type", "PretrainedFromHF", "--handler-name", "GeneralInstructionHandler",
+                       "--workers", "1", "--log-interval", "1000", *extra]) == 0
+    return prefix
+
+
+def build_training_assets(d):
+    """Tokenizer, the tiny HF model, its tp1-pp1 and tp2-pp2 conversions, instruction data (in folder ``d``)."""
+    from aquila_npu.checkpoint.convert import to_megatron
+    from aquila_npu.checkpoint.hf_io import HFReader
+    from aquila_npu.testing.tiny_hf import tiny_llama
+    from aquila_npu.testing.tiny_tokenizer import train_tokenizer
+
+    corpus = [f"{r['instruction']} {r['output']}" for r in instruction_rows()] * 20
+    corpus += [ALPACA_SYSTEM + "\n\n### Instruction:\n\n### Response:\n"] * 50  # the prompt template: few tokens
+    tok = train_tokenizer(os.path.join(d, "tok"), corpus, vocab_size=1000)
+    hf = os.path.join(d, "hf")
+    tiny_llama().save_pretrained(hf)
+    out = {"tok": tok, "hf": hf, "dir": d}
+    for tp, pp in ((1, 1), (2, 2)):
+        out[tp, pp] = os.path.join(d, f"mg-tp{tp}-pp{pp}")
+        to_megatron(HFReader(hf), out[tp, pp], tp, pp)
+    out["sft"] = preprocess_instructions(instruction_rows(), tok, os.path.join(d, "sft", "alpaca"), "--append-eod")
+    return out
+
+
+TRAIN_COMMON = ["--micro-batch-size", 2, "--global-batch-size", 4, "--seq-length", 32, "--lr", 1e-3,
+          "--lr-decay-style", "constant", "--clip-grad", 1.0, "--log-interval", 1, "--eval-interval", 1000]
+
+
+def read_metrics(path, key="lm_loss"):
+    with open(path) as f:
+        recs = [json.loads(line) for line in f]
+    return [r[key] for r in recs if key in r]
+
+
+# --------------------------------------------------------------------------- LoRA: the PEFT adapters we test
+LORA_HF_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+AQUILA2_QV = dict(target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16, lora_dropout=0.05)  # finetune_lora.sh
+LORA_CASES = {"fused-all": dict(target_modules=LORA_HF_MODULES, share_fused_a=True),  # what our exports look like
+              "aquila2-qv": AQUILA2_QV,  # separate A's: block-structured on import
+              "separate-all": dict(target_modules=LORA_HF_MODULES)}
