@@ -73,6 +73,7 @@ def worker_ours(a):
     import torch
 
     from aquila_npu.checkpoint.load_model import load_model_for_inference
+    from aquila_npu.checkpoint.megatron_io import CheckpointInfo
     from aquila_npu.data.tokenizer import load_tokenizer
     from aquila_npu.device.setup import setup
     from aquila_npu.evaluation.boolq import BoolQ
@@ -89,7 +90,7 @@ def worker_ours(a):
                 TimedScorer.seconds += time.perf_counter() - t0
 
     dev = setup("cpu")
-    loaded = load_model_for_inference(a.load, dev)
+    loaded = load_model_for_inference(CheckpointInfo.read(a.load), dev)
     tok = load_tokenizer(a.hf_dir)
     pad = next((t for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)
     scorer = TimedScorer(loaded.model, tok, vocab_size=loaded.vocab_size, max_length=loaded.spec.max_position_embeddings,

@@ -89,11 +89,12 @@ def worker_ours(a):
     import torch
 
     from aquila_npu.checkpoint.load_model import load_model_for_inference
+    from aquila_npu.checkpoint.megatron_io import CheckpointInfo
     from aquila_npu.device.setup import setup
     from aquila_npu.inference.generation import GenerationStats, TextGenerator
 
     dev = setup("cpu")
-    gen = TextGenerator.from_loaded(load_model_for_inference(a.load, dev), dev.torch_device)
+    gen = TextGenerator.from_loaded(load_model_for_inference(CheckpointInfo.read(a.load), dev), dev.torch_device)
     out = {}
     for b, prompts in json.load(open(a.prompts)).items():
         gen.generate(prompts, WARMUP_TOKENS)
