@@ -18,6 +18,7 @@ from aquila_npu.models.gpt import build_model
 from aquila_npu.parallel import initialize_model_parallel
 from aquila_npu.training import batches, checkpointing
 from aquila_npu.training.config import RunConfig, resolve
+from aquila_npu.training.param_gather import ParamGatherHooks
 from aquila_npu.training.report import Reporter, device_memory
 from aquila_npu.training.step import eval_step, train_step
 
@@ -38,7 +39,7 @@ def _load_tokenizer(args):
 def build(args, cfg: RunConfig, dev):
     """(DDP-wrapped model stage, optimizer, scheduler, transformer config)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallel
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -59,10 +60,7 @@ def build(args, cfg: RunConfig, dev):
                         post_process=pp_rank == layout.pp - 1, pp_rank=pp_rank, parallel_output=True,
                         max_sequence_length=spec.max_position_embeddings)
     model.to(dev.torch_device)
-    ddp = DistributedDataParallel(
-        config=tcfg, module=model,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                 use_distributed_optimizer=args.use_distributed_optimizer))
+    ddp = DistributedDataParallel(config=tcfg, module=model, ddp_config=ddp_config(args))
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
                         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
@@ -83,10 +81,23 @@ def build(args, cfg: RunConfig, dev):
         lr_decay_steps=max(decay_iters, 1) * gbs, lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
         end_wd=args.weight_decay, wd_incr_steps=max(args.train_iters, 1) * gbs, wd_incr_style="constant")
     tcfg.no_sync_func = ddp.no_sync
+    if args.overlap_grad_reduce:  # as Megatron-LM (align_grad_reduce): later pipeline stages reduce in the bubble
+        tcfg.grad_sync_func = ddp.start_grad_sync
     tcfg.finalize_model_grads_func = finalize_model_grads
     if args.fp16:
         tcfg.grad_scale_func = optimizer.scale_loss
     return ddp, optimizer, scheduler
+
+
+def ddp_config(args):
+    """megatron-core's DistributedDataParallelConfig from Megatron-LM's flags (--overlap-grad-reduce,
+    --overlap-param-gather, --ddp-bucket-size, --accumulate-allreduce-grads-in-fp32)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32, overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather, bucket_size=args.ddp_bucket_size,
+        use_distributed_optimizer=args.use_distributed_optimizer)
 
 
 def datasets(args, cfg: RunConfig, tokenizer):
@@ -127,6 +138,7 @@ def run(args) -> int:
     world, dp = torch.distributed.get_world_size(), cfg.data_parallel_size
     initialize_model_parallel(cfg.tp, cfg.pp, args.seed)
     model, optimizer, scheduler = build(args, cfg, dev)
+    param_gather = ParamGatherHooks(model, args.overlap_param_gather)
     iteration, consumed = 0, 0
     if checkpoint is not None:
         iteration, consumed, what = checkpointing.load(
@@ -165,6 +177,7 @@ def run(args) -> int:
             iteration += 1
             consumed += cfg.global_batch_size
             skipped += int(out["skipped"])
+            param_gather.after_step(not out["skipped"])
             if not math.isfinite(out["lm_loss"]) and ps.is_pipeline_last_stage():
                 raise FloatingPointError(f"loss is {out['lm_loss']} at iteration {iteration}")
             if reporter.is_writer and out["loss_tokens"] == 0:
@@ -181,16 +194,19 @@ def run(args) -> int:
                     "tokens_per_sec_per_device": tokens_per_device, "tflops_per_device": tflops,
                     "mfu": tflops / peak if peak else None, "memory": device_memory(), "device": dev.name})
             if valid_iter is not None and iteration % args.eval_interval == 0:
-                losses = [eval_step(valid_iter, model, **step_kw) for _ in range(args.eval_iters)]
+                with param_gather.gathered():
+                    losses = [eval_step(valid_iter, model, **step_kw) for _ in range(args.eval_iters)]
                 reporter.log_eval(iteration, sum(losses) / len(losses))
             if args.save and args.save_interval and iteration % args.save_interval == 0:
-                _save(args, cfg, iteration, model, optimizer, scheduler, consumed)
+                with param_gather.gathered():
+                    _save(args, cfg, iteration, model, optimizer, scheduler, consumed)
                 last_saved = iteration
             if args.exit_interval and iteration % args.exit_interval == 0:
                 _print0(f"exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
                 break
         if args.save and last_saved != iteration:
-            _save(args, cfg, iteration, model, optimizer, scheduler, consumed)
+            with param_gather.gathered():
+                _save(args, cfg, iteration, model, optimizer, scheduler, consumed)
     finally:
         reporter.close()
     return 0
