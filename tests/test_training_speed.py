@@ -285,3 +285,13 @@ def test_overlapped_grad_reduce_and_param_gather_change_no_loss(tmp_path):
         for k in a:
             if torch.is_tensor(a[k]):
                 torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_benchmark_toggles_megatrons_overlap_flags():
+    from aquila_npu.benchmarking.run import overlap_toggled
+
+    assert overlap_toggled(["--bf16"]) == ["--bf16", "--overlap-grad-reduce"]
+    assert overlap_toggled(["--use-distributed-optimizer"]) == \
+        ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
+    on = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather", "--ddp-bucket-size", "9"]
+    assert overlap_toggled(on) == ["--use-distributed-optimizer", "--ddp-bucket-size", "9"]

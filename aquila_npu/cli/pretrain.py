@@ -120,9 +120,11 @@ def _logging(p):
     g.add_argument("--tensorboard-dir", default=None, help="write TensorBoard scalars here")
     g.add_argument("--metrics-file", default=None,
                    help="append one JSON line per logged iteration: iteration, lm_loss, grad_norm, learning_rate, "
-                        "tokens_per_sec_per_device, step_time_s, mfu (where the device peak is known), memory")
+                        "tokens_per_sec_per_device, step_time_s, mfu (where the device peak is known), memory; the "
+                        "first also run_features (overlap, bucket size, causal mask, gradient norm kernel, peak)")
     g.add_argument("--device-peak-tflops", type=float, default=None,
-                   help="peak dense TFLOP/s of one device for MFU (default: from the table for known devices)")
+                   help="peak dense bf16/fp16 TFLOP/s of one device for MFU (default: aquila_npu.flops's table "
+                        "for the device name torch reports; an unknown device has no MFU until this is given)")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -11,13 +11,14 @@ import torch
 from aquila_npu.checkpoint.megatron_io import CheckpointInfo
 from aquila_npu.device.setup import setup
 from aquila_npu.errors import CheckpointError, UsageError
-from aquila_npu.flops import peak_tflops, training_flops_per_token
+from aquila_npu.flops import device_peak, training_flops_per_token
 from aquila_npu.models.config import transformer_config
 from aquila_npu.models.dtypes import dtype_name
 from aquila_npu.models.gpt import build_model
 from aquila_npu.parallel import initialize_model_parallel
 from aquila_npu.training import batches, checkpointing
 from aquila_npu.training.config import RunConfig, resolve
+from aquila_npu.training.features import run_features
 from aquila_npu.training.param_gather import ParamGatherHooks
 from aquila_npu.training.report import Reporter, device_memory
 from aquila_npu.training.step import eval_step, train_step
@@ -162,7 +163,10 @@ def run(args) -> int:
     reporter = Reporter(is_writer=is_writer, train_iters=args.train_iters, metrics_file=args.metrics_file,
                         tensorboard_dir=args.tensorboard_dir)
     flops_per_token = training_flops_per_token(cfg.spec, cfg.seq_length, cfg.layout.padded_vocab)
-    peak = args.device_peak_tflops or (peak_tflops(torch.cuda.get_device_name()) if dev.name != "cpu" else None)
+    peak = device_peak(torch.cuda.get_device_name() if dev.name != "cpu" else None, args.device_peak_tflops)
+    if peak.tflops is None and dev.name != "cpu":
+        _print0(f"warning: {peak.source}")
+    reporter.log_features(run_features(model, peak))
     step_kw = dict(num_microbatches=cfg.num_microbatches, seq_length=cfg.seq_length,
                    micro_batch_size=cfg.micro_batch_size)
     skipped, last_saved = 0, iteration
@@ -192,7 +196,7 @@ def run(args) -> int:
                     "loss_scale": optimizer.get_loss_scale().item() if args.fp16 else None,
                     "skipped_iterations": skipped, "step_time_s": step_time,
                     "tokens_per_sec_per_device": tokens_per_device, "tflops_per_device": tflops,
-                    "mfu": tflops / peak if peak else None, "memory": device_memory(), "device": dev.name})
+                    "mfu": tflops / peak.tflops if peak.tflops else None, "memory": device_memory(), "device": dev.name})
             if valid_iter is not None and iteration % args.eval_interval == 0:
                 with param_gather.gathered():
                     losses = [eval_step(valid_iter, model, **step_kw) for _ in range(args.eval_iters)]
