@@ -116,6 +116,12 @@ def test_device_peaks_by_the_name_torch_reports():
     assert device_peak("Ascend910B2", 300.0).source == "--device-peak-tflops"
     assert device_peak(None).tflops is None  # the CPU
     assert all(p.tflops and p.source for p in table().values())
+    documented = {}  # docs/benchmark.md's table is this one
+    for line in (ROOT / "docs" / "benchmark.md").read_text().splitlines():
+        if line.startswith("| `"):
+            name, tflops = (c.strip() for c in line.strip("|").split("|")[:2])
+            documented[name.strip("`")] = float(tflops)
+    assert documented == {name: p.tflops for name, p in table().items()}
 
 
 # ------------------------------------------------------------------------------------------------------ CPU runs
