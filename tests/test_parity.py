@@ -36,8 +36,11 @@ def test_npu_backend_through_emulator(tmp_path, dtype, tol):
     r = _run(tmp_path, 1, "--kernels", "npu", "--dtype", dtype)
     assert r["kernels"] == "npu" and r["max_abs_diff"] < tol and r["argmax_agree"] >= 0.9
     calls = r["emulated_npu_calls"]
-    for op in ("npu_rms_norm", "npu_fusion_attention", "npu_rotary_mul", "npu_swiglu"):
+    for op in ("npu_rms_norm", "npu_rotary_mul", "npu_swiglu"):
         assert calls.get(op, 0) > 0, f"{op} was never called"
+    # Logits in eval mode: attention is Ascend's inference kernel, which takes float16/bfloat16 with a head dim that
+    # is a multiple of 16 (TINY's is 8): the plain path here; tests/test_npu_emulator.py and test_generate.py cover it
+    assert "npu_fusion_attention" not in calls
 
 
 @pytest.mark.slow

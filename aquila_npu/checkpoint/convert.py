@@ -48,7 +48,7 @@ def _output_dtype(reader, params_dtype: Optional[torch.dtype]) -> torch.dtype:
     return params_dtype or getattr(reader, "dtype", None) or parse_dtype(reader.spec.torch_dtype)
 
 
-class _AtomicDir:
+class AtomicDir:
     """A temporary directory next to ``target`` that replaces it on success and is removed on failure."""
 
     def __init__(self, target: str):
@@ -108,7 +108,7 @@ def to_megatron(reader, save_dir: str, tp: int, pp: int, make_vocab_size_divisib
     # One (stage, TP rank) shard in memory at a time; safetensors inputs are memory-mapped views.
     progress = _Progress(_model_bytes(reader.spec, dtype), f"-> megatron tp{tp}-pp{pp}")
     try:
-        with _AtomicDir(save_dir) as tmp:
+        with AtomicDir(save_dir) as tmp:
             for stage in range(pp):
                 for rank in range(tp):
                     shard = hf_rank_to_mcore(reader.get, layout, stage, rank, cast=cast)
@@ -132,7 +132,7 @@ def to_huggingface(reader, save_dir: str, hf_dir_for_files: Optional[str] = None
             base_cfg = json.load(f)
     progress = _Progress(_model_bytes(spec, dtype), "-> huggingface")
     try:
-        with _AtomicDir(save_dir) as tmp:
+        with AtomicDir(save_dir) as tmp:
             writer = hf_io.HFWriter(tmp, hf_shapes(spec), dtype, max_shard_bytes)
             for name in hf_names(spec):  # layer by layer: the reader maps each source stage once
                 t = reader.get(name).to(dtype)

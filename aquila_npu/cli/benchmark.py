@@ -67,10 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "cpu, the unfused run only, saying why; with more than one data-parallel rank also the "
                         "plain run with --overlap-grad-reduce (and --overlap-param-gather with the distributed "
                         "optimizer) toggled, and the overlap on / off ratio)")
-    g.add_argument("--fused-switches", default=",".join(SWITCHES),
+    g.add_argument("--fused-switches", default=",".join(n.replace("_", "-") for n in FusedOps.KERNELS),
                    help="which switches the fused run turns on, comma-separated from "
                         + ", ".join(f"{short} ({FusedOps.SWITCHES[name][0]})" for short, name in SWITCHES.items())
-                        + "; default all")
+                        + "; default every kernel (mc2 also needs --sequence-parallel after --)")
     g.add_argument("--device-peak-tflops", type=float, default=None,
                    help="peak dense bf16/fp16 TFLOP/s of one device for MFU (default: aquila_npu.flops's table, by the "
                         "device name torch reports: Ascend 910A/910B1-B4/910C (Ascend910_93xx), NVIDIA A100/H100/"

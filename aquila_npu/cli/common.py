@@ -29,7 +29,6 @@ INERT_FLAGS: Dict[str, str] = {
     "--no-load-optim": "inference loads weights only",
     "--no-load-rng": "inference loads weights only",
     "--sequence-parallel": "inference runs without sequence parallelism",
-    "--use-mc2": "MC2 (fused all-gather / reduce-scatter matmuls) is not implemented: plain collectives run",
 }
 
 

@@ -8,13 +8,14 @@ import argparse
 
 from aquila_npu.cli.common import add_device_argument, add_inert_arguments, check_positive
 from aquila_npu.device.backends import FusedOps
+from aquila_npu.errors import UsageError
 from aquila_npu.inference.session import ModelOptions
 from aquila_npu.models import arch_flags
 from aquila_npu.models.dtypes import DTYPES
 
 INERT = ("--swiglu", "--disable-bias-linear", "--exit-on-missing-checkpoint", "--no-load-optim", "--no-load-rng",
          "--no-masked-softmax-fusion",
-         "--attention-softmax-in-fp32", "--no-gradient-accumulation-fusion", "--sequence-parallel", "--use-mc2")
+         "--attention-softmax-in-fp32", "--no-gradient-accumulation-fusion", "--sequence-parallel")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,6 +53,9 @@ def model_options(args: argparse.Namespace) -> ModelOptions:
     flags = arch_flags.given(args)
     arch_flags.validate(flags)
     dtype = DTYPES["fp16"] if args.fp16 else DTYPES["bf16"] if args.bf16 else None
+    if args.use_mc2:
+        raise UsageError("--use-mc2 fuses the communication of sequence-parallel training into its matmuls; generation "
+                         "and evaluation have no sequence parallelism: drop --use-mc2")
     return ModelOptions(load=args.load, tokenizer=args.tokenizer_name_or_path, use_fast=not args.tokenizer_not_use_fast,
                         tokenizer_type=args.tokenizer_type, tp=args.tensor_model_parallel_size,
                         pp=args.pipeline_model_parallel_size, device=args.device, params_dtype=dtype,

@@ -11,12 +11,13 @@ from typing import List, Optional
 from aquila_npu.cli.common import add_device_argument, add_inert_arguments, run_cli
 from aquila_npu.device.backends import FusedOps
 from aquila_npu.errors import UsageError
+from aquila_npu.lora import settings as lora_settings
 from aquila_npu.models import arch_flags
 from aquila_npu.models.registry import MODELS
 
 PROG = "aquila_npu.pretrain"
 INERT = ("--swiglu", "--disable-bias-linear", "--attention-softmax-in-fp32", "--no-masked-softmax-fusion",
-         "--no-gradient-accumulation-fusion", "--use-mc2")
+         "--no-gradient-accumulation-fusion")
 
 
 def _model(p):
@@ -135,6 +136,7 @@ def parser() -> argparse.ArgumentParser:
     for add in (_model, _parallel, _training, _data, _checkpoint, _logging):
         add(p)
     FusedOps.add_arguments(p)
+    lora_settings.add_arguments(p)
     add_inert_arguments(p, INERT)
     return p
 

@@ -1,7 +1,8 @@
 """megatron-core ``BackendSpecProvider``s for the three devices.
 
 The ModelLink switches choose fused modules: ``--use-fused-rmsnorm``, ``--use-flash-attn``,
-``--use-fused-rotary-pos-emb``, ``--use-fused-swiglu``. With none of them every backend builds the plain-PyTorch
+``--use-fused-rotary-pos-emb``, ``--use-fused-swiglu``, and on Ascend ``--use-mc2`` (sequence-parallel linears whose
+all-gather / reduce-scatter run inside the matmul kernels). With none of them every backend builds the plain-PyTorch
 modules of ``torch_modules``. Asking for a fused op the device cannot provide raises ``FusedKernelUnavailable``.
 Parameter names and shapes never depend on the backend: fused modules subclass or mirror the plain ones.
 """
@@ -28,6 +29,7 @@ class FusedOps:
     flash_attn: bool = False
     rotary: bool = False
     swiglu: bool = False
+    mc2: bool = False
 
     SWITCHES = {
         "rmsnorm": ("--use-fused-rmsnorm", "fused RMSNorm (npu_rms_norm on Ascend; Transformer Engine on CUDA)"),
@@ -36,11 +38,16 @@ class FusedOps:
         "rotary": ("--use-fused-rotary-pos-emb", "fused RoPE (npu_rotary_mul on Ascend; Transformer Engine on "
                                                  "CUDA)"),
         "swiglu": ("--use-fused-swiglu", "fused SwiGLU (npu_swiglu on Ascend; megatron-core's kernel on CUDA)"),
+        "mc2": ("--use-mc2", "Ascend MC2: the sequence-parallel all-gather / reduce-scatter of the tensor-parallel "
+                             "linears fused into the matmuls (npu_all_gather_base_mm / npu_mm_reduce_scatter_base; "
+                             "training with --sequence-parallel at tp 2, 4 or 8, bf16/fp16)"),
     }
+    KERNELS = ("rmsnorm", "flash_attn", "rotary", "swiglu")  # the per-layer kernels; mc2 needs sequence parallelism
 
     @classmethod
     def all(cls) -> "FusedOps":
-        return cls(**{name: True for name in cls.SWITCHES})
+        """Every fused kernel (not --use-mc2, which only sequence-parallel training can use)."""
+        return cls(**{name: True for name in cls.KERNELS})
 
     @classmethod
     def add_arguments(cls, parser, title: str = "fused kernels (ModelLink switches; need an Ascend NPU, or on CUDA "
@@ -115,6 +122,12 @@ class NpuBackend(TorchBackend):
 
     name = "npu"
 
+    def column_parallel_linear(self) -> type:
+        return npu_modules.Mc2ColumnParallelLinear if self.fused.mc2 else ColumnParallelLinear
+
+    def row_parallel_linear(self) -> type:
+        return npu_modules.Mc2RowParallelLinear if self.fused.mc2 else RowParallelLinear
+
     def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
         return npu_modules.NpuRMSNorm if self.fused.rmsnorm else torch_modules.RMSNorm
 
@@ -143,6 +156,10 @@ class CudaBackend(TorchBackend):
     name = "cuda"
 
     def __init__(self, fused: FusedOps = FusedOps()):
+        if fused.mc2:
+            raise FusedKernelUnavailable("--use-mc2 is Ascend's MC2 (torch_npu kernels): drop it on cuda "
+                                         "(megatron-core overlaps tensor-parallel communication there with Transformer "
+                                         "Engine)")
         needs_te = [FusedOps.SWITCHES[name][0] for name in ("rmsnorm", "flash_attn", "rotary") if getattr(fused, name)]
         if needs_te and not have_transformer_engine():
             raise FusedKernelUnavailable(
