@@ -339,11 +339,11 @@ def synchronize(device=None) -> None:
     _lazy_init()
 
 
-def get_device_name(device=None) -> str:
+def get_device_name(device_name=None) -> str:
     return FAKE_DEVICE_NAME
 
 
-def get_device_properties(device=None):
+def get_device_properties(device_name=None):
     return types.SimpleNamespace(name=FAKE_DEVICE_NAME, total_memory=0, cube_core_num=0, vector_core_num=0)
 
 
@@ -380,12 +380,20 @@ def memory_stats(device=None) -> dict:
     return {}
 
 
-def _nothing(*args, **kwargs) -> None:
+def _nothing(device=None) -> None:
     return None
 
 
-empty_cache = reset_peak_memory_stats = reset_max_memory_allocated = reset_max_memory_cached = _nothing
-reset_accumulated_memory_stats = set_per_process_memory_fraction = _nothing
+reset_peak_memory_stats = reset_max_memory_allocated = reset_max_memory_cached = _nothing
+reset_accumulated_memory_stats = _nothing
+
+
+def empty_cache() -> None:
+    pass
+
+
+def set_per_process_memory_fraction(fraction, device=None) -> None:
+    pass
 
 
 def memory_summary(device=None, abbreviated: bool = False) -> str:
@@ -647,6 +655,17 @@ def _write_report() -> None:
             json.dump(report(), f)
 
 
+class _NoDeviceMemory(torch._C._acc.PrivateUse1Hooks):
+    def is_available(self) -> bool:
+        return False
+
+    def has_primary_context(self, device_index) -> bool:
+        return False
+
+    def is_built(self) -> bool:
+        return True
+
+
 def install_runtime(mod: types.ModuleType) -> types.ModuleType:
     """Make ``mod`` (the loader package's ``torch_npu``) the fake torch_npu, as ``import torch_npu`` does for the real
     one. Once per process."""
@@ -659,6 +678,9 @@ def install_runtime(mod: types.ModuleType) -> types.ModuleType:
     mod.__version__ = FAKE_VERSION
     mod.__aquila_emulator__ = True
     torch.utils.rename_privateuse1_backend("npu")
+    # torch asks the privateuse1 backend's C++ hooks which accelerator the machine has (dist.barrier does): the fake
+    # has no device memory, so it answers "none" and torch's accelerator stays the CPU, where the tensors are.
+    torch._C._acc.register_python_privateuseone_hook(_NoDeviceMemory())
     npu = _npu_module()
     torch._register_device_module("npu", npu)
     mod.npu = npu
