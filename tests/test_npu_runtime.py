@@ -377,3 +377,42 @@ def test_checkpoints_move_between_cpu_and_npu_with_no_load_rng(assets, tmp_path)
         assert f"saved on {first} and this run is on {then}" in proc.stderr
         resumed = _train(e2, 1, tmp_path / f"{first}-{then}.jsonl", *resume, "--no-load-rng")
         assert np.allclose(resumed, straight[2:], rtol=1e-5, atol=0), (first, then, straight, resumed)
+
+
+# ------------------------------------------------------------------------------------------ the first-hour report
+@pytest.mark.slow
+def test_selfcheck_report_runs_every_check_on_the_fake_runtime(tmp_path):
+    """python -m aquila_npu.selfcheck --report --device npu: every check runs and passes on two fake NPUs; the
+    benchmark's figures are labelled with the fake device (CPU speed, never NPU throughput)."""
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "aquila_npu.selfcheck", "--report", "--device", "npu", "--nproc", "2",
+                           "--comm-size-mb", "1", "--out", str(out)], env=fake_npu_env(), capture_output=True,
+                          text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert r["passed"] and r["device_name"] == npu_emulator.FAKE_DEVICE_NAME
+    assert r["software"]["torch_npu"] == npu_emulator.FAKE_VERSION
+    checks = r["checks"]
+    assert [checks[c]["status"] for c in ("ops", "collectives", "logits", "training", "resume", "benchmark")] == \
+        ["pass"] * 5 + ["done"]
+    assert {(x["op"].split()[0], x["dtype"]) for x in checks["ops"]["results"]} == \
+        {(op, dt) for op in FUSED_OPS for dt in ("bfloat16", "float16")}
+    assert {x["dtype"] for x in checks["collectives"]["results"]} == {"float32", "bfloat16", "float16", "int32",
+                                                                      "int64", "uint8"}
+    assert checks["training"]["tp"] == 2 and checks["training"]["dtype"] == "bf16"
+    bench = checks["benchmark"]["result"]
+    assert bench["label"] == npu_emulator.FAKE_DEVICE_NAME and bench["device"]["peak_tflops"] is None  # no MFU
+    assert "verdict: every check passed" in proc.stdout
+
+
+@pytest.mark.slow
+def test_shipped_training_reference_is_the_cpu_run(tmp_path):
+    """The reference losses shipped in aquila_npu/checks/reference.json are what the CPU computes now (fp32, tp1):
+    the training check compares an NPU node against the right numbers."""
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "aquila_npu.selfcheck", "--report", "--device", "cpu", "--checks",
+                           "training", "--out", str(out)], env=child_env(), capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    training = json.loads(out.read_text())["checks"]["training"]
+    assert training["tp"] == 1 and training["dtype"] == "fp32" and training["max_rel_err"] < 1e-5
