@@ -86,8 +86,8 @@ def _factory(fn: Callable) -> Callable:
     return wrapper
 
 
-class _CpuEvent:
-    """Stand-in for torch.cuda.Event: wall-clock timing on the host."""
+class HostEvent:
+    """Stand-in for torch.cuda.Event: wall-clock timing on the host (also the fake NPU runtime's Event)."""
 
     def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):
         self._t = None
@@ -104,11 +104,13 @@ class _CpuEvent:
     def query(self):
         return True
 
-    def elapsed_time(self, end: "_CpuEvent") -> float:
+    def elapsed_time(self, end: "HostEvent") -> float:
         return (end._t - self._t) * 1000.0
 
 
-class _CpuStream:
+class HostStream:
+    """Stand-in for a device stream where work runs at once on the host: waiting and synchronising are no-ops."""
+
     def __init__(self, *args, **kwargs):
         pass
 
@@ -122,7 +124,7 @@ class _CpuStream:
         pass
 
     def record_event(self, event=None):
-        event = event or _CpuEvent()
+        event = event or HostEvent()
         event.record()
         return event
 
@@ -161,10 +163,10 @@ def redirect_cuda_to_cpu() -> None:
     _set(cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed)))
     _set(cuda, "get_rng_state", lambda device="cuda": torch.get_rng_state())
     _set(cuda, "set_rng_state", lambda state, device="cuda": torch.set_rng_state(state))
-    _set(cuda, "Event", _CpuEvent)
-    _set(cuda, "Stream", _CpuStream)
-    _set(cuda, "current_stream", lambda *a, **k: _CpuStream())
-    _set(cuda, "default_stream", lambda *a, **k: _CpuStream())
+    _set(cuda, "Event", HostEvent)
+    _set(cuda, "Stream", HostStream)
+    _set(cuda, "current_stream", lambda *a, **k: HostStream())
+    _set(cuda, "default_stream", lambda *a, **k: HostStream())
     _set(cuda, "stream", lambda *a, **k: contextlib.nullcontext())
     _set(cuda, "memory_allocated", lambda *a, **k: 0)
     _set(cuda, "max_memory_allocated", lambda *a, **k: 0)

@@ -220,7 +220,8 @@ def installed():
 import atexit
 import json
 import os
-import time
+
+from aquila_npu.device.patches import HostEvent, HostStream
 
 FAKE_DEVICE_NAME = "fake NPU (aquila_npu.testing.npu_emulator on the CPU)"
 FAKE_VERSION = "2.13.0+aquila.emulated"  # the torch_npu release whose APIs this imitates, marked as not the real one
@@ -446,57 +447,14 @@ def initial_seed() -> int:
     return torch.default_generator.initial_seed()
 
 
-class Event:
-    """``torch.npu.Event``: host wall-clock timing (the fake has no device queue)."""
-
-    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):
-        self._t = None
-
-    def record(self, stream=None):
-        self._t = time.perf_counter()
-
-    def synchronize(self):
-        pass
-
-    def wait(self, stream=None):
-        pass
-
-    def query(self) -> bool:
-        return True
-
-    def elapsed_time(self, end: "Event") -> float:
-        return (end._t - self._t) * 1000.0
-
-
-class Stream:
-    """``torch.npu.Stream``: work runs at once on the host, so waiting and synchronising are no-ops."""
-
-    def __init__(self, device=None, priority: int = 0, **kwargs):
-        self.device = torch.device("npu", _device_index(device))
-
-    def wait_event(self, event):
-        pass
-
-    def wait_stream(self, stream):
-        pass
-
-    def record_event(self, event=None):
-        event = event or Event()
-        event.record(self)
-        return event
-
-    def query(self) -> bool:
-        return True
-
-    def synchronize(self):
-        pass
+Event, Stream = HostEvent, HostStream  # work runs at once on the host: no device queue to wait for
 
 
 _streams = {}
 
 
 def current_stream(device=None) -> Stream:
-    return _streams.setdefault(_device_index(device), Stream(device))
+    return _streams.setdefault(_device_index(device), Stream())
 
 
 default_stream = current_stream
