@@ -397,8 +397,10 @@ def test_selfcheck_report_runs_every_check_on_the_fake_runtime(tmp_path):
         ["pass"] * 5 + ["done"]
     assert {(x["op"].split()[0], x["dtype"]) for x in checks["ops"]["results"]} == \
         {(op, dt) for op in FUSED_OPS for dt in ("bfloat16", "float16")}
-    assert {x["dtype"] for x in checks["collectives"]["results"]} == {"float32", "bfloat16", "float16", "int32",
-                                                                      "int64", "uint8"}
+    from aquila_npu.checks.collectives import USES
+
+    assert [(x["op"], x["dtype"]) for x in checks["collectives"]["results"]] == \
+        [(op, dt) for dt, ops in USES.items() for op in ops]
     assert checks["training"]["tp"] == 2 and checks["training"]["dtype"] == "bf16"
     bench = checks["benchmark"]["result"]
     assert bench["label"] == npu_emulator.FAKE_DEVICE_NAME and bench["device"]["peak_tflops"] is None  # no MFU

@@ -66,12 +66,13 @@ def check_collectives(device: str, nproc: int, dtype: str, workdir: str, timeout
     _launch("collectives", "aquila_npu.checks.worker", nproc,
             ["collectives", "--device", device, "--out", out, "--size-mb", comm_size_mb], workdir, timeout)
     r = _read(out)
-    ops = sorted({x["op"] for x in r["results"]})
-    dtypes = sorted({x["dtype"] for x in r["results"]})
     bw = r["all_reduce_bandwidth"]
-    summary = (f"{', '.join(ops)} x {', '.join(dtypes)} on {r['world_size']} ranks ({r['backend']}): "
-               f"{r['failures_all_ranks']} wrong results; all-reduce {comm_size_mb:g} MiB bus bandwidth "
-               + ", ".join(f"{k} {v['busbw_gb_s']:.1f} GB/s" for k, v in bw.items()))
+    bad = [f"{x['op']} {x['dtype']}" + (f" ({x['error']})" if x.get("error") else "") for x in r["results"]
+           if not x["ok"]]
+    summary = (f"{len(r['results'])} collective x dtype pairs the code uses on {r['world_size']} ranks "
+               f"({r['backend']}): {r['failures_all_ranks']:.0f} wrong or failed on some rank"
+               + (f" (rank 0: {'; '.join(bad)})" if bad else "") + f"; all-reduce {comm_size_mb:g} MiB bus "
+               "bandwidth " + ", ".join(f"{k} {v['busbw_gb_s']:.1f} GB/s" for k, v in bw.items()))
     return {"status": "fail" if r["failures_all_ranks"] else "pass", "summary": summary, **r}
 
 

@@ -215,6 +215,8 @@ def installed():
 # * the hccl backend refuses to start before ``torch.npu.set_device`` (each rank must own its device before HCCL
 #   creates its communicator; otherwise every rank would bind to device 0);
 # * ``set_device`` refuses an index >= ``device_count()``.
+# Not caught, since host and device memory are one here: a CPU tensor given to an HCCL collective or an NPU kernel
+# (works here, fails on hardware), host-device copies and their cost.
 # The runtime is irreversible (torch allows one privateuse1 name per process): never install it in the pytest process.
 
 import atexit
