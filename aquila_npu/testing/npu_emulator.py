@@ -737,8 +737,9 @@ def transfer_to_npu() -> None:
     CPU can imitate: ``torch.cuda.*`` becomes ``torch.npu.*``; device arguments naming cuda name npu (the white lists
     above; ``Tensor.cuda`` / ``Module.cuda`` / ``is_cuda``); the nccl backend becomes hccl in ``init_process_group``
     and new groups; ``torch.cuda.default_generators`` becomes the NPU's once the NPU initialises;
-    ``torch.jit.script`` becomes a pass-through. Left out (no CPU meaning here): profiler, inductor/triton, FSDP,
-    device mesh, pipelining, autocast and the library wrappers of its apis_config.json. Once per process."""
+    ``torch.jit.script`` becomes a pass-through. Left out (no CPU meaning here, or unused by aquila_npu): profiler,
+    inductor/triton, FSDP, device mesh, pipelining, autocast, storages, the ``torch.Generator`` / ``torch.Event``
+    proxies and the library wrappers of its apis_config.json. Once per process."""
     if _state["transferred"]:
         return
     npu = torch.npu
