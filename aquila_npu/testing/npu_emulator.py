@@ -615,15 +615,26 @@ def _write_report() -> None:
             json.dump(report(), f)
 
 
-class _NoDeviceMemory(torch._C._acc.PrivateUse1Hooks):
-    def is_available(self) -> bool:
-        return False
+def _register_no_device_memory_hooks() -> None:
+    """Newer torch asks the privateuse1 backend's C++ hooks which accelerator the machine has (torch 2.13's
+    dist.barrier does, and fails without hooks): the fake has no device memory, so they answer "none" and torch's
+    accelerator stays the CPU, where the tensors are. (Older torch has no Python hooks and does not ask.)"""
+    acc = getattr(torch._C, "_acc", None)
+    if acc is None or not hasattr(acc, "register_python_privateuseone_hook"):
+        return
 
-    def has_primary_context(self, device_index) -> bool:
-        return False
+    class NoDeviceMemory(acc.PrivateUse1Hooks):
+        def is_available(self) -> bool:
+            return False
 
-    def is_built(self) -> bool:
-        return True
+        def has_primary_context(self, device_index) -> bool:
+            return False
+
+        def is_built(self) -> bool:
+            return True
+
+    _state["hooks"] = NoDeviceMemory()  # kept alive: torch holds a pointer to it
+    acc.register_python_privateuseone_hook(_state["hooks"])
 
 
 def install_runtime(mod: types.ModuleType) -> types.ModuleType:
@@ -638,9 +649,7 @@ def install_runtime(mod: types.ModuleType) -> types.ModuleType:
     mod.__version__ = FAKE_VERSION
     mod.__aquila_emulator__ = True
     torch.utils.rename_privateuse1_backend("npu")
-    # torch asks the privateuse1 backend's C++ hooks which accelerator the machine has (dist.barrier does): the fake
-    # has no device memory, so it answers "none" and torch's accelerator stays the CPU, where the tensors are.
-    torch._C._acc.register_python_privateuseone_hook(_NoDeviceMemory())
+    _register_no_device_memory_hooks()
     npu = _npu_module()
     torch._register_device_module("npu", npu)
     mod.npu = npu
