@@ -56,9 +56,9 @@ def check_ops(device: str, nproc: int, dtype: str, workdir: str, timeout, comm_s
     _launch("ops", "aquila_npu.checks.worker", 1, ["ops", "--device", device, "--out", out], workdir, timeout)
     results = _read(out)["results"]
     bad = [f"{r['op']} {r['dtype']}" for r in results if not r["ok"]]
-    return {"status": "fail" if bad else "pass", "results": results,
-            "summary": f"{len(results) - len(bad)}/{len(results)} op x dtype within tolerance (forward and "
-                       f"backward vs the plain path in fp32)" + (f"; out of tolerance: {', '.join(bad)}" if bad else "")}
+    summary = (f"{len(results) - len(bad)}/{len(results)} op x dtype within tolerance (forward and backward vs the "
+               "plain path in fp32)" + (f"; out of tolerance: {', '.join(bad)}" if bad else ""))
+    return {"status": "fail" if bad else "pass", "results": results, "summary": summary}
 
 
 def check_collectives(device: str, nproc: int, dtype: str, workdir: str, timeout, comm_size_mb) -> dict:

@@ -206,10 +206,10 @@ def installed():
 #
 # ``import torch_npu`` resolves here when ``fake_runtime_path()`` is first on PYTHONPATH (a loader package of a few
 # lines delegating to ``install_runtime`` / ``transfer_to_npu``). It gives the ops above plus what the real package
-# does on import: the device type "npu" (torch's privateuse1 backend renamed), ``torch.npu``, legacy ``torch.npu.*Tensor``
-# types, ``Tensor.npu`` / ``Module.npu`` / ``Tensor.is_npu`` and the ``hccl`` process-group backend. There is no NPU:
-# "npu" is an alias of the CPU (one memory, every tensor is a CPU tensor), hccl is gloo, the NPU generator is the CPU
-# generator. What it proves: the API calls, their order and the numerics; never speed.
+# does on import: the device type "npu" (torch's privateuse1 backend renamed), ``torch.npu``, legacy
+# ``torch.npu.*Tensor`` types, ``Tensor.npu`` / ``Module.npu`` / ``Tensor.is_npu`` and the ``hccl`` process-group
+# backend. There is no NPU: "npu" is an alias of the CPU (one memory, every tensor is a CPU tensor), hccl is gloo, the
+# NPU generator is the CPU generator. What it proves: the API calls, their order and the numerics; never speed.
 #
 # Strict where the real runtime would fail or misbehave on an Atlas node:
 # * the hccl backend refuses to start before ``torch.npu.set_device`` (each rank must own its device before HCCL
@@ -256,7 +256,7 @@ def _host(device):
     return device
 
 
-def _device_index(device, optional: bool = True) -> int:
+def _device_index(device) -> int:
     if device is None or (isinstance(device, str) and device == "npu"):
         return _state["device"] if _state["device"] is not None else 0
     if isinstance(device, int):
@@ -309,7 +309,8 @@ def set_device(device) -> None:
     if idx < 0:
         return
     if idx >= device_count():
-        raise RuntimeError(f"set_device({device!r}): this node has {device_count()} NPUs (device ids 0..{device_count() - 1})")
+        raise RuntimeError(f"set_device({device!r}): this node has {device_count()} NPUs "
+                           f"(device ids 0..{device_count() - 1})")
     _state["device"] = idx
     events.append(("set_device", idx))
     _lazy_init()
@@ -712,7 +713,8 @@ def _wrap_cuda(fn):
             if kwargs.get(key) is not None:
                 kwargs[key] = _cuda_to_npu(kwargs[key], True)
         if isinstance(kwargs.get("device_ids"), (list, tuple)):
-            kwargs["device_ids"] = type(kwargs["device_ids"])(_cuda_to_npu(d, replace_int) for d in kwargs["device_ids"])
+            ids = kwargs["device_ids"]
+            kwargs["device_ids"] = type(ids)(_cuda_to_npu(d, replace_int) for d in ids)
         return fn(*args, **kwargs)
 
     return wrapper
