@@ -4,7 +4,7 @@
     python -m aquila_npu.selfcheck                                   # one process, auto-detected device
     torchrun --nproc-per-node 4 -m aquila_npu.selfcheck --tp 2 --pp 2
     torchrun --nproc-per-node 4 -m aquila_npu.selfcheck --tp 4 --device npu --dtype bf16   # fused Ascend kernels
-    python -m aquila_npu.selfcheck --report --device npu --out report.json   # every check, all devices
+    python -m aquila_npu.selfcheck --device npu --out report.json   # on an NPU node: every check, all devices
 
 Every rank builds the same tiny random HF model (fixed seed), loads its stage through the weight-mapping table,
 and the last pipeline stage (TP rank 0) prints the max |ours - HF| (and writes it to --out when given).
@@ -60,7 +60,9 @@ def _main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the result (or the report) as JSON to this file")
     g = p.add_argument_group("the first-hour report (--report)")
     g.add_argument("--report", action="store_true",
-                   help="run every check on this node and print one report (start it without torchrun)")
+                   help="run every check on this node and print one report (start it without torchrun); the default "
+                        "on an Ascend NPU node when started without torchrun and without --load")
+    g.add_argument("--logits-only", action="store_true", help="only the logits check, also on an NPU node")
     g.add_argument("--checks", default=",".join(CHECKS),
                    help=f"which checks, comma-separated (default all: {','.join(CHECKS)})")
     g.add_argument("--nproc", type=int, default=None,
@@ -71,7 +73,10 @@ def _main(argv=None) -> int:
     g.add_argument("--comm-size-mb", type=float, default=64.0,
                    help="message size of the all-reduce bandwidth measurement (default 64 MiB)")
     a = p.parse_args(argv)
-    if a.report:
+    if a.report and a.logits_only:
+        raise UsageError("--report and --logits-only exclude each other")
+    first_hour = not (a.logits_only or a.load or "RANK" in os.environ) and resolve(a.device) == "npu"
+    if a.report or first_hour:  # what an operator runs first on an Atlas node: python -m aquila_npu.selfcheck
         return _report(a)
     a.dtype = a.dtype or "fp32"
     if bool(a.load) != bool(a.hf_dir):

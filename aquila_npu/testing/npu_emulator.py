@@ -980,11 +980,33 @@ def _alias_npu_to_cpu() -> None:
 
 # ------------------------------------------------------------------------------------------ hccl on top of gloo
 class ProcessGroupHCCL(torch.distributed.ProcessGroupGloo):
-    """The ``hccl`` backend: gloo underneath, plus the one HCCL method our code may call (MC2 kernels take the
-    communicator's name)."""
+    """The ``hccl`` backend: gloo underneath. (torch hands back the C++ gloo object from ``group._get_backend``, so
+    the one HCCL method our code calls lives on ``_HcclBackendView``.)"""
+
+
+class _HcclBackendView:
+    """What ``group._get_backend(torch.device("npu"))`` returns in the fake: the gloo backend plus HCCL's
+    ``get_hccl_comm_name``, whose name the emulated MC2 kernels resolve back to the group (its c10d name)."""
+
+    def __init__(self, group, backend):
+        self._group, self._backend = group, backend
 
     def get_hccl_comm_name(self, rank: int, init_comm: bool = True) -> str:
-        return f"fake-hccl-{id(self):x}"
+        from torch.distributed import distributed_c10d as c10d
+
+        return c10d._world.pg_names[self._group]
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+
+def _npu_backend_views(get_backend):
+    @functools.wraps(get_backend)
+    def _get_backend(self, device):
+        backend = get_backend(self, device)
+        return _HcclBackendView(self, backend) if _is_npu(device) else backend
+
+    return _get_backend
 
 
 def _create_hccl(store, rank, size, timeout):
@@ -1056,6 +1078,7 @@ def install_runtime(mod: types.ModuleType) -> types.ModuleType:
     sys.modules["torch_npu.npu"] = npu
     _alias_npu_to_cpu()
     torch.distributed.Backend.register_backend("hccl", _create_hccl, devices=["cpu", "npu"])
+    torch.distributed.ProcessGroup._get_backend = _npu_backend_views(torch.distributed.ProcessGroup._get_backend)
     torch.distributed.is_hccl_available = _is_hccl_available
     mod.ProcessGroupHCCL = ProcessGroupHCCL
     _state["installed"] = True
