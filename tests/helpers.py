@@ -31,22 +31,43 @@ def child_env(**extra) -> dict:
     return env
 
 
+def fake_npu_env(**extra) -> dict:
+    """``child_env()`` in which ``import torch_npu`` is the fake NPU runtime (``aquila_npu.testing.npu_emulator``):
+    ``--device npu`` runs on the CPU. ``extra`` on top."""
+    from aquila_npu.testing.npu_emulator import fake_runtime_path
+
+    env = child_env(**extra)
+    env["PYTHONPATH"] = os.pathsep.join([fake_runtime_path(), env["PYTHONPATH"]])
+    return env
+
+
 def run_module(module: str, *args, cwd=None, timeout: int = 600, **env) -> subprocess.CompletedProcess:
     """``python -m module args`` in a child process (exit status not checked)."""
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], env=child_env(**env), cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
 
 
-def torchrun(script: str, nproc: int, args, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a worker under torchrun on the CPU (gloo), one thread per process; fails the test on a non-zero exit."""
+def torchrun(script: str, nproc: int, args, timeout: int = 600, env=None,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """Run a worker under torchrun on the CPU (gloo), one thread per process, in ``env`` (default ``child_env()``);
+    fails the test on a non-zero exit unless ``check`` is False."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
            str(free_port()),
            *(script.split() if script.startswith("-m ") else [str(ROOT / script)]), *map(str, args)]
-    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
+    proc = subprocess.run(cmd, env=env or child_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-6000:]}")
     return proc
+
+
+def torch_npu_wheel():
+    """The real torch_npu wheel (downloaded by .ci/run, never installed), or None."""
+    path = os.environ.get("AQUILA_TORCH_NPU_WHEEL")
+    if path and os.path.exists(path):
+        return path
+    found = sorted((ROOT / ".cache" / "wheels").glob("torch_npu-*.whl"))
+    return str(found[-1]) if found else None
 
 
 def read_json(path):

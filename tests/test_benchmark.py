@@ -151,7 +151,7 @@ def test_acceptance_cpu_run_writes_a_json_result(tmp_path):
     features = res["runs"]["unfused"]["features"]  # what the training process reported having on
     assert (features["overlap_grad_reduce"], features["overlap_param_gather"], features["ddp_bucket_size"]) == \
         (False, False, None)
-    assert features["causal_mask"] == ["the kernel's own causal mode (no mask tensor)"]
+    assert features["causal_mask"] == ["its own causal mode (no [S, S] mask per layer)"]
     assert features["grad_norm"].startswith("on the device")
 
     # the figures follow from the training process's own step times, warm-up iterations dropped

@@ -87,15 +87,16 @@ def pretrain_argv(s: Settings, spec: ModelSpec, fused: bool, metrics_file: str) 
     return [str(a) for a in argv] + list(s.extra)
 
 
-def launch_command(nproc: int, argv: List[str]) -> List[str]:
+def launch_command(nproc: int, argv: List[str], module: str = "aquila_npu.pretrain") -> List[str]:
+    """``python -m module argv``, under torchrun for several processes."""
     if nproc == 1:
-        return [sys.executable, "-m", "aquila_npu.pretrain", *argv]
+        return [sys.executable, "-m", module, *argv]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-            str(free_port()), "-m", "aquila_npu.pretrain", *argv]
+            str(free_port()), "-m", module, *argv]
 
 
-def _run(cmd: List[str], log_path: str, timeout: Optional[float], echo) -> int:
-    """Run the training process (in its own process group), its output to ``log_path``; ``echo`` gets its iteration
+def run_logged(cmd: List[str], log_path: str, timeout: Optional[float], echo=None) -> int:
+    """Run a (training) process in its own process group, its output to ``log_path``; ``echo`` gets its iteration
     lines as they come. Past ``timeout`` seconds the group (torchrun and its workers) is killed."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
@@ -116,7 +117,7 @@ def _run(cmd: List[str], log_path: str, timeout: Optional[float], echo) -> int:
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise BenchmarkError(f"the training run passed --timeout {timeout:g}s and was stopped; log: "
+            raise BenchmarkError(f"the run passed --timeout {timeout:g}s and was stopped; log: "
                                  f"{log_path}") from None
         finally:
             if proc.poll() is None:
@@ -192,7 +193,7 @@ def measure(s: Settings, spec: ModelSpec, fused: bool, workdir: str, echo=print,
     if os.path.exists(metrics):
         os.remove(metrics)
     cmd = launch_command(s.nproc, pretrain_argv(s, spec, fused, metrics))
-    rc = _run(cmd, log_path, s.timeout, echo)
+    rc = run_logged(cmd, log_path, s.timeout, echo)
     if rc != 0:
         raise BenchmarkError(f"the {tag} training run exited with status {rc}:\n$ {shlex.join(cmd)}\n"
                              f"{_tail(log_path)}(full log: {log_path})")

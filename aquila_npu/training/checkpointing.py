@@ -55,12 +55,29 @@ def _dist_opt_state(optimizer) -> list:
     return states
 
 
-def _rng_state() -> dict:
+def _rng_state(device: str) -> dict:
+    """Host RNGs, megatron-core's tracker states and the device generator's, tagged with the device that made them
+    (their formats differ: CPU Mersenne Twister, CUDA / NPU Philox)."""
     state = {"random": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available() and torch.cuda.device_count():
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(), "device_type": device}
+    if torch.cuda.is_available() and torch.cuda.device_count():  # torch.cuda is torch.npu under transfer_to_npu
         state["device"] = torch.cuda.get_rng_state()
     return state
+
+
+def _saved_rng_device(state: dict) -> str:
+    """The device a checkpoint's RNG state came from; older checkpoints (no tag) saved a "device" generator only on
+    CUDA."""
+    return state.get("device_type") or ("cuda" if "device" in state else "cpu")
+
+
+def _check_rng_device(root: str, state: dict, device: str) -> None:
+    saved = _saved_rng_device(state)
+    if saved != device:
+        raise CheckpointError(
+            f"--load {root}: its RNG state was saved on {saved} and this run is on {device}, whose random generators "
+            "differ; resume with --no-load-rng (weights, optimizer, scheduler and data position still load; dropout "
+            "masks then differ from an uninterrupted run)")
 
 
 def _set_rng_state(state: dict) -> None:
@@ -80,7 +97,8 @@ def _writes_shared_files(no_shared_storage: bool) -> bool:
 
 
 def save(root: str, iteration: int, *, model, optimizer, scheduler, layout: Layout, params_dtype: torch.dtype,
-         consumed_samples: int, args, use_distributed_optimizer: bool, no_shared_storage: bool = False) -> None:
+         consumed_samples: int, args, use_distributed_optimizer: bool, device: str,
+         no_shared_storage: bool = False) -> None:
     name = f"iter_{iteration:07d}"
     staging = os.path.join(root, f".staging-{name}")
     tp, pp, dp = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
@@ -97,7 +115,7 @@ def save(root: str, iteration: int, *, model, optimizer, scheduler, layout: Layo
     if dp == 0:
         sd = {k: v for k, v in model.module.state_dict().items() if not k.endswith("_extra_state")}
         extra = {"optimizer": optimizer.state_dict(), "opt_param_scheduler": scheduler.state_dict(),
-                 "rng_state": _rng_state(), "consumed_train_samples": consumed_samples,
+                 "rng_state": _rng_state(device), "consumed_train_samples": consumed_samples,
                  "training_args": vars(args), "distributed_optimizer": use_distributed_optimizer,
                  "data_parallel_size": ps.get_data_parallel_world_size()}
         megatron_io.save_rank(staging, iteration, layout, pp, tp, sd, params_dtype, extra)
@@ -121,9 +139,10 @@ def save(root: str, iteration: int, *, model, optimizer, scheduler, layout: Layo
 
 
 def load(info: CheckpointInfo, *, model, optimizer, scheduler, layout: Layout, params_dtype: torch.dtype,
-         finetune: bool, no_load_optim: bool, no_load_rng: bool,
-         use_distributed_optimizer: bool) -> Tuple[int, int, str]:
-    """Load this rank's shard of the checkpoint ``info`` describes; (iteration, consumed samples, what was loaded)."""
+         finetune: bool, no_load_optim: bool, no_load_rng: bool, use_distributed_optimizer: bool,
+         device: str) -> Tuple[int, int, str]:
+    """Load this rank's shard of the checkpoint ``info`` describes; (iteration, consumed samples, what was loaded).
+    An RNG state saved on another device (cpu / cuda / npu) is a ``CheckpointError`` naming ``--no-load-rng``."""
     root, iteration = info.root, info.iteration
     have = info.layout
     if (have.tp, have.pp) != (layout.tp, layout.pp):
@@ -132,6 +151,8 @@ def load(info: CheckpointInfo, *, model, optimizer, scheduler, layout: Layout, p
             f"with: {relayout_command(root, layout.tp, layout.pp)}")
     tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     ck = info.load_rank(tp, pp)
+    if not (finetune or no_load_rng) and "rng_state" in ck:  # before anything is loaded
+        _check_rng_device(root, ck["rng_state"], device)
     load_stage_state(model.module, {k: v.to(params_dtype) for k, v in ck["model"].items()})
     trained = "optimizer" in ck  # converted checkpoints carry weights only
     if finetune or not trained:

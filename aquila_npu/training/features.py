@@ -31,7 +31,7 @@ def run_features(model, peak: DevicePeak) -> dict:
         "grad_reduce_in_fp32": ddp.grad_reduce_in_fp32,
         "core_attention": [cls.__name__ for cls in attention],
         "causal_mask": sorted({"one shared [S, S] mask per (S, device)" if cls.needs_causal_mask
-                               else "the kernel's own causal mode (no mask tensor)" for cls in attention}),
+                               else "its own causal mode (no [S, S] mask per layer)" for cls in attention}),
         "attention_rng_fork": "only with attention dropout > 0",
         "grad_norm": _grad_norm_kernel(),
         "device_peak_tflops": peak.tflops,

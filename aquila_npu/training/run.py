@@ -150,14 +150,14 @@ def run(args) -> int:
     if lora is not None:  # the --load base (weights only), then the --lora-load adapter
         iteration, consumed, what = lora_training.load(args, checkpoint, model=model, optimizer=optimizer,
                                                        scheduler=scheduler, layout=cfg.layout,
-                                                       params_dtype=cfg.params_dtype)
+                                                       params_dtype=cfg.params_dtype, device=dev.name)
         _print0(f"loaded {what}; continuing at iteration {iteration}")
         _print0(lora_training.describe(model, optimizer, lora))  # collective: every rank computes it
     elif checkpoint is not None:
         iteration, consumed, what = checkpointing.load(
             checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, layout=cfg.layout,
             params_dtype=cfg.params_dtype, finetune=args.finetune, no_load_optim=args.no_load_optim,
-            no_load_rng=args.no_load_rng, use_distributed_optimizer=args.use_distributed_optimizer)
+            no_load_rng=args.no_load_rng, use_distributed_optimizer=args.use_distributed_optimizer, device=dev.name)
         _print0(f"loaded {what} from {args.load} (iteration {checkpoint.iteration}); continuing at iteration "
                 f"{iteration}")
     elif args.load:
@@ -216,27 +216,27 @@ def run(args) -> int:
                 reporter.log_eval(iteration, sum(losses) / len(losses))
             if args.save and args.save_interval and iteration % args.save_interval == 0:
                 with param_gather.gathered():
-                    _save(args, cfg, lora, iteration, model, optimizer, scheduler, consumed)
+                    _save(args, cfg, dev, lora, iteration, model, optimizer, scheduler, consumed)
                 last_saved = iteration
             if args.exit_interval and iteration % args.exit_interval == 0:
                 _print0(f"exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
                 break
         if args.save and last_saved != iteration:
             with param_gather.gathered():
-                _save(args, cfg, lora, iteration, model, optimizer, scheduler, consumed)
+                _save(args, cfg, dev, lora, iteration, model, optimizer, scheduler, consumed)
     finally:
         reporter.close()
     return 0
 
 
-def _save(args, cfg: RunConfig, lora, iteration, model, optimizer, scheduler, consumed):
+def _save(args, cfg: RunConfig, dev, lora, iteration, model, optimizer, scheduler, consumed):
     t = time.perf_counter()
     if lora is not None:  # the adapters and their optimizer state only
         lora_training.save(args, lora, iteration, model=model, optimizer=optimizer, scheduler=scheduler,
-                           layout=cfg.layout, consumed_samples=consumed)
+                           layout=cfg.layout, consumed_samples=consumed, device=dev.name)
     else:
         checkpointing.save(args.save, iteration, model=model, optimizer=optimizer, scheduler=scheduler,
                            layout=cfg.layout, params_dtype=cfg.params_dtype, consumed_samples=consumed, args=args,
-                           use_distributed_optimizer=args.use_distributed_optimizer,
+                           use_distributed_optimizer=args.use_distributed_optimizer, device=dev.name,
                            no_shared_storage=args.no_shared_storage)
     _print0(f"saved checkpoint at iteration {iteration} to {args.save} in {time.perf_counter() - t:.1f}s")
