@@ -40,6 +40,20 @@ def _parallel(p):
     g.add_argument("--sequence-parallel", action="store_true", help="megatron-core sequence parallelism (tp > 1)")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard optimizer state across data-parallel ranks (megatron-core DistributedOptimizer)")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="overlap the data-parallel gradient all-reduce (reduce-scatter with the distributed "
+                        "optimizer) with the backward pass, bucket by bucket (megatron-core DDP; off by default, as "
+                        "in Megatron-LM)")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="overlap the distributed optimizer's parameter all-gather with the next forward pass "
+                        "(needs --use-distributed-optimizer and --overlap-grad-reduce, as in Megatron-LM)")
+    g.add_argument("--ddp-bucket-size", type=int, default=None,
+                   help="parameters per gradient-reduction bucket with --overlap-grad-reduce (default "
+                        "megatron-core's: max(40M, 1M x data-parallel size)); without overlap there is one bucket")
+    g.add_argument("--accumulate-allreduce-grads-in-fp32", action=argparse.BooleanOptionalAction, default=True,
+                   help="accumulate and reduce gradients in fp32. On by default here for every dtype (Megatron-LM "
+                        "turns it on for bf16 but leaves fp16 reducing in fp16 unless given); "
+                        "--no-accumulate-allreduce-grads-in-fp32 accumulates and reduces in the training dtype")
     add_device_argument(g)
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
@@ -107,9 +121,11 @@ def _logging(p):
     g.add_argument("--tensorboard-dir", default=None, help="write TensorBoard scalars here")
     g.add_argument("--metrics-file", default=None,
                    help="append one JSON line per logged iteration: iteration, lm_loss, grad_norm, learning_rate, "
-                        "tokens_per_sec_per_device, step_time_s, mfu (where the device peak is known), memory")
+                        "tokens_per_sec_per_device, step_time_s, mfu (where the device peak is known), memory; the "
+                        "first also run_features (overlap, bucket size, causal mask, gradient norm kernel, peak)")
     g.add_argument("--device-peak-tflops", type=float, default=None,
-                   help="peak dense TFLOP/s of one device for MFU (default: from the table for known devices)")
+                   help="peak dense bf16/fp16 TFLOP/s of one device for MFU (default: aquila_npu.flops's table "
+                        "for the device name torch reports; an unknown device has no MFU until this is given)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -159,6 +175,10 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.save_interval is not None and args.save_interval < 1:
         raise UsageError("--save-interval must be >= 1")
+    if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):
+        raise UsageError("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce")
+    if args.ddp_bucket_size is not None and args.ddp_bucket_size < 1:
+        raise UsageError("--ddp-bucket-size must be >= 1")
     if args.lr_warmup_fraction is not None and args.lr_warmup_iters:
         raise UsageError("--lr-warmup-fraction and --lr-warmup-iters exclude each other")
 

@@ -10,6 +10,9 @@ Two groups of patches exist:
   'torch.cuda.FloatTensor'`` checks in grad clipping and the optimizers). On a plain CPU we send all of them to the
   CPU. On an Ascend NPU the same role is played by ``torch_npu.contrib.transfer_to_npu`` (imported by
   ``aquila_npu.device.setup``), with ``adapt_megatron_to_npu()`` adding what it leaves out.
+* ``grad_norm_without_host_syncs()``: without Transformer Engine or Apex, megatron-core's gradient norm falls back
+  to ``local_multi_tensor_l2_norm``, which builds ``torch.tensor(list of device scalars)``: one device-to-host copy
+  (a sync) per gradient tensor, every step. The replacement computes the same norm on the device.
 * ``provide_fused_rope(fn)``: megatron-core applies rotary embeddings with its own code, or, for a config with
   ``apply_rope_fusion=True``, with the function in its fused-RoPE slot (Transformer Engine's on CUDA). A backend with
   a fused RoPE kernel (``torch_npu.npu_rotary_mul``) sets ``apply_rope_fusion`` and its function goes into the slot.
@@ -260,6 +263,37 @@ def adapt_megatron_to_npu() -> None:
     # compatibility with PyTorch"). 8.0: no sm90 fp8 path (fp8 broadcasts go as bytes); bf16 supported.
     _setenv("TORCH_NPU_DEVICE_CAPABILITY", "8.0")
     _groups.add("npu")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gradient norm without a host sync per tensor
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def l2_norm_on_device(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """megatron-core's ``local_multi_tensor_l2_norm`` (same arguments and result: a [1] fp32 tensor holding the L2 norm
+    of all the tensors of ``tensor_lists``, and None) without leaving the device: the per-tensor norms are stacked
+    on the device instead of being read one by one into ``torch.tensor(list)``. Same numbers on the CPU
+    (tests/test_training_speed.py). Written here because megatron-core's only sync-free versions are Apex's and
+    Transformer Engine's CUDA kernels."""
+    tensors = [t for tensor_list in tensor_lists for t in tensor_list]
+    if not tensors:
+        return torch.zeros(1, dtype=torch.float, device=noop_flag.device), None
+    norms = torch._foreach_norm(tensors)  # torch.nn.utils.clip_grad_norm_'s own per-tensor norms
+    return torch.linalg.vector_norm(torch.stack(norms)).float().reshape(1), None
+
+
+def grad_norm_without_host_syncs() -> None:
+    """Replace megatron-core's fallback gradient-norm kernel (used when neither Transformer Engine nor Apex is
+    installed) by ``l2_norm_on_device``. A real multi-tensor kernel (TE / Apex) is left alone. Idempotent."""
+    if "grad-norm" in _groups:
+        return
+    from megatron.core import utils as mcore_utils
+    from megatron.core.optimizer import clip_grads
+
+    if clip_grads.l2_norm_impl is mcore_utils.local_multi_tensor_l2_norm:
+        _set(clip_grads, "l2_norm_impl", l2_norm_on_device)
+        _groups.add("grad-norm")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,13 +11,15 @@ import torch
 from aquila_npu.checkpoint.megatron_io import CheckpointInfo
 from aquila_npu.device.setup import setup
 from aquila_npu.errors import CheckpointError, UsageError
-from aquila_npu.flops import peak_tflops, training_flops_per_token
+from aquila_npu.flops import device_peak, training_flops_per_token
 from aquila_npu.models.config import transformer_config
 from aquila_npu.models.dtypes import dtype_name
 from aquila_npu.models.gpt import build_model
 from aquila_npu.parallel import initialize_model_parallel
 from aquila_npu.training import batches, checkpointing
 from aquila_npu.training.config import RunConfig, resolve
+from aquila_npu.training.features import run_features
+from aquila_npu.training.param_gather import ParamGatherHooks
 from aquila_npu.training.report import Reporter, device_memory
 from aquila_npu.training.step import eval_step, train_step
 from aquila_npu.lora import training as lora_training
@@ -39,7 +41,7 @@ def _load_tokenizer(args):
 def build(args, cfg: RunConfig, dev, lora=None):
     """(DDP-wrapped model stage, optimizer, scheduler, transformer config)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallel
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -64,10 +66,7 @@ def build(args, cfg: RunConfig, dev, lora=None):
 
         model = apply_lora(model, tcfg, lora, layout, pp_rank, args.seed)
     model.to(dev.torch_device)
-    ddp = DistributedDataParallel(
-        config=tcfg, module=model,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                 use_distributed_optimizer=args.use_distributed_optimizer))
+    ddp = DistributedDataParallel(config=tcfg, module=model, ddp_config=ddp_config(args))
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
                         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
@@ -88,10 +87,23 @@ def build(args, cfg: RunConfig, dev, lora=None):
         lr_decay_steps=max(decay_iters, 1) * gbs, lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
         end_wd=args.weight_decay, wd_incr_steps=max(args.train_iters, 1) * gbs, wd_incr_style="constant")
     tcfg.no_sync_func = ddp.no_sync
+    if args.overlap_grad_reduce:  # as Megatron-LM (align_grad_reduce): later pipeline stages reduce in the bubble
+        tcfg.grad_sync_func = ddp.start_grad_sync
     tcfg.finalize_model_grads_func = finalize_model_grads
     if args.fp16:
         tcfg.grad_scale_func = optimizer.scale_loss
     return ddp, optimizer, scheduler
+
+
+def ddp_config(args):
+    """megatron-core's DistributedDataParallelConfig from Megatron-LM's flags (--overlap-grad-reduce,
+    --overlap-param-gather, --ddp-bucket-size, --accumulate-allreduce-grads-in-fp32)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32, overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather, bucket_size=args.ddp_bucket_size,
+        use_distributed_optimizer=args.use_distributed_optimizer)
 
 
 def datasets(args, cfg: RunConfig, tokenizer):
@@ -133,6 +145,7 @@ def run(args) -> int:
     world, dp = torch.distributed.get_world_size(), cfg.data_parallel_size
     initialize_model_parallel(cfg.tp, cfg.pp, args.seed)
     model, optimizer, scheduler = build(args, cfg, dev, lora)
+    param_gather = ParamGatherHooks(model, args.overlap_param_gather)
     iteration, consumed = 0, 0
     if lora is not None:  # the --load base (weights only), then the --lora-load adapter
         iteration, consumed, what = lora_training.load(args, checkpoint, model=model, optimizer=optimizer,
@@ -162,7 +175,10 @@ def run(args) -> int:
     reporter = Reporter(is_writer=is_writer, train_iters=args.train_iters, metrics_file=args.metrics_file,
                         tensorboard_dir=args.tensorboard_dir)
     flops_per_token = training_flops_per_token(cfg.spec, cfg.seq_length, cfg.layout.padded_vocab)
-    peak = args.device_peak_tflops or (peak_tflops(torch.cuda.get_device_name()) if dev.name != "cpu" else None)
+    peak = device_peak(torch.cuda.get_device_name() if dev.name != "cpu" else None, args.device_peak_tflops)
+    if peak.tflops is None and dev.name != "cpu":
+        _print0(f"warning: {peak.source}")
+    reporter.log_features(run_features(model, peak))
     step_kw = dict(num_microbatches=cfg.num_microbatches, seq_length=cfg.seq_length,
                    micro_batch_size=cfg.micro_batch_size)
     skipped, last_saved = 0, iteration
@@ -177,6 +193,7 @@ def run(args) -> int:
             iteration += 1
             consumed += cfg.global_batch_size
             skipped += int(out["skipped"])
+            param_gather.after_step(not out["skipped"])
             if not math.isfinite(out["lm_loss"]) and ps.is_pipeline_last_stage():
                 raise FloatingPointError(f"loss is {out['lm_loss']} at iteration {iteration}")
             if reporter.is_writer and out["loss_tokens"] == 0:
@@ -191,18 +208,22 @@ def run(args) -> int:
                     "loss_scale": optimizer.get_loss_scale().item() if args.fp16 else None,
                     "skipped_iterations": skipped, "step_time_s": step_time,
                     "tokens_per_sec_per_device": tokens_per_device, "tflops_per_device": tflops,
-                    "mfu": tflops / peak if peak else None, "memory": device_memory(), "device": dev.name})
+                    "mfu": tflops / peak.tflops if peak.tflops else None, "memory": device_memory(),
+                    "device": dev.name})
             if valid_iter is not None and iteration % args.eval_interval == 0:
-                losses = [eval_step(valid_iter, model, **step_kw) for _ in range(args.eval_iters)]
+                with param_gather.gathered():
+                    losses = [eval_step(valid_iter, model, **step_kw) for _ in range(args.eval_iters)]
                 reporter.log_eval(iteration, sum(losses) / len(losses))
             if args.save and args.save_interval and iteration % args.save_interval == 0:
-                _save(args, cfg, dev, lora, iteration, model, optimizer, scheduler, consumed)
+                with param_gather.gathered():
+                    _save(args, cfg, dev, lora, iteration, model, optimizer, scheduler, consumed)
                 last_saved = iteration
             if args.exit_interval and iteration % args.exit_interval == 0:
                 _print0(f"exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
                 break
         if args.save and last_saved != iteration:
-            _save(args, cfg, dev, lora, iteration, model, optimizer, scheduler, consumed)
+            with param_gather.gathered():
+                _save(args, cfg, dev, lora, iteration, model, optimizer, scheduler, consumed)
     finally:
         reporter.close()
     return 0
