@@ -2,6 +2,7 @@
 stand-in torchrun for example scripts, the --help check, and the tiny tokenizer + model + conversions fixture data.
 (Fixtures themselves live in conftest.py.)"""
 
+import glob
 import json
 import os
 import random
@@ -61,13 +62,17 @@ def torchrun(script: str, nproc: int, args, timeout: int = 600, env=None,
     return proc
 
 
-def torch_npu_wheel():
-    """The real torch_npu wheel (downloaded by .ci/run, never installed), or None."""
-    path = os.environ.get("AQUILA_TORCH_NPU_WHEEL")
-    if path and os.path.exists(path):
-        return path
-    found = sorted((ROOT / ".cache" / "wheels").glob("torch_npu-*.whl"))
-    return str(found[-1]) if found else None
+def torch_npu_wheel(version="2.13.0"):
+    """The real torch_npu wheel of ``version`` (downloaded by .ci/run, never installed), or None.
+
+    Looked for in $AQUILA_TORCH_NPU_WHEEL (one file), $AQUILA_TORCH_NPU_WHEEL_DIR and .cache/wheels. The default is
+    the newest version we pin (the fake runtime mirrors it); 2.6.0 is the oldest we support."""
+    names = [os.environ.get("AQUILA_TORCH_NPU_WHEEL") or ""]
+    for folder in (os.environ.get("AQUILA_TORCH_NPU_WHEEL_DIR"), str(ROOT / ".cache" / "wheels")):
+        if folder:
+            names += sorted(glob.glob(os.path.join(folder, "torch_npu-*.whl")))
+    found = [n for n in names if os.path.basename(n).startswith(f"torch_npu-{version}-") and os.path.exists(n)]
+    return found[0] if found else None
 
 
 def read_json(path):

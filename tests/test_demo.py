@@ -32,5 +32,5 @@ def test_demo_short_mode_runs_every_step(tmp_path):
                  "evaluate"):
         assert step in out, step
     result = json.load(open(tmp_path / "demo" / "boolq_result.json"))
-    assert result["total"] == len(result["predictions"]) == 64
+    assert result["total"] == len(result["records"]) == 64
     assert (tmp_path / "demo/model_from_hf/Aquila2-tiny/mg2hg/model.safetensors").exists()

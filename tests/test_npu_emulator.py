@@ -18,10 +18,8 @@ reference computed in fp32 from the same bf16 inputs.
 """
 
 import ast
-import glob
 import inspect
 import json
-import os
 import re
 import warnings
 import zipfile
@@ -32,7 +30,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from aquila_npu.testing import npu_emulator as emu
-from helpers import ROOT, fake_npu_env, torchrun
+from helpers import ROOT, fake_npu_env, torch_npu_wheel, torchrun
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}
 DTYPES = [torch.float32, torch.bfloat16]
@@ -41,20 +39,8 @@ MODULES_SRC = ROOT / "aquila_npu" / "device" / "npu_modules.py"
 
 
 # ------------------------------------------------------------------------------------------------- the real wheels
-def _wheel(version):
-    names = []
-    one = os.environ.get("AQUILA_TORCH_NPU_WHEEL")
-    if one:
-        names.append(one)
-    for folder in (os.environ.get("AQUILA_TORCH_NPU_WHEEL_DIR"), str(ROOT / ".cache" / "wheels")):
-        if folder:
-            names += sorted(glob.glob(os.path.join(folder, "torch_npu-*.whl")))
-    found = [n for n in names if os.path.basename(n).startswith(f"torch_npu-{version}-") and os.path.exists(n)]
-    return found[0] if found else None
-
-
 def _read(version, member):
-    wheel = _wheel(version)
+    wheel = torch_npu_wheel(version)
     if wheel is None:
         pytest.skip(f"torch_npu {version} wheel not available locally (set AQUILA_TORCH_NPU_WHEEL[_DIR] or run "
                     ".ci/run, which downloads it to .cache/wheels without installing it)")
