@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from aquila_npu.checkpoint import safe_load
 from aquila_npu.errors import CheckpointError
 from aquila_npu.models.dtypes import dtype_name
 from aquila_npu.models.hf_config import spec_from_hf_config
@@ -120,11 +121,7 @@ class HFReader:
 
     def _load_bin(self, fname: str) -> dict:
         if self._bin_cache[0] != fname:
-            try:
-                sd = torch.load(os.path.join(self.path, fname), map_location="cpu", mmap=True, weights_only=True)
-            except Exception as e:
-                raise CheckpointError(f"{os.path.join(self.path, fname)}: cannot read ({e})") from None
-            self._bin_cache = (fname, sd)
+            self._bin_cache = (fname, safe_load.load(os.path.join(self.path, fname)))
         return self._bin_cache[1]
 
     def release(self) -> None:

@@ -20,6 +20,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
+from aquila_npu.checkpoint import safe_load
 from aquila_npu.errors import CheckpointError
 from aquila_npu.models import arch_flags
 from aquila_npu.models.dtypes import dtype_name, parse_dtype
@@ -95,13 +96,8 @@ def rank_path(root: str, iteration: int, tp_rank: int, pp_rank: int, pp: int) ->
 
 
 def load_rank(root: str, iteration: int, tp_rank: int, pp_rank: int, pp: int) -> dict:
-    path = os.path.join(rank_path(root, iteration, tp_rank, pp_rank, pp), "model_optim_rng.pt")
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except FileNotFoundError:
-        raise CheckpointError(f"missing checkpoint file {path}") from None
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read ({e})") from None
+    """One rank's ``model_optim_rng.pt``, read without running code (``safe_load``)."""
+    return safe_load.load(os.path.join(rank_path(root, iteration, tp_rank, pp_rank, pp), "model_optim_rng.pt"))
 
 
 @dataclass

@@ -23,7 +23,7 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
-from aquila_npu.checkpoint import megatron_io
+from aquila_npu.checkpoint import megatron_io, safe_load
 from aquila_npu.checkpoint.load_model import relayout_command
 from aquila_npu.checkpoint.megatron_io import CheckpointInfo
 from aquila_npu.errors import CheckpointError
@@ -56,7 +56,12 @@ def _dist_opt_state(optimizer) -> list:
 
 
 def _rng_state() -> dict:
-    state = {"random": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Python, numpy, torch and megatron-core tracker RNG states as tensors and numbers only (weights_only reads
+    them: numpy's own state would need numpy classes on the load allow-list)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"random": random.getstate(),
+             "np": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)),
+             "torch": torch.get_rng_state(),
              "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
     if torch.cuda.is_available() and torch.cuda.device_count():
         state["device"] = torch.cuda.get_rng_state()
@@ -65,7 +70,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["random"])
-    np.random.set_state(state["np"])
+    name, keys, pos, has_gauss, cached_gaussian = state["np"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
     if "device" in state and torch.cuda.is_available() and torch.cuda.device_count():
@@ -152,7 +158,7 @@ def load(info: CheckpointInfo, *, model, optimizer, scheduler, layout: Layout, p
                 raise CheckpointError(f"--load {root}: its distributed-optimizer state was saved by {saved_dp} "
                                       f"data-parallel ranks, this run has {ps.get_data_parallel_world_size()}; "
                                       "use the same number of processes, or --no-load-optim")
-            states = torch.load(path, map_location="cpu", weights_only=False)
+            states = safe_load.load(path)
             for opt, state in zip(_shards(optimizer), states):
                 # Without Apex/TE, megatron-core 0.16's DistributedOptimizer.load_state_dict gives every parameter's
                 # Adam state one shared 'step' tensor, which each parameter's update then increments: un-share it
@@ -160,7 +166,11 @@ def load(info: CheckpointInfo, *, model, optimizer, scheduler, layout: Layout, p
                 for st in opt.optimizer.state.values():
                     if isinstance(st.get("step"), torch.Tensor):
                         st["step"] = st["step"].clone()
-                opt.load_parameter_state_from_dp_reshardable(state)
+                # Loading state is no computation: megatron-core copies the saved main params in place, and for fp32
+                # parameters its main params are views of the parameters (leaves that require grad), which autograd
+                # refuses to modify in place outside no_grad.
+                with torch.no_grad():
+                    opt.load_parameter_state_from_dp_reshardable(state)
         scheduler.load_state_dict(ck["opt_param_scheduler"])
         what.append("optimizer and scheduler")
     if not no_load_rng and "rng_state" in ck:
