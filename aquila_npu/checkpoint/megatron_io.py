@@ -25,6 +25,7 @@ from aquila_npu.errors import CheckpointError
 from aquila_npu.models import arch_flags
 from aquila_npu.models.dtypes import dtype_name, parse_dtype
 from aquila_npu.models.registry import ModelSpec
+from aquila_npu.outputs.atomic import writing
 from aquila_npu.weights.mapping import Layout, hf_names, mcore_stage_to_hf
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -58,15 +59,24 @@ def save_rank(root: str, iteration: int, layout: Layout, pp_rank: int, tp_rank: 
               params_dtype: torch.dtype, extra: Optional[dict] = None) -> None:
     """Write one rank's ``model_optim_rng.pt``."""
     d = os.path.join(root, rank_dir(iteration, tp_rank, pp_rank, layout.pp))
-    os.makedirs(d, exist_ok=True)
     obj = {"args": megatron_args(layout, params_dtype), "checkpoint_version": CHECKPOINT_VERSION,
            "iteration": iteration, "model": sd, "aquila": checkpoint_meta(layout, params_dtype)}
     obj.update(extra or {})
-    torch.save(obj, os.path.join(d, "model_optim_rng.pt"))
+    save_file(obj, os.path.join(d, "model_optim_rng.pt"), "the checkpoint of one model-parallel rank")
+
+
+def save_file(obj, path: str, what: str) -> None:
+    """``torch.save`` into ``path`` (its folder created), through a Python file object so that a write error is an
+    OSError (torch's own file writer reports a full disk as ``unexpected pos``): one OutputError line."""
+    with writing(path, what):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            torch.save(obj, f)
 
 
 def write_tracker(root: str, iteration: int) -> None:
-    with open(os.path.join(root, TRACKER), "w") as f:
+    path = os.path.join(root, TRACKER)
+    with writing(path, "the tracker file"), open(path, "w") as f:
         f.write(str(iteration))
 
 

@@ -30,6 +30,8 @@ INERT_FLAGS: Dict[str, str] = {
     "--no-load-rng": "inference loads weights only",
     "--sequence-parallel": "inference runs without sequence parallelism",
     "--use-mc2": "MC2 (fused all-gather / reduce-scatter matmuls) is not implemented: plain collectives run",
+    "--exit-signal-handler": "always on: SIGTERM / SIGINT stop training at the end of the iteration, after saving "
+                             "a checkpoint with --save",
 }
 
 

@@ -12,8 +12,8 @@ import time
 from aquila_npu.checkpoint.convert import to_huggingface, to_megatron
 from aquila_npu.checkpoint.hf_io import HFReader
 from aquila_npu.checkpoint.megatron_io import MegatronReader
-from aquila_npu.cli.common import run_cli
-from aquila_npu.errors import CheckpointError
+from aquila_npu.cli.common import check_positive, run_cli
+from aquila_npu.errors import CheckpointError, UsageError
 from aquila_npu.models.dtypes import DTYPES
 
 PROG = "convert_ckpt.py"
@@ -61,6 +61,10 @@ def _check_tokenizer(path: str, vocab_size: int) -> None:
 
 
 def run(args) -> str:
+    check_positive(args, "make_vocab_size_divisible_by", "target_tensor_parallel_size",
+                   "target_pipeline_parallel_size")
+    if not args.max_shard_size_gb > 0:
+        raise UsageError(f"--max-shard-size-gb {args.max_shard_size_gb} must be > 0")
     dtype = DTYPES[args.params_dtype] if args.params_dtype else None
     hf_in = args.loader in ("llama2_hf", "hf")
     reader = HFReader(args.load_dir) if hf_in else MegatronReader(args.load_dir)
