@@ -49,6 +49,47 @@ def torchrun(script: str, nproc: int, args, timeout: int = 600) -> subprocess.Co
     return proc
 
 
+def start_forked(fn, log, **env) -> int:
+    """Run ``fn()`` (a command's ``main``) in a child forked from this process, which has torch and megatron-core
+    imported already (a tiny training run then takes about a second); stdout and stderr go to ``log``, ``env`` is
+    added to its environment, its exit status is what ``fn`` returns. Returns the child's pid (``wait_forked``)."""
+    pid = os.fork()
+    if pid:
+        return pid
+    rc = 1
+    try:
+        fd = os.open(str(log), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        os.environ.update({k: str(v) for k, v in env.items()})
+        import torch
+
+        torch.set_num_threads(1)
+        rc = fn()
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc if isinstance(rc, int) else 1)
+
+
+def wait_forked(pid: int) -> int:
+    """The exit status of a ``start_forked`` child (-N: killed by signal N)."""
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def forked(fn, log, **env) -> int:
+    """``start_forked`` and wait: the exit status."""
+    return wait_forked(start_forked(fn, log, **env))
+
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)

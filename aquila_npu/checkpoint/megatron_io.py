@@ -65,13 +65,36 @@ def save_rank(root: str, iteration: int, layout: Layout, pp_rank: int, tp_rank: 
     save_file(obj, os.path.join(d, "model_optim_rng.pt"), "the checkpoint of one model-parallel rank")
 
 
+class _Writes:
+    """A file's ``write`` for torch.save, keeping the OSError of a failed write: torch's zip writer reports it as
+    ``unexpected pos ...`` when the failure comes while it finishes the archive."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
 def save_file(obj, path: str, what: str) -> None:
-    """``torch.save`` into ``path`` (its folder created), through a Python file object so that a write error is an
-    OSError (torch's own file writer reports a full disk as ``unexpected pos``): one OutputError line."""
+    """``torch.save`` into ``path`` (its folder created); a write error (a full disk) is one OutputError line."""
     with writing(path, what):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as f:
-            torch.save(obj, f)
+            out = _Writes(f)
+            try:
+                torch.save(obj, out)
+            except RuntimeError:
+                if out.error is not None:
+                    raise out.error from None
+                raise
 
 
 def write_tracker(root: str, iteration: int) -> None:

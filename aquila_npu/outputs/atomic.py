@@ -43,15 +43,18 @@ def writing(path: str, what: str):
         raise OutputError(f"{path}: cannot write {what}: {reason(e)}") from None
 
 
-def _gib(n: int) -> str:
-    return f"{n / 1024 ** 3:.2f} GiB"
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
 
 
 def check_free_space(directory: str, needed: int, what: str) -> None:
     free = shutil.disk_usage(directory).free
     if free < needed:
-        raise OutputError(f"{directory}: not enough space for {what}: it needs {_gib(needed)}, the device has "
-                          f"{_gib(free)} free")
+        raise OutputError(f"{directory}: not enough space for {what}: it needs {_size(needed)}, the device has "
+                          f"{_size(free)} free")
 
 
 def _exchange(a: str, b: str) -> bool:

@@ -34,6 +34,7 @@ from aquila_npu.checkpoint.megatron_io import CheckpointInfo
 from aquila_npu.errors import CheckpointError, OutputError, UserError
 from aquila_npu.outputs import owner
 from aquila_npu.outputs.atomic import replace_dir, writing
+from aquila_npu.parallel import agreed
 from aquila_npu.testing import faults
 from aquila_npu.weights.load import load_stage_state
 from aquila_npu.weights.mapping import Layout
@@ -92,21 +93,6 @@ def _writes_shared_files(no_shared_storage: bool) -> bool:
     return torch.distributed.get_rank() == 0
 
 
-def _agree(failure: Optional[str]) -> Optional[str]:
-    """Every rank's outcome of a step: the first failure of any rank (one line), or None when all succeeded."""
-    outcomes: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(outcomes, failure)
-    return next((o for o in outcomes if o is not None), None)
-
-
-def _attempt(step) -> Optional[str]:
-    try:
-        step()
-    except UserError as e:
-        return str(e)
-    return None
-
-
 class SaveDir:
     """``--save`` claimed for a whole run (collective: every rank calls ``claim``): locked by the rank(s) that write
     the shared files (rank 0; with --no-shared-storage the first rank of every node), with the debris of killed
@@ -125,11 +111,12 @@ class SaveDir:
                 os.makedirs(root, exist_ok=True)
             lock = owner.claim(root, "--save", debris_dir=root)
 
-        failure = _agree(_attempt(take) if first else None)
-        if failure is not None:
+        try:
+            agreed(take if first else None)
+        except UserError:
             if lock is not None:
                 lock.release()
-            raise OutputError(failure)
+            raise
         tags: list = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(tags, (owner.tag(), owner.HOST, first))
         mine = next(t for t, host, f in tags if f and (not no_shared_storage or host == owner.HOST))
@@ -200,14 +187,15 @@ def save(target: SaveDir, iteration: int, *, model, optimizer, scheduler, layout
         _remove(staging)
 
     for step, mine in ((fresh, first), (write, True), (publish, first)):
-        failure = _agree(_attempt(step) if mine else None)
-        if failure is not None:
+        try:
+            agreed(step if mine else None)
+        except UserError as e:
             if first:
                 _remove(staging)
                 _remove(os.path.join(root, owner.debris_name(megatron_io.TRACKER, "tmp", target.owner)))
                 if placed:
                     _remove(final)
-            raise OutputError(f"{failure}; the partial checkpoint was removed, {_saved_iteration(root)}")
+            raise OutputError(f"{e}; the partial checkpoint was removed, {_saved_iteration(root)}") from None
         if step is fresh:
             faults.point("before-data")
 
@@ -223,7 +211,7 @@ def load(info: CheckpointInfo, *, model, optimizer, scheduler, layout: Layout, p
             f"--load {root} is tp{have.tp}-pp{have.pp}, but this run is tp{layout.tp}-pp{layout.pp}; re-lay it out "
             f"with: {relayout_command(root, layout.tp, layout.pp)}")
     tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    ck = info.load_rank(tp, pp)
+    ck = agreed(lambda: info.load_rank(tp, pp))
     load_stage_state(model.module, {k: v.to(params_dtype) for k, v in ck["model"].items()})
     trained = "optimizer" in ck  # converted checkpoints carry weights only
     if finetune or not trained:
@@ -244,7 +232,7 @@ def load(info: CheckpointInfo, *, model, optimizer, scheduler, layout: Layout, p
                 raise CheckpointError(f"--load {root}: its distributed-optimizer state was saved by {saved_dp} "
                                       f"data-parallel ranks, this run has {ps.get_data_parallel_world_size()}; "
                                       "use the same number of processes, or --no-load-optim")
-            states = safe_load.load(path)
+            states = agreed(lambda: safe_load.load(path))
             for opt, state in zip(_shards(optimizer), states):
                 # Without Apex/TE, megatron-core 0.16's DistributedOptimizer.load_state_dict gives every parameter's
                 # Adam state one shared 'step' tensor, which each parameter's update then increments: un-share it
