@@ -90,6 +90,36 @@ def forked(fn, log, **env) -> int:
     return wait_forked(start_forked(fn, log, **env))
 
 
+def forked_ranks(fn, nproc: int, logdir, timeout: float = 600, **env) -> list:
+    """``fn()`` on ``nproc`` ranks forked from this process, each with torchrun's variables (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR/PORT on a free port), its log ``<logdir>/rank<R>.log``; as torchrun, the others are killed
+    when one fails. Returns every rank's exit status (-9: killed)."""
+    import signal
+    import time
+
+    port = free_port()
+    pids = [start_forked(fn, os.path.join(str(logdir), f"rank{r}.log"), RANK=r, WORLD_SIZE=nproc, LOCAL_RANK=r,
+                         LOCAL_WORLD_SIZE=nproc, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env)
+            for r in range(nproc)]
+    status = {}
+    end, failed_at = time.monotonic() + timeout, None
+    while len(status) < nproc:
+        for pid in pids:
+            if pid not in status:
+                done, code = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    status[pid] = os.waitstatus_to_exitcode(code)
+                    if status[pid] != 0 and failed_at is None:
+                        failed_at = time.monotonic()
+        now = time.monotonic()
+        if now > end or (failed_at is not None and now > failed_at + 10):
+            for pid in pids:
+                if pid not in status:
+                    os.kill(pid, signal.SIGKILL)
+        time.sleep(0.02)
+    return [status[pid] for pid in pids]
+
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)
