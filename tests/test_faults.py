@@ -217,6 +217,24 @@ def test_training_save_killed_at_each_step(straight, tmp_path, point):
     assert "which is gone" in open(tmp_path / "rerun.log").read()
 
 
+def test_training_checkpoint_left_aside_is_put_back_before_resuming(straight, tmp_path):
+    """Where directories cannot be swapped in one step, a kill between the two renames of a re-saved iteration
+    leaves the tracker naming a directory that is aside: the next run on that --save puts it back, then resumes."""
+    ck = tmp_path / "ck"
+    shutil.copytree(straight / "ck", ck)
+    (ck / "latest_checkpointed_iteration.txt").write_text("4")
+    shutil.rmtree(ck / "iter_0000006")
+    gone = start_forked(lambda: 0, tmp_path / "gone.log")
+    wait_forked(gone)
+    os.rename(ck / "iter_0000004", ck / f".iter_0000004.old.pid{gone}@{owner.HOST}")
+    os.mkdir(ck / f".iter_0000004.staging.pid{gone}@{owner.HOST}")
+    assert forked(_pretrain("--train-iters", 6, "--load", ck, "--save", ck, "--metrics-file", tmp_path / "m.jsonl"),
+                  tmp_path / "log") == 0
+    assert "restored " in open(tmp_path / "log").read()
+    assert _losses(tmp_path / "m.jsonl") == _losses(straight / "m.jsonl")[4:]
+    assert _hidden(ck) == []
+
+
 # ------------------------------------------------------------------------------------ two runs, signals, timeouts
 def _wait_for(predicate, timeout=120):
     end = time.monotonic() + timeout

@@ -146,14 +146,40 @@ def _remove(path: str) -> None:
             pass
 
 
+def _found(directory: str):
+    """(match, entry) of the owner-named entries of ``directory``; aside copies first."""
+    if not os.path.isdir(directory):
+        return []
+    found = [(m, e) for e in os.listdir(directory) for m in [_DEBRIS.match(e)] if m]
+    found.sort(key=lambda me: me[0]["kind"] != "old")  # put back what was moved aside before removing the rest
+    return found
+
+
+def _restore(directory: str, m, entry: str, say: Say) -> bool:
+    """Put an aside copy back where its target is missing; False when the target is there."""
+    target = os.path.join(directory, m["target"])
+    if m["kind"] != "old" or os.path.lexists(target):
+        return False
+    try:
+        os.rename(os.path.join(directory, entry), target)
+    except FileNotFoundError:  # another rank of this run put it back first
+        return True
+    say(f"restored {target} from {entry} (a run was killed while replacing it)")
+    return True
+
+
+def restore_aside(directory: str, say: Say = print) -> None:
+    """Without a lock (before a run has claimed ``directory``): put back the outputs a dead run of this host left
+    moved aside, so that they can be read."""
+    for m, entry in _found(directory):
+        if alive(int(m["pid"]), m["host"]) is False:
+            _restore(directory, m, entry, say)
+
+
 def clean(directory: str, targets: Optional[Collection[str]] = None, *, locked: bool, say: Say = print) -> None:
     """Remove the debris of other runs in ``directory`` (only that of ``targets`` when given); ``locked``: this
     process holds the targets' lock, so no other run is writing them, whatever host it ran on."""
-    if not os.path.isdir(directory):
-        return
-    found = [(m, e) for e in os.listdir(directory) for m in [_DEBRIS.match(e)] if m]
-    found.sort(key=lambda me: me[0]["kind"] != "old")  # put back what was moved aside before removing the rest
-    for m, entry in found:
+    for m, entry in _found(directory):
         owner = f"pid{m['pid']}@{m['host']}"
         if owner == tag() or (targets is not None and m["target"] not in targets):
             continue
@@ -163,13 +189,10 @@ def clean(directory: str, targets: Optional[Collection[str]] = None, *, locked: 
                 say(f"left {os.path.join(directory, entry)}: pid {m['pid']} on host {m['host']} cannot be checked "
                     "from here; remove it if that run is over")
             continue
-        path, target = os.path.join(directory, entry), os.path.join(directory, m["target"])
-        if m["kind"] == "old" and not os.path.lexists(target):
-            os.rename(path, target)
-            say(f"restored {target} from {entry} (a run was killed while replacing it)")
-        else:
-            _remove(path)
-            say(f"removed {path} (left by pid {m['pid']} on host {m['host']}, which is gone)")
+        if not _restore(directory, m, entry, say):
+            _remove(os.path.join(directory, entry))
+            say(f"removed {os.path.join(directory, entry)} (left by pid {m['pid']} on host {m['host']}, which is "
+                "gone)")
 
 
 def claim(target: str, what: str, *, debris_dir: str, targets: Optional[Collection[str]] = None,

@@ -15,6 +15,7 @@ from aquila_npu.flops import peak_tflops, training_flops_per_token
 from aquila_npu.models.config import transformer_config
 from aquila_npu.models.dtypes import dtype_name
 from aquila_npu.models.gpt import build_model
+from aquila_npu.outputs import owner
 from aquila_npu.parallel import initialize_model_parallel
 from aquila_npu.training import batches, checkpointing
 from aquila_npu.training.config import RunConfig, resolve
@@ -25,6 +26,12 @@ from aquila_npu.training.stopping import StopConditions
 
 def _print0(*a):
     if torch.distributed.get_rank() == 0:
+        print(*a, flush=True)
+
+
+def _print_first(*a):
+    """print on the first process before torch.distributed exists (torchrun's RANK)."""
+    if os.environ.get("RANK", "0") == "0":
         print(*a, flush=True)
 
 
@@ -116,6 +123,8 @@ def datasets(args, cfg: RunConfig, tokenizer):
 
 def run(args) -> int:
     """Train as the parsed flags say (``aquila_npu.cli.pretrain``); every input error before any work."""
+    if args.load and args.save and os.path.realpath(args.load) == os.path.realpath(args.save):
+        owner.restore_aside(args.save, say=_print_first)  # a checkpoint a killed run left moved aside, before reading
     checkpoint = CheckpointInfo.find(args.load)  # read once; rank 0's file is loaded from it again below
     if args.load and checkpoint is None and (args.finetune or args.exit_on_missing_checkpoint):
         raise CheckpointError(f"--load {args.load}: no checkpoint there (no latest_checkpointed_iteration.txt)")
