@@ -90,20 +90,23 @@ def forked(fn, log, **env) -> int:
     return wait_forked(start_forked(fn, log, **env))
 
 
-def forked_ranks(fn, nproc: int, logdir, timeout: float = 600, **env) -> list:
+def start_ranks(fn, nproc: int, logdir, **env) -> list:
     """``fn()`` on ``nproc`` ranks forked from this process, each with torchrun's variables (RANK, WORLD_SIZE,
-    LOCAL_RANK, MASTER_ADDR/PORT on a free port), its log ``<logdir>/rank<R>.log``; as torchrun, the others are killed
-    when one fails. Returns every rank's exit status (-9: killed)."""
+    LOCAL_RANK, MASTER_ADDR/PORT on a free port) and its log ``<logdir>/rank<R>.log``. Returns their pids."""
+    port = free_port()
+    return [start_forked(fn, os.path.join(str(logdir), f"rank{r}.log"), RANK=r, WORLD_SIZE=nproc, LOCAL_RANK=r,
+                         LOCAL_WORLD_SIZE=nproc, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env)
+            for r in range(nproc)]
+
+
+def wait_ranks(pids, timeout: float = 600) -> list:
+    """Every rank's exit status (-9: killed); as torchrun, the others are killed 10 s after one fails."""
     import signal
     import time
 
-    port = free_port()
-    pids = [start_forked(fn, os.path.join(str(logdir), f"rank{r}.log"), RANK=r, WORLD_SIZE=nproc, LOCAL_RANK=r,
-                         LOCAL_WORLD_SIZE=nproc, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env)
-            for r in range(nproc)]
     status = {}
     end, failed_at = time.monotonic() + timeout, None
-    while len(status) < nproc:
+    while len(status) < len(pids):
         for pid in pids:
             if pid not in status:
                 done, code = os.waitpid(pid, os.WNOHANG)
@@ -118,6 +121,11 @@ def forked_ranks(fn, nproc: int, logdir, timeout: float = 600, **env) -> list:
                     os.kill(pid, signal.SIGKILL)
         time.sleep(0.02)
     return [status[pid] for pid in pids]
+
+
+def forked_ranks(fn, nproc: int, logdir, timeout: float = 600, **env) -> list:
+    """``start_ranks`` and ``wait_ranks``: every rank's exit status."""
+    return wait_ranks(start_ranks(fn, nproc, logdir, **env), timeout)
 
 
 def read_json(path):

@@ -16,13 +16,15 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import assert_one_line_error, call_main, forked, start_forked, train_data_tokenizer, wait_forked
+from helpers import (assert_one_line_error, call_main, child_env, forked, start_forked, start_ranks,
+                     train_data_tokenizer, wait_forked, wait_ranks)
 
 from aquila_npu.checkpoint import safe_load
 from aquila_npu.checkpoint.convert import to_megatron
@@ -32,6 +34,7 @@ from aquila_npu.cli.convert import main as convert_main
 from aquila_npu.cli.preprocess import main as preprocess_main
 from aquila_npu.cli.pretrain import main as pretrain_main
 from aquila_npu.outputs import owner
+from aquila_npu.ports import free_port
 from aquila_npu.testing import faults
 from aquila_npu.testing.tiny_hf import tiny_llama
 from aquila_npu.weights.mapping import hf_names
@@ -278,6 +281,49 @@ def test_sigint_and_exit_duration_stop_after_the_iteration_and_save(tmp_path):
                   tmp_path / "dur.log") == 0
     assert "--exit-duration-in-mins reached" in open(tmp_path / "dur.log").read()
     assert CheckpointInfo.read(str(tmp_path / "ck2")).iteration >= 1
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_iteration(tmp_path):
+    ck, metrics = tmp_path / "ck", tmp_path / "m.jsonl"
+    argv = [str(a) for a in [*TRAIN, "--train-iters", 100000, "--save", ck, "--metrics-file", metrics]]
+    pids = start_ranks(lambda: pretrain_main(argv), 2, tmp_path)
+    try:
+        _wait_for(lambda: os.path.exists(metrics) and len(open(metrics).readlines()) >= 2)
+        os.kill(pids[1], signal.SIGTERM)  # only rank 1 gets it; rank 0 learns it through the per-iteration vote
+    finally:
+        assert wait_ranks(pids) == [0, 0], (tmp_path / "rank0.log").read_text()[-3000:]
+    n = CheckpointInfo.read(str(ck)).iteration
+    assert n == len(_losses(metrics))
+    assert f"stopping after iteration {n} (received SIGTERM)" in (tmp_path / "rank0.log").read_text()
+    assert _hidden(ck) == [] and _hidden(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_saves_and_exits_0(tmp_path):
+    """A scheduler's SIGTERM to every worker of a torchrun run: they save after the same iteration, and torchrun
+    ends with status 0 (signalling torchrun itself as well makes it report its own SignalException: docs/faults.md)."""
+    ck, metrics = tmp_path / "ck", tmp_path / "m.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "aquila_npu.pretrain", *map(str, TRAIN), "--train-iters", "100000", "--save", str(ck),
+           "--metrics-file", str(metrics)]
+    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: os.path.exists(metrics) and len(open(metrics).readlines()) >= 2, timeout=300)
+        for pid in _children(proc.pid):
+            os.kill(pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in out, out[-3000:]
+    n = CheckpointInfo.read(str(ck)).iteration
+    assert n == len(_losses(metrics)) and f"stopping after iteration {n} (received SIGTERM)" in out
+    assert _hidden(ck) == [] and _hidden(tmp_path) == []
+
+
+def _children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
 
 
 def test_second_conversion_on_one_save_dir_refuses_naming_the_holder(hf, tmp_path):
