@@ -177,56 +177,58 @@ def _train(args, cfg: RunConfig, dev, checkpoint, tokenizer, save_dir) -> int:
     step_kw = dict(num_microbatches=cfg.num_microbatches, seq_length=cfg.seq_length,
                    micro_batch_size=cfg.micro_batch_size)
     skipped, last_saved = 0, iteration
-
-    def save():
-        t = time.perf_counter()
-        checkpointing.save(save_dir, iteration, model=model, optimizer=optimizer, scheduler=scheduler,
-                           layout=cfg.layout, params_dtype=cfg.params_dtype, consumed_samples=consumed, args=args,
-                           use_distributed_optimizer=args.use_distributed_optimizer)
-        _print0(f"saved checkpoint at iteration {iteration} to {args.save} in {time.perf_counter() - t:.1f}s")
-        return iteration
-
+    stop = StopConditions(dev.torch_device, args.exit_duration_in_mins)
+    stop.install()
     try:
-        with StopConditions(dev.torch_device, args.exit_duration_in_mins) as stop:
-            while iteration < args.train_iters:
-                t0 = time.perf_counter()
-                out = train_step(train_iter, model, optimizer, scheduler, global_batch_size=cfg.global_batch_size,
-                                 **step_kw)
-                if dev.name != "cpu":
-                    torch.cuda.synchronize()
-                step_time = time.perf_counter() - t0
-                iteration += 1
-                consumed += cfg.global_batch_size
-                skipped += int(out["skipped"])
-                if not math.isfinite(out["lm_loss"]) and ps.is_pipeline_last_stage():
-                    raise FloatingPointError(f"loss is {out['lm_loss']} at iteration {iteration}")
-                if reporter.is_writer and out["loss_tokens"] == 0:
-                    print(f"warning: iteration {iteration} had no tokens to learn from (all masked: instruction "
-                          f"prompts longer than --seq-length {cfg.seq_length}?)", flush=True)
-                if iteration % args.log_interval == 0:
-                    tokens_per_device = cfg.global_batch_size * cfg.seq_length / step_time / world
-                    tflops = tokens_per_device * flops_per_token / 1e12
-                    reporter.log(iteration, {
-                        "consumed_samples": consumed, "lm_loss": out["lm_loss"], "grad_norm": out["grad_norm"],
-                        "learning_rate": optimizer.param_groups[0]["lr"], "global_batch_size": cfg.global_batch_size,
-                        "loss_scale": optimizer.get_loss_scale().item() if args.fp16 else None,
-                        "skipped_iterations": skipped, "step_time_s": step_time,
-                        "tokens_per_sec_per_device": tokens_per_device, "tflops_per_device": tflops,
-                        "mfu": tflops / peak if peak else None, "memory": device_memory(), "device": dev.name})
-                if valid_iter is not None and iteration % args.eval_interval == 0:
-                    losses = [eval_step(valid_iter, model, **step_kw) for _ in range(args.eval_iters)]
-                    reporter.log_eval(iteration, sum(losses) / len(losses))
-                if save_dir is not None and args.save_interval and iteration % args.save_interval == 0:
-                    last_saved = save()
-                why = stop.check()  # every rank, every iteration: signals, --exit-duration-in-mins
-                if why is None and args.exit_interval and iteration % args.exit_interval == 0:
-                    why = f"--exit-interval {args.exit_interval}"
-                if why is not None:
-                    _print0(f"stopping after iteration {iteration} ({why})" +
-                            ("" if save_dir is not None else "; no --save: nothing saved"))
-                    break
-            if save_dir is not None and last_saved != iteration:
-                last_saved = save()
+        while iteration < args.train_iters:
+            t0 = time.perf_counter()
+            out = train_step(train_iter, model, optimizer, scheduler, global_batch_size=cfg.global_batch_size,
+                             **step_kw)
+            if dev.name != "cpu":
+                torch.cuda.synchronize()
+            step_time = time.perf_counter() - t0
+            iteration += 1
+            consumed += cfg.global_batch_size
+            skipped += int(out["skipped"])
+            if not math.isfinite(out["lm_loss"]) and ps.is_pipeline_last_stage():
+                raise FloatingPointError(f"loss is {out['lm_loss']} at iteration {iteration}")
+            if reporter.is_writer and out["loss_tokens"] == 0:
+                print(f"warning: iteration {iteration} had no tokens to learn from (all masked: instruction prompts "
+                      f"longer than --seq-length {cfg.seq_length}?)", flush=True)
+            if iteration % args.log_interval == 0:
+                tokens_per_device = cfg.global_batch_size * cfg.seq_length / step_time / world
+                tflops = tokens_per_device * flops_per_token / 1e12
+                reporter.log(iteration, {
+                    "consumed_samples": consumed, "lm_loss": out["lm_loss"], "grad_norm": out["grad_norm"],
+                    "learning_rate": optimizer.param_groups[0]["lr"], "global_batch_size": cfg.global_batch_size,
+                    "loss_scale": optimizer.get_loss_scale().item() if args.fp16 else None,
+                    "skipped_iterations": skipped, "step_time_s": step_time,
+                    "tokens_per_sec_per_device": tokens_per_device, "tflops_per_device": tflops,
+                    "mfu": tflops / peak if peak else None, "memory": device_memory(), "device": dev.name})
+            if valid_iter is not None and iteration % args.eval_interval == 0:
+                losses = [eval_step(valid_iter, model, **step_kw) for _ in range(args.eval_iters)]
+                reporter.log_eval(iteration, sum(losses) / len(losses))
+            if save_dir is not None and args.save_interval and iteration % args.save_interval == 0:
+                _save(args, cfg, save_dir, iteration, model, optimizer, scheduler, consumed)
+                last_saved = iteration
+            why = stop.check()  # every rank, every iteration: SIGTERM / SIGINT, --exit-duration-in-mins
+            if why is None and args.exit_interval and iteration % args.exit_interval == 0:
+                why = f"--exit-interval {args.exit_interval}"
+            if why is not None:
+                _print0(f"stopping after iteration {iteration} ({why})" +
+                        ("" if save_dir is not None else "; no --save: nothing saved"))
+                break
+        if save_dir is not None and last_saved != iteration:
+            _save(args, cfg, save_dir, iteration, model, optimizer, scheduler, consumed)
     finally:
+        stop.restore()
         reporter.close()
     return 0
+
+
+def _save(args, cfg: RunConfig, save_dir, iteration, model, optimizer, scheduler, consumed):
+    t = time.perf_counter()
+    checkpointing.save(save_dir, iteration, model=model, optimizer=optimizer, scheduler=scheduler, layout=cfg.layout,
+                       params_dtype=cfg.params_dtype, consumed_samples=consumed, args=args,
+                       use_distributed_optimizer=args.use_distributed_optimizer)
+    _print0(f"saved checkpoint at iteration {iteration} to {args.save} in {time.perf_counter() - t:.1f}s")

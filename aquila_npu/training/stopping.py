@@ -25,12 +25,13 @@ class StopConditions:
         self.received: Optional[int] = None
         self._previous = {}
 
-    def __enter__(self) -> "StopConditions":
+    def install(self) -> None:
+        """Catch SIGTERM / SIGINT from now on (main thread only)."""
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
-        return self
 
-    def __exit__(self, *exc) -> None:
+    def restore(self) -> None:
+        """The handlers from before ``install``."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
