@@ -49,25 +49,36 @@ def torchrun(script: str, nproc: int, args, timeout: int = 600) -> subprocess.Co
     return proc
 
 
-def start_forked(fn, log, **env) -> int:
-    """Run ``fn()`` (a command's ``main``) in a child forked from this process, which has torch and megatron-core
-    imported already (a tiny training run then takes about a second); stdout and stderr go to ``log``, ``env`` is
-    added to its environment, its exit status is what ``fn`` returns. Returns the child's pid (``wait_forked``)."""
-    pid = os.fork()
-    if pid:
-        return pid
+# Runs in child processes forked from a forkserver: a clean process started once per session that imported torch,
+# megatron-core and the commands (no threads: forking the pytest process itself deadlocks once an earlier test left
+# gloo or other threads behind). A tiny training run then takes about a second instead of an interpreter start.
+FORKSERVER_PRELOAD = ["torch", "megatron.core", "aquila_npu.training.run", "aquila_npu.cli.pretrain",
+                      "aquila_npu.cli.convert", "aquila_npu.cli.preprocess", "aquila_npu.cli.generate",
+                      "aquila_npu.cli.evaluate", "helpers"]
+
+
+def _forkserver():
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
+    return ctx
+
+
+def _child(call, log, env):
     rc = 1
     try:
-        fd = os.open(str(log), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         sys.stdout = open(1, "w", buffering=1, closefd=False)
         sys.stderr = open(2, "w", buffering=1, closefd=False)
-        os.environ.update({k: str(v) for k, v in env.items()})
+        os.environ.update(env)
         import torch
 
-        torch.set_num_threads(1)
-        rc = fn()
+        torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 for every other child process (2 cores, shared)
+        out = call()
+        rc = out if isinstance(out, int) and not isinstance(out, bool) else 0
     except SystemExit as e:
         rc = e.code if isinstance(e.code, int) else 1
     except BaseException:
@@ -77,55 +88,75 @@ def start_forked(fn, log, **env) -> int:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(rc if isinstance(rc, int) else 1)
+        os._exit(rc)
 
 
-def wait_forked(pid: int) -> int:
+def start_forked(call, log, **env):
+    """Start ``call()`` (picklable: e.g. ``functools.partial(main, argv)``) in a child forked from the forkserver;
+    stdout and stderr go to ``log``, ``env`` is added to its environment, its exit status is what ``call`` returns
+    (a non-int: 0). Returns the multiprocessing Process (``.pid``; ``wait_forked``)."""
+    proc = _forkserver().Process(target=_child, args=(call, str(log), {k: str(v) for k, v in env.items()}))
+    proc.start()
+    return proc
+
+
+def wait_forked(proc) -> int:
     """The exit status of a ``start_forked`` child (-N: killed by signal N)."""
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    proc.join()
+    return proc.exitcode
 
 
-def forked(fn, log, **env) -> int:
+def forked(call, log, **env) -> int:
     """``start_forked`` and wait: the exit status."""
-    return wait_forked(start_forked(fn, log, **env))
+    return wait_forked(start_forked(call, log, **env))
 
 
-def start_ranks(fn, nproc: int, logdir, **env) -> list:
-    """``fn()`` on ``nproc`` ranks forked from this process, each with torchrun's variables (RANK, WORLD_SIZE,
-    LOCAL_RANK, MASTER_ADDR/PORT on a free port) and its log ``<logdir>/rank<R>.log``. Returns their pids."""
+def exit_now(status: int = 0) -> int:
+    """A child that does nothing (its pid is then a pid that is gone)."""
+    return status
+
+
+def hold_lock(target: str, seconds: float) -> int:
+    """A child holding ``target``'s output lock, as a run writing it would."""
+    import time
+
+    from aquila_npu.outputs import owner
+
+    owner.Lock(target, "--save-dir").acquire()
+    time.sleep(seconds)
+    return 0
+
+
+def start_ranks(call, nproc: int, logdir, **env) -> list:
+    """``call()`` on ``nproc`` forked ranks, each with torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR/PORT on a free port) and its log ``<logdir>/rank<R>.log``. Returns their processes."""
     port = free_port()
-    return [start_forked(fn, os.path.join(str(logdir), f"rank{r}.log"), RANK=r, WORLD_SIZE=nproc, LOCAL_RANK=r,
+    return [start_forked(call, os.path.join(str(logdir), f"rank{r}.log"), RANK=r, WORLD_SIZE=nproc, LOCAL_RANK=r,
                          LOCAL_WORLD_SIZE=nproc, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env)
             for r in range(nproc)]
 
 
-def wait_ranks(pids, timeout: float = 600) -> list:
+def wait_ranks(procs, timeout: float = 600) -> list:
     """Every rank's exit status (-9: killed); as torchrun, the others are killed 10 s after one fails."""
-    import signal
     import time
 
-    status = {}
     end, failed_at = time.monotonic() + timeout, None
-    while len(status) < len(pids):
-        for pid in pids:
-            if pid not in status:
-                done, code = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    status[pid] = os.waitstatus_to_exitcode(code)
-                    if status[pid] != 0 and failed_at is None:
-                        failed_at = time.monotonic()
+    while any(p.exitcode is None for p in procs):
+        for p in procs:
+            p.join(0.02)
+            if p.exitcode not in (None, 0) and failed_at is None:
+                failed_at = time.monotonic()
         now = time.monotonic()
         if now > end or (failed_at is not None and now > failed_at + 10):
-            for pid in pids:
-                if pid not in status:
-                    os.kill(pid, signal.SIGKILL)
-        time.sleep(0.02)
-    return [status[pid] for pid in pids]
+            for p in procs:
+                if p.exitcode is None:
+                    p.kill()
+    return [p.exitcode for p in procs]
 
 
-def forked_ranks(fn, nproc: int, logdir, timeout: float = 600, **env) -> list:
+def forked_ranks(call, nproc: int, logdir, timeout: float = 600, **env) -> list:
     """``start_ranks`` and ``wait_ranks``: every rank's exit status."""
-    return wait_ranks(start_ranks(fn, nproc, logdir, **env), timeout)
+    return wait_ranks(start_ranks(call, nproc, logdir, **env), timeout)
 
 
 def read_json(path):

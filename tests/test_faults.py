@@ -6,7 +6,7 @@ complete), the rerun succeeds and removes the debris, and a resumed run repeats 
 A full disk (a small tmpfs) while saving, converting and preprocessing; two runs on one output; stale locks and
 debris; SIGTERM / SIGINT / --exit-duration-in-mins; data files that are missing, truncated or of a larger vocabulary.
 
-Runs are forked from this process (``helpers.forked``: torch and megatron-core are imported once; a tiny run takes
+Runs are forked from a forkserver that imported torch and megatron-core once (``helpers.forked``: a tiny run takes
 about a second), so each fault costs no interpreter start.
 """
 
@@ -18,13 +18,14 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import (assert_one_line_error, call_main, child_env, forked, start_forked, start_ranks,
-                     train_data_tokenizer, wait_forked, wait_ranks)
+from helpers import (assert_one_line_error, call_main, child_env, exit_now, forked, hold_lock, start_forked,
+                     start_ranks, train_data_tokenizer, wait_forked, wait_ranks)
 
 from aquila_npu.checkpoint import safe_load
 from aquila_npu.checkpoint.convert import to_megatron
@@ -44,11 +45,11 @@ TRAIN = ["--model", "aquila2-tiny", "--mock-data", "--micro-batch-size", 2, "--s
 
 
 def _pretrain(*args):
-    return lambda: pretrain_main([str(a) for a in [*TRAIN, *args]])
+    return partial(pretrain_main, [str(a) for a in [*TRAIN, *args]])
 
 
 def _convert(*args):
-    return lambda: convert_main([str(a) for a in args])
+    return partial(convert_main, [str(a) for a in args])
 
 
 def _to_mg(src, dst, *extra):
@@ -154,8 +155,9 @@ def test_the_window_of_the_two_renames_is_repaired_by_the_next_run(mg, tmp_path)
     in leaves the target missing: the next run puts the old copy back before anything else."""
     out = tmp_path / "out"
     out.mkdir()
-    pid = start_forked(lambda: 0, tmp_path / "gone.log")
-    wait_forked(pid)  # a pid that is gone
+    gone = start_forked(exit_now, tmp_path / "gone.log")
+    wait_forked(gone)  # a pid that is gone
+    pid = gone.pid
     shutil.copytree(mg, out / f".mg.old.pid{pid}@{owner.HOST}")
     os.mkdir(out / f".mg.tmp.pid{pid}@{owner.HOST}")  # the new copy, complete or not
     lines = []
@@ -165,7 +167,8 @@ def test_the_window_of_the_two_renames_is_repaired_by_the_next_run(mg, tmp_path)
 
 
 def test_debris_of_a_live_run_is_never_touched(tmp_path):
-    pid = start_forked(lambda: time.sleep(60) or 0, tmp_path / "live.log")
+    proc = start_forked(partial(time.sleep, 60), tmp_path / "live.log")
+    pid = proc.pid
     try:
         live = tmp_path / f".ck.staging.pid{pid}@{owner.HOST}"
         other = tmp_path / ".ck.staging.pid1@another-host"
@@ -178,8 +181,8 @@ def test_debris_of_a_live_run_is_never_touched(tmp_path):
         owner.clean(str(tmp_path), {"ck"}, locked=True, say=lines.append)
         assert live.exists() and not other.exists()  # holding the lock, no other run can be writing it
     finally:
-        os.kill(pid, signal.SIGKILL)
-        wait_forked(pid)
+        proc.kill()
+        wait_forked(proc)
 
 
 def test_converted_directories_get_the_usual_permissions(hf, tmp_path):
@@ -227,10 +230,10 @@ def test_training_checkpoint_left_aside_is_put_back_before_resuming(straight, tm
     shutil.copytree(straight / "ck", ck)
     (ck / "latest_checkpointed_iteration.txt").write_text("4")
     shutil.rmtree(ck / "iter_0000006")
-    gone = start_forked(lambda: 0, tmp_path / "gone.log")
+    gone = start_forked(exit_now, tmp_path / "gone.log")
     wait_forked(gone)
-    os.rename(ck / "iter_0000004", ck / f".iter_0000004.old.pid{gone}@{owner.HOST}")
-    os.mkdir(ck / f".iter_0000004.staging.pid{gone}@{owner.HOST}")
+    os.rename(ck / "iter_0000004", ck / f".iter_0000004.old.pid{gone.pid}@{owner.HOST}")
+    os.mkdir(ck / f".iter_0000004.staging.pid{gone.pid}@{owner.HOST}")
     assert forked(_pretrain("--train-iters", 6, "--load", ck, "--save", ck, "--metrics-file", tmp_path / "m.jsonl"),
                   tmp_path / "log") == 0
     assert "restored " in open(tmp_path / "log").read()
@@ -254,8 +257,8 @@ def test_second_run_on_one_save_refuses_and_sigterm_saves_then_resumes_exactly(t
         _wait_for(lambda: os.path.exists(metrics) and len(open(metrics).readlines()) >= 3)
         assert forked(_pretrain("--train-iters", 10, "--save", ck), tmp_path / "b.log") == 2
         line = _error_line(tmp_path / "b.log")
-        assert f"pid {a} on host {owner.HOST}" in line and "--save" in line, line
-        os.kill(a, signal.SIGTERM)
+        assert f"pid {a.pid} on host {owner.HOST}" in line and "--save" in line, line
+        os.kill(a.pid, signal.SIGTERM)
     finally:
         rc = wait_forked(a)
     assert rc == 0, open(tmp_path / "a.log").read()[-3000:]
@@ -271,11 +274,11 @@ def test_second_run_on_one_save_refuses_and_sigterm_saves_then_resumes_exactly(t
 
 def test_sigint_and_exit_duration_stop_after_the_iteration_and_save(tmp_path):
     metrics = tmp_path / "m.jsonl"
-    pid = start_forked(_pretrain("--train-iters", 100000, "--save", tmp_path / "ck", "--metrics-file", metrics),
-                       tmp_path / "int.log")
+    proc = start_forked(_pretrain("--train-iters", 100000, "--save", tmp_path / "ck", "--metrics-file", metrics),
+                        tmp_path / "int.log")
     _wait_for(lambda: os.path.exists(metrics) and len(open(metrics).readlines()) >= 2)
-    os.kill(pid, signal.SIGINT)
-    assert wait_forked(pid) == 0
+    os.kill(proc.pid, signal.SIGINT)
+    assert wait_forked(proc) == 0
     assert CheckpointInfo.read(str(tmp_path / "ck")).iteration == len(_losses(metrics))
     assert forked(_pretrain("--train-iters", 100000, "--save", tmp_path / "ck2", "--exit-duration-in-mins", 1e-4),
                   tmp_path / "dur.log") == 0
@@ -287,12 +290,12 @@ def test_sigint_and_exit_duration_stop_after_the_iteration_and_save(tmp_path):
 def test_sigterm_to_one_rank_stops_every_rank_after_the_same_iteration(tmp_path):
     ck, metrics = tmp_path / "ck", tmp_path / "m.jsonl"
     argv = [str(a) for a in [*TRAIN, "--train-iters", 100000, "--save", ck, "--metrics-file", metrics]]
-    pids = start_ranks(lambda: pretrain_main(argv), 2, tmp_path)
+    ranks = start_ranks(partial(pretrain_main, argv), 2, tmp_path)
     try:
         _wait_for(lambda: os.path.exists(metrics) and len(open(metrics).readlines()) >= 2)
-        os.kill(pids[1], signal.SIGTERM)  # only rank 1 gets it; rank 0 learns it through the per-iteration vote
+        os.kill(ranks[1].pid, signal.SIGTERM)  # only rank 1 gets it; rank 0 learns it through the per-iteration vote
     finally:
-        assert wait_ranks(pids) == [0, 0], (tmp_path / "rank0.log").read_text()[-3000:]
+        assert wait_ranks(ranks) == [0, 0], (tmp_path / "rank0.log").read_text()[-3000:]
     n = CheckpointInfo.read(str(ck)).iteration
     assert n == len(_losses(metrics))
     assert f"stopping after iteration {n} (received SIGTERM)" in (tmp_path / "rank0.log").read_text()
@@ -328,24 +331,19 @@ def _children(pid):
 
 def test_second_conversion_on_one_save_dir_refuses_naming_the_holder(hf, tmp_path):
     target = tmp_path / "mg"
-    def hold():
-        owner.Lock(str(target), "--save-dir").acquire()
-        time.sleep(60)
-        return 0
-
-    holder = start_forked(hold, tmp_path / "holder.log")
+    holder = start_forked(partial(hold_lock, str(target), 60), tmp_path / "holder.log")
     lock = tmp_path / ".mg.lock"
     try:
         _wait_for(lambda: lock.exists() and lock.read_text().strip())
         assert forked(_to_mg(hf, target), tmp_path / "second.log") == 2
-        assert f"pid {holder} on host {owner.HOST}" in _error_line(tmp_path / "second.log")
+        assert f"pid {holder.pid} on host {owner.HOST}" in _error_line(tmp_path / "second.log")
         assert not target.exists()
     finally:
-        os.kill(holder, signal.SIGKILL)
+        holder.kill()
         wait_forked(holder)
     assert lock.exists()  # a stale lock, left by the killed run: taken over, and said so
     assert forked(_to_mg(hf, target), tmp_path / "third.log") == 0
-    assert f"took over the lock {lock} of pid {holder}" in open(tmp_path / "third.log").read()
+    assert f"took over the lock {lock} of pid {holder.pid}" in open(tmp_path / "third.log").read()
     assert _hidden(tmp_path) == []
 
 
@@ -396,7 +394,7 @@ def test_disk_full_while_saving_a_checkpoint(small_disk, tmp_path):
 
 
 @pytest.mark.parametrize("direction", ["hf2mg", "mg2hg"])
-def test_disk_full_while_converting(small_disk, hf, mg, tmp_path, monkeypatch, direction):
+def test_disk_full_while_converting(small_disk, hf, mg, tmp_path, monkeypatch, capsys, direction):
     out = small_disk / "out"
     make = (lambda *e: _to_mg(hf, out / "mg", *e)) if direction == "hf2mg" else (lambda *e: _to_hf(mg, out, *e))
     target = out / ("mg" if direction == "hf2mg" else "mg2hg")
@@ -408,9 +406,11 @@ def test_disk_full_while_converting(small_disk, hf, mg, tmp_path, monkeypatch, d
     line = _error_line(tmp_path / "refused.log")
     assert "not enough space" in line and "free" in line, line
     assert _digest(target) == before and _hidden(out) == []
-    # a device that fills up while writing (here: the free-space check skipped) ends the same way, cleaned up
+    # a device that fills up while writing (here: the free-space check skipped, in this process) ends the same way
     monkeypatch.setattr("aquila_npu.outputs.atomic.check_free_space", lambda *a: None)
-    assert forked(make(), tmp_path / "full.log") == 2
+    rc, err = call_main(make().func, make().args[0], capsys)
+    assert rc == 2, err
+    (tmp_path / "full.log").write_text(err)
     _assert_disk_full_line(tmp_path / "full.log", "left as it was")
     assert _digest(target) == before and _hidden(out) == []
     filler.unlink()
@@ -431,8 +431,8 @@ def test_disk_full_while_preprocessing(small_disk, tokenizer, tmp_path):
         for _ in range(4000):
             f.write(json.dumps({"text": " ".join(rng.choice(words, 60))}) + "\n")
     prefix = small_disk / "data" / "corpus"
-    run = lambda: preprocess_main(["--input", str(src), "--tokenizer-name-or-path", str(tokenizer),  # noqa: E731
-                                   "--output-prefix", str(prefix), "--log-interval", "100000"])
+    run = partial(preprocess_main, ["--input", str(src), "--tokenizer-name-or-path", str(tokenizer),
+                                    "--output-prefix", str(prefix), "--log-interval", "100000"])
     assert forked(run, tmp_path / "a.log") == 0
     before = _digest(small_disk / "data")
     _fill(small_disk, 64 * 1024)

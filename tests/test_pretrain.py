@@ -5,6 +5,7 @@ import json
 import os
 import random
 import subprocess
+from functools import partial
 
 import numpy as np
 import pytest
@@ -112,7 +113,7 @@ RESUME_CASES = {  # (processes, tensor-parallel size, flags)
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_resume_reproduces_later_iterations_exactly(assets, tmp_path, case):
     """Stop at iteration 3 (--exit-interval, saving), resume: iterations 4-6 equal the uninterrupted run's bit for
-    bit, for each optimizer / dtype pair (ranks forked from this process, as torchrun would start them)."""
+    bit, for each optimizer / dtype pair (ranks forked from helpers' forkserver, as torchrun would start them)."""
     from aquila_npu.cli.pretrain import main
 
     nproc, tp, flags = RESUME_CASES[case]
@@ -124,7 +125,7 @@ def test_resume_reproduces_later_iterations_exactly(assets, tmp_path, case):
     def train(name, *args):
         (tmp_path / name).mkdir()
         argv = [str(a) for a in [*base, *args, "--metrics-file", tmp_path / f"{name}.jsonl"]]
-        rcs = forked_ranks(lambda: main(argv), nproc, tmp_path / name)
+        rcs = forked_ranks(partial(main, argv), nproc, tmp_path / name)
         assert rcs == [0] * nproc, [open(tmp_path / name / f"rank{r}.log").read()[-3000:] for r in range(nproc)]
         return _metrics(tmp_path / f"{name}.jsonl")
 

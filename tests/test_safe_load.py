@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,7 @@ def test_the_payload_is_real(assets, tmp_path):
     ran = tmp_path / "ran"
     bad = _hostile_copy(assets[1, 1], tmp_path / "mg", ran)
     path = bad / "iter_0000001/mp_rank_00/model_optim_rng.pt"
-    assert forked(lambda: torch.load(path, weights_only=False) and 0, tmp_path / "log") == 0
+    assert forked(partial(torch.load, str(path), weights_only=False), tmp_path / "log") == 0
     assert ran.is_dir()
 
 
@@ -90,7 +91,7 @@ def test_pretrain_tp2_rank1_file(assets, tmp_path, marker):
     bad = _hostile_copy(assets[2, 1], tmp_path / "mg", marker, "iter_0000001/mp_rank_01/model_optim_rng.pt")
     argv = [str(a) for a in ["--load", bad, "--mock-data", "--tokenizer-name-or-path", assets["hf"], "--train-iters",
                              1, "--seq-length", 16, "--tensor-model-parallel-size", 2]]
-    assert forked_ranks(lambda: pretrain_main(argv), 2, tmp_path) == [2, 2]
+    assert forked_ranks(partial(pretrain_main, argv), 2, tmp_path) == [2, 2]
     for r in range(2):
         _refused((tmp_path / f"rank{r}.log").read_text(), bad / "iter_0000001/mp_rank_01/model_optim_rng.pt")
 
@@ -101,10 +102,10 @@ def test_pretrain_distributed_optimizer_shard(assets, tmp_path, marker):
     base = ["--model", "aquila2-tiny", "--mock-data", "--seq-length", 16, "--use-distributed-optimizer"]
     argv = [str(a) for a in [*base, "--train-iters", 1, "--save", ck]]
     (tmp_path / "first").mkdir()
-    assert forked_ranks(lambda: pretrain_main(argv), 2, tmp_path / "first") == [0, 0]
+    assert forked_ranks(partial(pretrain_main, argv), 2, tmp_path / "first") == [0, 0]
     _poison(ck / "iter_0000001/mp_rank_00/distrib_optim_dp001.pt", marker)
     argv = [str(a) for a in [*base, "--train-iters", 2, "--load", ck]]
-    assert forked_ranks(lambda: pretrain_main(argv), 2, tmp_path) == [2, 2]
+    assert forked_ranks(partial(pretrain_main, argv), 2, tmp_path) == [2, 2]
     _refused((tmp_path / "rank0.log").read_text(), ck / "iter_0000001/mp_rank_00/distrib_optim_dp001.pt")
 
 
@@ -121,7 +122,7 @@ def test_generate_tp2_rank1_file(assets, tmp_path, marker):
     bad = _hostile_copy(assets[2, 1], tmp_path / "mg", marker, "iter_0000001/mp_rank_01/model_optim_rng.pt")
     argv = [str(a) for a in ["--load", bad, "--tokenizer-name-or-path", assets["hf"], "--prompt", "hi",
                              "--max-new-tokens", 2]]
-    assert forked_ranks(lambda: generate_main(argv), 2, tmp_path) == [2, 2]
+    assert forked_ranks(partial(generate_main, argv), 2, tmp_path) == [2, 2]
     _refused((tmp_path / "rank0.log").read_text(), bad / "iter_0000001/mp_rank_01/model_optim_rng.pt")
 
 
