@@ -276,3 +276,70 @@ def train_data_tokenizer(path):
 
     corpus = TEXTS + [r[k] for r in ROWS for k in ("instruction", "input", "output")] + [ALPACA_SYSTEM, AQUILA_SYSTEM]
     return train_tokenizer(str(path), corpus * 5, vocab_size=500)
+
+
+# ------------------------------------------------------------------- training: tiny model, tokenizer, SFT data
+NOUNS = ["apple", "sky", "grass", "snow", "coal", "sun", "rose", "sea", "cloud", "leaf", "milk", "fire"]
+COLORS = ["red", "blue", "green", "white", "black", "yellow", "pink", "blue", "grey", "green", "white", "orange"]
+
+
+def instruction_rows():
+    rng = random.Random(0)
+    rows = []
+    for _ in range(48):
+        i = rng.randrange(len(NOUNS))
+        rows.append({"instruction": f"What color is the {NOUNS[i]}?", "input": "",
+                     "output": f"The {NOUNS[i]} is {COLORS[i]}."})
+    return rows
+
+
+def preprocess_instructions(rows, tok, prefix, *extra):
+    from aquila_npu.cli.preprocess import main as preprocess
+
+    src = prefix + ".jsonl"
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    with open(src, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    assert preprocess(["--input", src, "--tokenizer-name-or-path", tok, "--output-prefix", prefix,
+                       "--tokenizer-type", "PretrainedFromHF", "--handler-name", "GeneralInstructionHandler",
+                       "--workers", "1", "--log-interval", "1000", *extra]) == 0
+    return prefix
+
+
+def build_training_assets(d):
+    """Tokenizer, the tiny HF model, its tp1-pp1 and tp2-pp2 conversions, instruction data (in folder ``d``)."""
+    from aquila_npu.checkpoint.convert import to_megatron
+    from aquila_npu.checkpoint.hf_io import HFReader
+    from aquila_npu.testing.tiny_hf import tiny_llama
+    from aquila_npu.testing.tiny_tokenizer import train_tokenizer
+
+    corpus = [f"{r['instruction']} {r['output']}" for r in instruction_rows()] * 20
+    corpus += [ALPACA_SYSTEM + "\n\n### Instruction:\n\n### Response:\n"] * 50  # the prompt template: few tokens
+    tok = train_tokenizer(os.path.join(d, "tok"), corpus, vocab_size=1000)
+    hf = os.path.join(d, "hf")
+    tiny_llama().save_pretrained(hf)
+    out = {"tok": tok, "hf": hf, "dir": d}
+    for tp, pp in ((1, 1), (2, 2)):
+        out[tp, pp] = os.path.join(d, f"mg-tp{tp}-pp{pp}")
+        to_megatron(HFReader(hf), out[tp, pp], tp, pp)
+    out["sft"] = preprocess_instructions(instruction_rows(), tok, os.path.join(d, "sft", "alpaca"), "--append-eod")
+    return out
+
+
+TRAIN_COMMON = ["--micro-batch-size", 2, "--global-batch-size", 4, "--seq-length", 32, "--lr", 1e-3,
+          "--lr-decay-style", "constant", "--clip-grad", 1.0, "--log-interval", 1, "--eval-interval", 1000]
+
+
+def read_metrics(path, key="lm_loss"):
+    with open(path) as f:
+        recs = [json.loads(line) for line in f]
+    return [r[key] for r in recs if key in r]
+
+
+# --------------------------------------------------------------------------- LoRA: the PEFT adapters we test
+LORA_HF_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+AQUILA2_QV = dict(target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16, lora_dropout=0.05)  # finetune_lora.sh
+LORA_CASES = {"fused-all": dict(target_modules=LORA_HF_MODULES, share_fused_a=True),  # what our exports look like
+              "aquila2-qv": AQUILA2_QV,  # separate A's: block-structured on import
+              "separate-all": dict(target_modules=LORA_HF_MODULES)}

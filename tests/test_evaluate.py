@@ -92,7 +92,7 @@ def _evaluate(assets, data, tmp_path, tp, pp, *flags, dp=1):
 
 def _check_against_lm_eval(report, reference):
     rows, acc = reference
-    preds = report["predictions"]
+    preds = report["records"]
     assert len(preds) == len(rows) == report["total"] == 28
     assert [p["correct"] for p in preds] == [c for _, _, c in rows]
     assert report["accuracy"] == pytest.approx(acc, abs=1e-12)
@@ -131,8 +131,8 @@ def test_first_token_scoring_equals_hf_next_token_logits(setup_data, tmp_path):
     yes, no = tok.encode("Yes")[-1], tok.encode("No")[-1]
     model = tiny_llama()
     docs = BoolQ().load(data)
-    assert report["scoring"] == "first-token" and len(report["predictions"]) == len(docs)
-    for d, p in zip(docs, report["predictions"]):
+    assert report["scoring"] == "first-token" and len(report["records"]) == len(docs)
+    for d, p in zip(docs, report["records"]):
         ids = torch.tensor([tok.encode(prompt(d))[-128:]])
         with torch.no_grad():
             lp = torch.log_softmax(model(ids).logits[0, -1].float(), -1)

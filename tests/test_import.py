@@ -14,6 +14,7 @@ import aquila_npu.device.torch_modules, aquila_npu.device.patches
 import aquila_npu.models.registry, aquila_npu.models.config, aquila_npu.models.gpt
 import aquila_npu.weights.mapping, aquila_npu.weights.load, aquila_npu.inference.forward
 import aquila_npu.testing.npu_emulator
+import aquila_npu.lora.layers, aquila_npu.lora.convert, aquila_npu.lora.training
 from megatron.core.transformer import attention
 assert 'torch_npu' not in sys.modules, 'torch_npu was imported'
 assert (torch.cuda.current_device, torch.Tensor.type, torch.empty) == orig, 'torch was patched on import'

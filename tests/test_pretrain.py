@@ -1,9 +1,7 @@
 """aquila_npu.pretrain (issue 5): layouts agree, resume is exact, SFT learns responses, the loss counts exactly the
 response tokens (checked against Hugging Face's own loss), and flags fail clearly."""
 
-import json
 import os
-import random
 import subprocess
 from functools import partial
 
@@ -11,74 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, assert_one_line_error, child_env, forked_ranks, run_module, torchrun
+from helpers import (ROOT, TRAIN_COMMON, assert_one_line_error, build_training_assets, child_env, forked_ranks,
+                     preprocess_instructions, read_metrics, run_module, torchrun)
 
 from aquila_npu.checkpoint import safe_load
-from aquila_npu.checkpoint.convert import to_megatron
-from aquila_npu.checkpoint.hf_io import HFReader
 from aquila_npu.ports import free_port
-from aquila_npu.data.templates import ALPACA_SYSTEM
-from aquila_npu.testing.tiny_hf import tiny_llama
-from aquila_npu.testing.tiny_tokenizer import train_tokenizer
-
-NOUNS = ["apple", "sky", "grass", "snow", "coal", "sun", "rose", "sea", "cloud", "leaf", "milk", "fire"]
-COLORS = ["red", "blue", "green", "white", "black", "yellow", "pink", "blue", "grey", "green", "white", "orange"]
-
-
-def _rows():
-    rng = random.Random(0)
-    rows = []
-    for _ in range(48):
-        i = rng.randrange(len(NOUNS))
-        rows.append({"instruction": f"What color is the {NOUNS[i]}?", "input": "",
-                     "output": f"The {NOUNS[i]} is {COLORS[i]}."})
-    return rows
-
-
-def _preprocess(rows, tok, prefix, *extra):
-    from aquila_npu.cli.preprocess import main as preprocess
-
-    src = prefix + ".jsonl"
-    os.makedirs(os.path.dirname(prefix), exist_ok=True)
-    with open(src, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    assert preprocess(["--input", src, "--tokenizer-name-or-path", tok, "--output-prefix", prefix,
-                       "--tokenizer-type", "PretrainedFromHF", "--handler-name", "GeneralInstructionHandler",
-                       "--workers", "1", "--log-interval", "1000", *extra]) == 0
-    return prefix
-
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """Tokenizer, the tiny HF model, its tp1-pp1 and tp2-pp2 conversions, instruction data."""
-    d = str(tmp_path_factory.mktemp("pretrain"))
-    corpus = [f"{r['instruction']} {r['output']}" for r in _rows()] * 20
-    corpus += [ALPACA_SYSTEM + "\n\n### Instruction:\n\n### Response:\n"] * 50  # the prompt template: few tokens
-    tok = train_tokenizer(os.path.join(d, "tok"), corpus, vocab_size=1000)
-    hf = os.path.join(d, "hf")
-    tiny_llama().save_pretrained(hf)
-    out = {"tok": tok, "hf": hf, "dir": d}
-    for tp, pp in ((1, 1), (2, 2)):
-        out[tp, pp] = os.path.join(d, f"mg-tp{tp}-pp{pp}")
-        to_megatron(HFReader(hf), out[tp, pp], tp, pp)
-    out["sft"] = _preprocess(_rows(), tok, os.path.join(d, "sft", "alpaca"), "--append-eod")
-    return out
-
-
-COMMON = ["--micro-batch-size", 2, "--global-batch-size", 4, "--seq-length", 32, "--lr", 1e-3,
-          "--lr-decay-style", "constant", "--clip-grad", 1.0, "--log-interval", 1, "--eval-interval", 1000]
-
-
-def _metrics(path, key="lm_loss"):
-    with open(path) as f:
-        recs = [json.loads(line) for line in f]
-    return [r[key] for r in recs if key in r]
+    return build_training_assets(str(tmp_path_factory.mktemp("pretrain")))
 
 
 def _train(nproc, metrics, *args):
-    torchrun("-m aquila_npu.pretrain", nproc, [*COMMON, "--metrics-file", metrics, *args])
-    return _metrics(metrics)
+    torchrun("-m aquila_npu.pretrain", nproc, [*TRAIN_COMMON, "--metrics-file", metrics, *args])
+    return read_metrics(metrics)
 
 
 @pytest.mark.slow
@@ -94,7 +38,7 @@ def test_tp1_and_tp2_pp2_give_the_same_losses_from_one_checkpoint(assets, tmp_pa
     a, b = np.array(runs[1, 1]), np.array(runs[2, 2])
     assert len(a) == len(b) == 4 and len(set(a)) == 4  # the weights move: the losses differ per iteration
     assert np.max(np.abs(a - b) / np.abs(a)) < 1e-3, (a, b)
-    ga, gb = (np.array(_metrics(tmp_path / f"m{t}{p}.jsonl", "grad_norm")) for t, p in ((1, 1), (2, 2)))
+    ga, gb = (np.array(read_metrics(tmp_path / f"m{t}{p}.jsonl", "grad_norm")) for t, p in ((1, 1), (2, 2)))
     assert np.max(np.abs(ga - gb) / ga) < 1e-3, (ga, gb)
 
 
@@ -119,7 +63,7 @@ def test_resume_reproduces_later_iterations_exactly(assets, tmp_path, case):
     nproc, tp, flags = RESUME_CASES[case]
     start = ["--load", assets[1, 1], "--tokenizer-name-or-path", assets["tok"]] if tp == 1 else \
         ["--model", "aquila2-tiny"]
-    base = [*COMMON, "--mock-data", "--train-iters", 6, "--lr-decay-style", "cosine", "--lr-warmup-iters", 1,
+    base = [*TRAIN_COMMON, "--mock-data", "--train-iters", 6, "--lr-decay-style", "cosine", "--lr-warmup-iters", 1,
             "--min-lr", 1e-4, "--tensor-model-parallel-size", tp, *flags]
 
     def train(name, *args):
@@ -127,7 +71,7 @@ def test_resume_reproduces_later_iterations_exactly(assets, tmp_path, case):
         argv = [str(a) for a in [*base, *args, "--metrics-file", tmp_path / f"{name}.jsonl"]]
         rcs = forked_ranks(partial(main, argv), nproc, tmp_path / name)
         assert rcs == [0] * nproc, [open(tmp_path / name / f"rank{r}.log").read()[-3000:] for r in range(nproc)]
-        return _metrics(tmp_path / f"{name}.jsonl")
+        return read_metrics(tmp_path / f"{name}.jsonl")
 
     ck = tmp_path / "ck"
     straight = train("straight", *start)
@@ -140,8 +84,8 @@ def test_resume_reproduces_later_iterations_exactly(assets, tmp_path, case):
     resumed = train("resumed", "--load", ck, *start[2:])
     assert len(set(straight)) == 6 and first == straight[:3]
     assert resumed == straight[3:], (straight, resumed)  # bit for bit
-    lrs = _metrics(tmp_path / "straight.jsonl", "learning_rate")
-    assert _metrics(tmp_path / "resumed.jsonl", "learning_rate") == lrs[3:]
+    lrs = read_metrics(tmp_path / "straight.jsonl", "learning_rate")
+    assert read_metrics(tmp_path / "resumed.jsonl", "learning_rate") == lrs[3:]
 
 
 @pytest.mark.slow
@@ -162,7 +106,7 @@ def test_loss_counts_exactly_the_response_tokens(assets, tmp_path):
 
     rows = [{"instruction": "What color is the sky? " * 40, "input": "", "output": "The sky is blue."},
             {"instruction": "What color is the sea?", "input": "", "output": "The sea is blue."}]
-    prefix = _preprocess(rows, assets["tok"], str(tmp_path / "mask" / "alpaca"), "--append-eod")
+    prefix = preprocess_instructions(rows, assets["tok"], str(tmp_path / "mask" / "alpaca"), "--append-eod")
     ids = IndexedDataset(prefix + "_packed_input_ids_document")
     labels = IndexedDataset(prefix + "_packed_labels_document")
     seq = len(ids[1]) + 3  # the normal sample fits (padded); the long one's response lies beyond the window

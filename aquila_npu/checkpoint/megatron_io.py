@@ -217,10 +217,14 @@ class MegatronReader:
         """Unmap the current stage's files."""
         self._stage, self._shards, self._merged, self._ready, self._last = None, [], iter(()), {}, -1
 
+    def stage_shards(self, stage: int) -> list:
+        """The megatron-core state dicts of one pipeline stage, one per TP rank (memory-mapped)."""
+        return [self.info.load_rank(r, stage)["model"] for r in range(self.layout.tp)]
+
     def _restart(self, stage: int) -> None:
         if stage != self._stage:
             self.release()
-            self._shards = [self.info.load_rank(r, stage)["model"] for r in range(self.layout.tp)]
+            self._shards = self.stage_shards(stage)
             self._stage = stage
         self._merged = mcore_stage_to_hf(self._shards, self.layout, stage)
         self._ready, self._last = {}, -1

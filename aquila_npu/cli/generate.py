@@ -27,7 +27,7 @@ from aquila_npu.errors import DataError, UsageError
 from aquila_npu.inference.chat import CHAT_TEMPLATES, chat_prompt, default_template
 from aquila_npu.inference.generation import TextGenerator
 from aquila_npu.inference.sampling import SamplingParams
-from aquila_npu.inference.session import Session
+from aquila_npu.inference.session import Session, gather, shard
 
 PROG = "python -m aquila_npu.generate"
 
@@ -161,7 +161,7 @@ def run(argv: Optional[List[str]] = None) -> int:
     generator = TextGenerator.from_loaded(loaded, session.device.torch_device, max_sequence_length=session.max_length)
     stop = args.eos_token_id if args.eos_token_id is not None else session.eos_id()
     batch = args.micro_batch_size or 1
-    mine = [i for i, _ in session.shard(prompts)]
+    mine = [i for i, _ in shard(prompts)]
     stream = ConsoleStream(tok, enabled=session.is_rank0)
     print0(f"{PROG}: {len(prompts)} prompt(s), {session.describe()}"
            + (f", chat template {template}" if template else "") + inert_note(args, inference_args.INERT))
@@ -182,7 +182,7 @@ def run(argv: Optional[List[str]] = None) -> int:
                 stream.begin(f"prompt {i + 1}/{len(prompts)}", texts[i])
                 stream.write(text)
             stream.end()
-    results = session.gather(results)
+    results = gather(results)
     if args.output and session.is_rank0:
         with open(args.output, "w", encoding="utf-8") as f:
             for i in range(len(prompts)):

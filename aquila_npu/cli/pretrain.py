@@ -12,6 +12,7 @@ from typing import List, Optional
 from aquila_npu.cli.common import add_device_argument, add_inert_arguments, check_positive, run_cli
 from aquila_npu.device.backends import FusedOps
 from aquila_npu.errors import UsageError
+from aquila_npu.lora import settings as lora_settings
 from aquila_npu.models import arch_flags
 from aquila_npu.models.registry import MODELS
 
@@ -124,6 +125,7 @@ def parser() -> argparse.ArgumentParser:
     for add in (_model, _parallel, _training, _data, _checkpoint, _logging):
         add(p)
     FusedOps.add_arguments(p)
+    lora_settings.add_arguments(p)
     add_inert_arguments(p, INERT)
     return p
 

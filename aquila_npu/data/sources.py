@@ -7,6 +7,7 @@ and the row (1-based; for jsonl the line number).
 
 import codecs
 import glob
+import gzip
 import json
 import os
 import re
@@ -149,9 +150,11 @@ def _row_from_object(obj, columns, where):
 
 
 def iter_json_objects(path):
-    """(where, object) for every JSON value of a ``.jsonl`` file (one per non-blank line) or a ``.json`` file (JSON
-    lines, or one array decoded item by item); ``where`` is "FILE line N" / "FILE row N". Raises ``DataError`` for
-    invalid JSON or UTF-8."""
+    """(where, object) for every JSON value of a ``.jsonl`` file (one per non-blank line; gzipped when the name ends
+    in ``.gz``) or a ``.json`` file (JSON lines, or one array decoded item by item); ``where`` is "FILE line N" /
+    "FILE row N". Raises ``DataError`` for invalid JSON or UTF-8."""
+    if path.lower().endswith(".gz"):
+        return _jsonl_objects(path, gzip.open)
     with open(path, "rb") as f:
         head = f.read(4096).lstrip()
     if path.lower().endswith(".json") and head.startswith(b"["):
@@ -159,8 +162,8 @@ def iter_json_objects(path):
     return _jsonl_objects(path)
 
 
-def _jsonl_objects(path):
-    with open(path, "rb") as f:
+def _jsonl_objects(path, opener=open):
+    with opener(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{path} line {lineno}"
             line = _decode(raw, where)

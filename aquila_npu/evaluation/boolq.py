@@ -4,19 +4,20 @@ Rows: ``question``, ``passage``, ``answer`` (bool), ``title`` (optional) as in t
 (SuperGLUE's ``label`` 0/1 is accepted instead of ``answer``). Both scorings use the prompt
 ``{passage}\\nQuestion: {question}?\\nAnswer:``:
 
-* ``loglikelihood`` (lm-evaluation-harness's ``boolq``): the more likely continuation of " no" / " yes" (a tie
-  gives "no", the first choice, as lm-eval's argmax does);
-* ``first-token`` (ModelLink's ``boolq_eval.py``, behind the published Aquila2 figures 77.8% / 88.0%): the
-  next-token log-probabilities of ``encode("Yes")[-1]`` and ``encode("No")[-1]``; Yes >= No means true.
+* ``loglikelihood``, also called ``lm-eval`` (lm-evaluation-harness's ``boolq``): the more likely continuation of
+  " no" / " yes" (a tie gives "no", the first choice, as lm-eval's argmax does);
+* ``first-token``, also called ``modellink`` (ModelLink's ``boolq_eval.py``, behind the published Aquila2 figures
+  77.8% / 88.0%): the next-token log-probabilities of ``encode("Yes")[-1]`` and ``encode("No")[-1]``; Yes >= No means
+  true.
 """
 
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
-from aquila_npu.evaluation.data import read_jsonl
-
-from aquila_npu.errors import DataError
+from aquila_npu.errors import DataError, UsageError
+from aquila_npu.evaluation.data import first_per_file, read_jsonl
+from aquila_npu.evaluation.runner import ModelRunner
 from aquila_npu.evaluation.tasks import Task, register
 
 PROMPT = "{passage}\nQuestion: {question}?\nAnswer:"
@@ -59,18 +60,21 @@ class BoolQ(Task):
     name = "boolq"
     description = "BoolQ yes/no reading comprehension (accuracy)"
     scorings = ("loglikelihood", "first-token")
+    aliases = {"lm-eval": "loglikelihood", "modellink": "first-token"}
 
-    def load(self, path: str, limit: Optional[int] = None) -> List[dict]:
-        docs = []
-        for row in read_jsonl(path):
-            if limit is not None and len(docs) >= limit:
-                break
-            docs.append(parse_row(row))
+    def load(self, path: Optional[str], limit: Optional[int] = None) -> List[dict]:
+        if path is None:
+            raise DataError("--task-data-path: boolq needs its dev.jsonl (or folder)")
+        if self.options.prompt_type:
+            raise UsageError("--prompt-type: not available for boolq (its prompt is scored as it is)")
+        docs = [parse_row(row) for row in first_per_file(list(read_jsonl(path)), self.options.max_eval_samples)]
         if not docs:
             raise DataError(f"--task-data-path {path}: no rows")
-        return docs
+        return docs[:limit]
 
-    def score(self, docs: Sequence[dict], scorer, scoring: str) -> List[dict]:
+    def score(self, docs: Sequence[dict], scorer, scoring: Optional[str] = None) -> List[dict]:
+        scoring = self.scoring if scoring is None else self.aliases.get(scoring, scoring)
+        scorer = ModelRunner.of(scorer)
         prompts = [prompt(d) for d in docs]
         if scoring == "loglikelihood":
             lls = scorer.loglikelihood([(p, " " + c) for p in prompts for c in CHOICES])
@@ -82,6 +86,7 @@ class BoolQ(Task):
             preds = [yes >= no for no, yes in pairs]
         else:
             raise ValueError(f"boolq: unknown scoring {scoring!r}; choose one of {', '.join(self.scorings)}")
-        return [{"file": d["file"], "line": d["line"], "question": d["question"], "answer": d["answer"],
-                 "prediction": pred, "correct": pred == d["answer"], "logprob_no": no, "logprob_yes": yes}
-                for d, pred, (no, yes) in zip(docs, preds, pairs)]
+        return [{"file": d["file"], "line": d["line"], "subject": "boolq", "prompt": p, "question": d["question"],
+                 "answer": d["answer"], "target": d["answer"], "prediction": pred, "correct": pred == d["answer"],
+                 "metrics": {"acc": float(pred == d["answer"])}, "logprob_no": no, "logprob_yes": yes}
+                for d, p, pred, (no, yes) in zip(docs, prompts, preds, pairs)]

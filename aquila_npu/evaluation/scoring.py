@@ -139,9 +139,9 @@ class Scorer:
         return list(flat.cpu().split([len(u.targets) for u in batch]))
 
 
-def _progress(total: int, desc: str):
+def _progress(total: int, desc: str, unit: str = "seq"):
     from tqdm.auto import tqdm
 
     tty = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit="seq", file=sys.stderr, mininterval=0.5 if tty else 15.0,
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=0.5 if tty else 15.0,
                 dynamic_ncols=tty)

@@ -35,7 +35,7 @@ class Generation:
 
     prompt_ids: List[int]
     token_ids: List[int] = field(default_factory=list)
-    finish_reason: str = "length"  # "eos" or "length"
+    finish_reason: str = "length"  # "eos", "stop" (the ``stop`` callback) or "length"
 
 
 @dataclass
@@ -50,6 +50,9 @@ class GenerationStats:
 
 
 TokenCallback = Callable[[int, int], None]  # (row index in the batch, token id); called on every rank
+# (row index in the batch, the row's generated ids so far) -> stop this row now; called on every rank (all ranks hold
+# the same tokens, so they decide alike). Evaluation uses it for stop strings (lm-eval's ``until``).
+StopCallback = Callable[[int, List[int]], bool]
 
 
 def _broadcast_next_tokens(next_tokens: Optional[torch.Tensor], batch: int, device) -> torch.Tensor:
@@ -103,8 +106,10 @@ class TextGenerator:
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
                  eos_id: Optional[int] = None, pad_id: int = 0, use_kv_cache: bool = True,
-                 on_token: Optional[TokenCallback] = None, stats: Optional[GenerationStats] = None) -> List[Generation]:
-        """Generate up to ``max_new_tokens`` for each prompt (a batch), stopping each row at ``eos_id``.
+                 on_token: Optional[TokenCallback] = None, stats: Optional[GenerationStats] = None,
+                 stop: Optional[StopCallback] = None) -> List[Generation]:
+        """Generate up to ``max_new_tokens`` for each prompt (a batch), stopping each row at ``eos_id`` or when
+        ``stop`` says so (finish_reason "stop").
 
         ``use_kv_cache=False`` recomputes the whole sequence at every step (the benchmark's baseline).
         Rows are limited to ``max_sequence_length`` tokens in all (finish_reason "length").
@@ -160,7 +165,9 @@ class TextGenerator:
                 results[i].token_ids.append(tok)
                 if on_token is not None:
                     on_token(i, tok)
-                if len(results[i].token_ids) >= max_new_tokens:
+                if stop is not None and stop(i, results[i].token_ids):
+                    done[i], results[i].finish_reason = True, "stop"
+                elif len(results[i].token_ids) >= max_new_tokens:
                     done[i] = True
             if all(done):
                 break

@@ -3,8 +3,8 @@ any process group, so every rank fails alike), the tokenizer, the device, this r
 sequence to run, and the sharing of work among data-parallel replicas.
 
     session = Session.start(ModelOptions(load=..., tokenizer=...))
-    mine = session.shard(items)                     # [(index, item)] of this data-parallel replica
-    results = session.gather({i: f(item) for i, item in mine})   # every replica's results, by index
+    mine = shard(items)                             # [(index, item)] of this data-parallel replica
+    results = gather({i: f(item) for i, item in mine})   # every replica's results, by index
 """
 
 from __future__ import annotations
@@ -27,6 +27,40 @@ from aquila_npu.models import arch_flags
 from aquila_npu.models.dtypes import dtype_name
 
 T = TypeVar("T")
+
+
+def data_parallel() -> Tuple[int, int]:
+    """(this replica's rank, number of data-parallel replicas); (0, 1) without torch.distributed."""
+    if not torch.distributed.is_initialized():
+        return 0, 1
+    return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+
+
+def reporting_rank() -> bool:
+    """True on the one rank of each replica whose results count: tensor-parallel rank 0 of the first pipeline stage
+    (every rank of a replica holds the same results)."""
+    if not torch.distributed.is_initialized():
+        return True
+    return ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage(ignore_virtual=True)
+
+
+def shard(items: Sequence[T]) -> List[Tuple[int, T]]:
+    """(index, item) of the items this data-parallel replica handles: every dp-th, round robin. A result must not
+    depend on which replica computes it, so the gathered results equal one process's."""
+    rank, size = data_parallel()
+    return [(i, item) for i, item in enumerate(items) if i % size == rank]
+
+
+def gather(results: Dict[int, object]) -> Dict[int, object]:
+    """Every replica's ``{index: result}`` merged, on every rank."""
+    if data_parallel()[1] == 1:
+        return dict(results)
+    parts: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, results if reporting_rank() else {})
+    merged: Dict[int, object] = {}
+    for part in parts:
+        merged.update(part)
+    return merged
 
 
 @dataclass(frozen=True)
@@ -89,33 +123,10 @@ class Session:
     def is_rank0(self) -> bool:
         return torch.distributed.get_rank() == 0
 
-    @property
-    def data_parallel(self) -> Tuple[int, int]:
-        """(this replica's rank, number of replicas)."""
-        return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-
-    def shard(self, items: Sequence[T]) -> List[Tuple[int, T]]:
-        """(index, item) of the items this data-parallel replica handles (every dp-th, round robin)."""
-        rank, size = self.data_parallel
-        return [(i, item) for i, item in enumerate(items) if i % size == rank]
-
-    def gather(self, results: Dict[int, object]) -> Dict[int, object]:
-        """Every replica's ``{index: result}`` merged (each replica's tensor/pipeline ranks hold the same results:
-        one rank of each replica contributes)."""
-        if self.data_parallel[1] == 1:
-            return dict(results)
-        contributes = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage(ignore_virtual=True)
-        parts: list = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(parts, results if contributes else {})
-        merged: Dict[int, object] = {}
-        for part in parts:
-            merged.update(part)
-        return merged
-
     def describe(self) -> str:
         """``<dir> (tp2-pp1, bfloat16) on cpu[, 2 data-parallel replicas]`` for banners."""
         lo = self.loaded
-        dp = self.data_parallel[1]
+        dp = data_parallel()[1]
         return (f"{lo.load_dir} (tp{lo.layout.tp}-pp{lo.layout.pp}, {dtype_name(lo.params_dtype)}) on "
                 f"{self.device.name}" + (f", {dp} data-parallel replicas" if dp > 1 else ""))
 

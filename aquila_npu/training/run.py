@@ -22,6 +22,7 @@ from aquila_npu.training.config import RunConfig, resolve
 from aquila_npu.training.report import Reporter, device_memory
 from aquila_npu.training.step import eval_step, train_step
 from aquila_npu.training.stopping import StopConditions
+from aquila_npu.lora import training as lora_training
 
 
 def _print0(*a):
@@ -43,7 +44,7 @@ def _load_tokenizer(args):
     return MCoreTokenizer.from_pretrained(args.tokenizer_name_or_path, use_fast=not args.tokenizer_not_use_fast)
 
 
-def build(args, cfg: RunConfig, dev):
+def build(args, cfg: RunConfig, dev, lora=None):
     """(DDP-wrapped model stage, optimizer, scheduler, transformer config)."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -66,6 +67,10 @@ def build(args, cfg: RunConfig, dev):
     model = build_model(spec, tcfg, dev.backend, padded_vocab=layout.padded_vocab, pre_process=pp_rank == 0,
                         post_process=pp_rank == layout.pp - 1, pp_rank=pp_rank, parallel_output=True,
                         max_sequence_length=spec.max_position_embeddings)
+    if lora is not None:  # adapters on the frozen base, before DDP and the optimizer see the parameters
+        from aquila_npu.lora.layers import apply_lora  # peft (and transformers): only LoRA runs import them
+
+        model = apply_lora(model, tcfg, lora, layout, pp_rank, args.seed)
     model.to(dev.torch_device)
     ddp = DistributedDataParallel(
         config=tcfg, module=model,
@@ -128,6 +133,7 @@ def run(args) -> int:
     checkpoint = CheckpointInfo.find(args.load)  # read once; rank 0's file is loaded from it again below
     if args.load and checkpoint is None and (args.finetune or args.exit_on_missing_checkpoint):
         raise CheckpointError(f"--load {args.load}: no checkpoint there (no latest_checkpointed_iteration.txt)")
+    lora = lora_training.settings(args)  # None: LoRA off
     tokenizer = _load_tokenizer(args)
     cfg = resolve(args, checkpoint, tokenizer.vocab_size if tokenizer is not None else None,
                   int(os.environ.get("WORLD_SIZE", "1")))
@@ -138,20 +144,26 @@ def run(args) -> int:
     dev = setup(args.device, cfg.fused)
     save_dir = checkpointing.SaveDir.claim(args.save, args.no_shared_storage) if args.save else None
     try:
-        return _train(args, cfg, dev, checkpoint, tokenizer, save_dir)
+        return _train(args, cfg, dev, checkpoint, tokenizer, lora, save_dir)
     finally:
         if save_dir is not None:
             save_dir.release()
 
 
-def _train(args, cfg: RunConfig, dev, checkpoint, tokenizer, save_dir) -> int:
+def _train(args, cfg: RunConfig, dev, checkpoint, tokenizer, lora, save_dir) -> int:
     from megatron.core import parallel_state as ps
 
     world, dp = torch.distributed.get_world_size(), cfg.data_parallel_size
     initialize_model_parallel(cfg.tp, cfg.pp, args.seed)
-    model, optimizer, scheduler = build(args, cfg, dev)
+    model, optimizer, scheduler = build(args, cfg, dev, lora)
     iteration, consumed = 0, 0
-    if checkpoint is not None:
+    if lora is not None:  # the --load base (weights only), then the --lora-load adapter
+        iteration, consumed, what = lora_training.load(args, checkpoint, model=model, optimizer=optimizer,
+                                                       scheduler=scheduler, layout=cfg.layout,
+                                                       params_dtype=cfg.params_dtype)
+        _print0(f"loaded {what}; continuing at iteration {iteration}")
+        _print0(lora_training.describe(model, optimizer, lora))  # collective: every rank computes it
+    elif checkpoint is not None:
         iteration, consumed, what = checkpointing.load(
             checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, layout=cfg.layout,
             params_dtype=cfg.params_dtype, finetune=args.finetune, no_load_optim=args.no_load_optim,
@@ -209,7 +221,7 @@ def _train(args, cfg: RunConfig, dev, checkpoint, tokenizer, save_dir) -> int:
                 losses = [eval_step(valid_iter, model, **step_kw) for _ in range(args.eval_iters)]
                 reporter.log_eval(iteration, sum(losses) / len(losses))
             if save_dir is not None and args.save_interval and iteration % args.save_interval == 0:
-                _save(args, cfg, save_dir, iteration, model, optimizer, scheduler, consumed)
+                _save(args, cfg, save_dir, lora, iteration, model, optimizer, scheduler, consumed)
                 last_saved = iteration
             why = stop.check()  # every rank, every iteration: SIGTERM / SIGINT, --exit-duration-in-mins
             if why is None and args.exit_interval and iteration % args.exit_interval == 0:
@@ -219,16 +231,20 @@ def _train(args, cfg: RunConfig, dev, checkpoint, tokenizer, save_dir) -> int:
                         ("" if save_dir is not None else "; no --save: nothing saved"))
                 break
         if save_dir is not None and last_saved != iteration:
-            _save(args, cfg, save_dir, iteration, model, optimizer, scheduler, consumed)
+            _save(args, cfg, save_dir, lora, iteration, model, optimizer, scheduler, consumed)
     finally:
         stop.restore()
         reporter.close()
     return 0
 
 
-def _save(args, cfg: RunConfig, save_dir, iteration, model, optimizer, scheduler, consumed):
+def _save(args, cfg: RunConfig, save_dir, lora, iteration, model, optimizer, scheduler, consumed):
     t = time.perf_counter()
-    checkpointing.save(save_dir, iteration, model=model, optimizer=optimizer, scheduler=scheduler, layout=cfg.layout,
-                       params_dtype=cfg.params_dtype, consumed_samples=consumed, args=args,
-                       use_distributed_optimizer=args.use_distributed_optimizer)
+    if lora is not None:  # the adapters and their optimizer state only
+        lora_training.save(args, lora, save_dir, iteration, model=model, optimizer=optimizer, scheduler=scheduler,
+                           layout=cfg.layout, consumed_samples=consumed)
+    else:
+        checkpointing.save(save_dir, iteration, model=model, optimizer=optimizer, scheduler=scheduler,
+                           layout=cfg.layout, params_dtype=cfg.params_dtype, consumed_samples=consumed, args=args,
+                           use_distributed_optimizer=args.use_distributed_optimizer)
     _print0(f"saved checkpoint at iteration {iteration} to {args.save} in {time.perf_counter() - t:.1f}s")

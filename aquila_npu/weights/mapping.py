@@ -9,7 +9,13 @@ split across tensor-parallel ranks:
 * ``vocab``: rows padded to the padded vocabulary (zeros), then split like ``column``;
 * ``qkv``: q, k, v packed per query group, ``[q heads of group g | k_g | v_g]`` for each g, then split by groups
   (the layout megatron-core's ``get_query_key_value_tensors`` reads); needs query groups % tp == 0;
-* ``swiglu``: gate and up chunked separately over TP, each rank holding ``[gate shard; up shard]``.
+* ``swiglu``: gate and up chunked separately over TP, each rank holding ``[gate shard; up shard]``;
+* ``shared``: one tensor, whole on every TP rank, that every HF tensor of the row holds a copy of (the LoRA A of a
+  fused linear: q/k/v, or gate/up, share it).
+
+LoRA adapters (``lora_rows``) are rows derived from the table, in HF PEFT's names one way and MindSpeed-LLM's
+megatron-core names the other; ``lora_model_key`` is the one place base-checkpoint keys are renamed for a model whose
+linears carry adapters (``...linear_qkv.weight`` <-> ``...linear_qkv.base_layer.weight``).
 
 Pipeline stages hold consecutive, equal runs of layers (megatron-core's even split); a stage's state dict numbers
 its layers from 0. The first stage owns the embedding, the last the final norm and the output layer.
@@ -94,15 +100,16 @@ class Layout:
         n = self.layers_per_stage
         return range(pp_rank * n, (pp_rank + 1) * n)
 
-    def stage_rows(self, pp_rank: int) -> Iterator[Tuple[Row, Optional[int], Optional[int]]]:
+    def stage_rows(self, pp_rank: int, table: Tuple[Row, ...] = TABLE) -> Iterator[Tuple[Row, Optional[int],
+                                                                                        Optional[int]]]:
         """(row, global layer, local layer) for every parameter of a stage, layer by layer (so a reader that holds
-        one source stage at a time reads each stage once)."""
+        one source stage at a time reads each stage once). ``table``: TABLE, or the rows of ``lora_rows``."""
         if pp_rank == 0:
-            yield from ((row, None, None) for row in TABLE if row.where == "first")
+            yield from ((row, None, None) for row in table if row.where == "first")
         for local, i in enumerate(self.stage_layers(pp_rank)):
-            yield from ((row, i, local) for row in TABLE if row.where == "layer")
+            yield from ((row, i, local) for row in table if row.where == "layer")
         if pp_rank == self.pp - 1:
-            yield from ((row, None, None) for row in TABLE if row.where == "last")
+            yield from ((row, None, None) for row in table if row.where == "last")
 
     def stage_of_layer(self, i: int) -> int:
         return i // self.layers_per_stage
@@ -134,7 +141,7 @@ def rank_slice(row: Row, hf: list, layout: Layout, r: int) -> Tensor:
     The inverse of ``merge_from_tp`` (round trip tested bit for bit).
     """
     tp, spec = layout.tp, layout.spec
-    if row.kind == "replicated":
+    if row.kind in ("replicated", "shared"):
         return hf[0][:]
     if row.kind in ("column", "swiglu"):
         n = _shape(hf[0])[0] // tp
@@ -164,10 +171,11 @@ def rank_slice(row: Row, hf: list, layout: Layout, r: int) -> Tensor:
 
 
 def hf_rank_to_mcore(get_hf: Callable[[str], object], layout: Layout, pp_rank: int, tp_rank: int,
-                     cast: Optional[Callable[[Tensor], Tensor]] = None) -> Dict[str, Tensor]:
+                     cast: Optional[Callable[[Tensor], Tensor]] = None, table: Tuple[Row, ...] = TABLE
+                     ) -> Dict[str, Tensor]:
     """One (pipeline stage, TP rank) megatron-core state dict; ``get_hf`` may return lazy slices."""
     out: Dict[str, Tensor] = {}
-    for row, i, local in layout.stage_rows(pp_rank):
+    for row, i, local in layout.stage_rows(pp_rank, table):
         sources = [get_hf(_fmt(name, i)) for name in row.hf]
         t = rank_slice(row, sources, layout, tp_rank)
         t = cast(t) if cast is not None else t
@@ -196,6 +204,8 @@ def merge_from_tp(row: Row, parts: List[Tensor], layout: Layout) -> List[Tensor]
     spec = layout.spec
     if row.kind == "replicated":
         return [parts[0]]
+    if row.kind == "shared":
+        return [parts[0]] * len(row.hf)
     if row.kind == "column":
         return [torch.cat(parts, dim=0)]
     if row.kind == "row":
@@ -216,11 +226,12 @@ def merge_from_tp(row: Row, parts: List[Tensor], layout: Layout) -> List[Tensor]
     raise ValueError(f"unknown row kind {row.kind}")
 
 
-def mcore_stage_to_hf(shards: List[Dict[str, Tensor]], layout: Layout, pp_rank: int) -> Iterator[Tuple[str, Tensor]]:
+def mcore_stage_to_hf(shards: List[Dict[str, Tensor]], layout: Layout, pp_rank: int,
+                      table: Tuple[Row, ...] = TABLE) -> Iterator[Tuple[str, Tensor]]:
     """(HF name, tensor) for every HF tensor of one stage, from its TP ranks' state dicts."""
     if len(shards) != layout.tp:
         raise LayoutError(f"stage {pp_rank} has {len(shards)} tensor-parallel shards, expected {layout.tp}")
-    for row, i, local in layout.stage_rows(pp_rank):
+    for row, i, local in layout.stage_rows(pp_rank, table):
         key = _fmt(row.mcore, local)
         missing = [r for r, sd in enumerate(shards) if key not in sd]
         if missing:
@@ -247,3 +258,62 @@ def hf_shapes(spec: ModelSpec) -> Dict[str, Tuple[int, ...]]:
 
 def mcore_param_names(layout: Layout, pp_rank: int) -> List[str]:
     return [_fmt(row.mcore, local) for row, _, local in layout.stage_rows(pp_rank)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA adapters: rows derived from TABLE
+# ----------------------------------------------------------------------------------------------------------------
+
+LORA_ADAPTER = "default"  # peft's adapter name, part of the megatron-core keys (MindSpeed-LLM's checkpoint layout)
+PEFT_PREFIX = "base_model.model."  # peft's saved adapter keys: base_model.model.<HF module>.lora_A.weight
+BASE_LAYER = "base_layer"  # peft's wrapped linear inside a LoRA layer
+
+
+def lora_target(row: Row) -> Optional[str]:
+    """The megatron-core linear a row is the weight of (``linear_qkv``, ...), None for norms and embeddings."""
+    return row.mcore.split(".")[-2] if row.where == "layer" and row.kind != "replicated" else None
+
+
+LORA_TARGETS: Tuple[str, ...] = tuple(t for t in map(lora_target, TABLE) if t)
+
+
+def _lora_pair(row: Row) -> Tuple[Row, Row]:
+    pair = []
+    for which, kind in (("A", "row" if row.kind == "row" else "shared"),
+                        ("B", "replicated" if row.kind == "row" else row.kind)):
+        pair.append(Row(row.mcore.replace(".weight", f".lora_{which}.{LORA_ADAPTER}.weight"),
+                        tuple(PEFT_PREFIX + h.replace(".weight", f".lora_{which}.weight") for h in row.hf),
+                        kind, row.where))
+    return pair[0], pair[1]
+
+
+# target -> (row of its LoRA A, row of its LoRA B)
+LORA_PAIRS: Dict[str, Tuple[Row, Row]] = {lora_target(r): _lora_pair(r) for r in TABLE if lora_target(r)}
+
+
+def lora_rows(targets=LORA_TARGETS) -> Tuple[Row, ...]:
+    """Two rows per targeted linear: its LoRA A ([r, in]) then B ([out, r]).
+
+    Tensor parallelism follows the base weight: a column-parallel linear (qkv, fc1) has A whole on every rank
+    (``shared``: the q/k/v or gate/up HF modules all hold that one A) and B split by output rows exactly as the
+    weight (``qkv`` per query group, ``swiglu``); a row-parallel linear (proj, fc2) has A split by input columns
+    (``row``) and B whole (``replicated``).
+    """
+    unknown = sorted(set(targets) - set(LORA_TARGETS))
+    if unknown:
+        raise LayoutError(f"LoRA target(s) {', '.join(unknown)}: choose from {' '.join(LORA_TARGETS)}")
+    return tuple(r for t in LORA_TARGETS if t in targets for r in LORA_PAIRS[t])
+
+
+def lora_model_key(key: str, targets) -> str:
+    """A base-checkpoint key as named in a model whose ``targets`` linears carry adapters
+    (``...linear_qkv.weight`` -> ``...linear_qkv.base_layer.weight``); other keys unchanged."""
+    parts = key.split(".")
+    if len(parts) >= 2 and parts[-2] in targets:
+        return ".".join(parts[:-1] + [BASE_LAYER, parts[-1]])
+    return key
+
+
+def lora_checkpoint_key(key: str) -> str:
+    """The inverse of ``lora_model_key``: the base checkpoint's name of a model key."""
+    return key.replace(f".{BASE_LAYER}.", ".")

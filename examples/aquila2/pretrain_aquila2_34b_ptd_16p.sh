@@ -3,7 +3,7 @@
 #   on each node: MASTER_ADDR=<node 0 address> NODE_RANK=<0 or 1> bash examples/aquila2/pretrain_aquila2_34b_ptd_16p.sh [more aquila_npu.pretrain flags]
 # Fine-tuning (SFT) is the same run plus --finetune --is-instruction-dataset: tune_aquila2_34b_ptd_16p.sh.
 # Variables (environment, with defaults): CKPT_LOAD_DIR, CKPT_SAVE_DIR, DATA_PATH, TOKENIZER_PATH, TRAIN_ITERS,
-# GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT.
+# GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, LOAD_ARGS.
 set -euo pipefail
 
 # Ascend CANN environment, only where it is installed (edit the path for your machine); the fused Ascend kernels
@@ -29,6 +29,8 @@ MASTER_PORT=${MASTER_PORT:-6000}
 NNODES=${NNODES:-2}
 NODE_RANK=${NODE_RANK:-0}
 TRAIN_ITERS=${TRAIN_ITERS:-2000}
+# What --load restores besides the weights (ModelLink's scripts: nothing); LOAD_ARGS= (empty) loads everything
+LOAD_ARGS=${LOAD_ARGS-"--no-load-optim --no-load-rng"}
 
 DISTRIBUTED_ARGS=(--nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK"
                   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
@@ -77,8 +79,7 @@ torchrun "${DISTRIBUTED_ARGS[@]}" -m aquila_npu.pretrain \
     --split 100,0,0 \
     --load "$CKPT_LOAD_DIR" \
     --save "$CKPT_SAVE_DIR" \
-    --no-load-optim \
-    --no-load-rng \
+    $LOAD_ARGS \
     --log-interval 1 \
     --save-interval 1000 \
     --eval-interval 1000 \

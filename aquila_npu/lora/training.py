@@ -1,0 +1,83 @@
+"""LoRA in a training run: the calls ``aquila_npu.training.run`` makes when LoRA is on.
+
+    settings = training.settings(args)                                   # None: LoRA off
+    model = layers.apply_lora(build_model(...), cfg, settings, layout, pp_rank, args.seed)   # before DDP
+    iteration, consumed, what = training.load(args, base_info, model=ddp, optimizer=..., scheduler=...,
+                                              layout=..., params_dtype=dtype)   # base --load, adapter --lora-load
+    print(training.describe(ddp, optimizer, settings))                   # trainable parameters, optimizer state
+    training.save(args, settings, save_dir, iteration, model=ddp, ...)   # adapters only, atomically
+
+The base is frozen: it has no gradient and megatron-core's DDP and optimizer skip it, so it has no optimizer state.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Tuple
+
+import torch
+
+from aquila_npu.checkpoint import megatron_io
+from aquila_npu.checkpoint.megatron_io import CheckpointInfo
+from aquila_npu.errors import CheckpointError, UsageError
+from aquila_npu.lora import checkpoint as adapter_ckpt
+from aquila_npu.lora import settings as lora_settings
+from aquila_npu.lora.settings import LoraSettings
+from aquila_npu.lora.state import Adapters, BaseWeights, optimizer_state_bytes, parameter_counts
+from aquila_npu.training import checkpointing
+from aquila_npu.weights.mapping import Layout
+
+
+def settings(args: argparse.Namespace) -> Optional[LoraSettings]:
+    """The run's LoRA settings (flags checked against the --lora-load adapter), None when LoRA is off."""
+    saved = adapter_ckpt.find(args.lora_load)
+    if args.lora_load and saved is None:
+        raise CheckpointError(f"--lora-load {args.lora_load}: no adapter checkpoint there (no "
+                              f"{megatron_io.TRACKER})")
+    s = lora_settings.resolve(args, saved.settings if saved else None)
+    if s is not None and not args.load:
+        raise UsageError("LoRA needs --load: the base model the adapters are trained on")
+    return s
+
+
+def load(args: argparse.Namespace, base: CheckpointInfo, *, model, optimizer, scheduler, layout: Layout,
+         params_dtype: torch.dtype) -> Tuple[int, int, str]:
+    """Base weights from the --load checkpoint ``base`` (always weights only), then the adapter from --lora-load:
+    resumed exactly (iteration, optimizer, scheduler, RNG) unless --finetune / --no-load-optim / --no-load-rng say
+    otherwise, or the adapter was converted (weights only). Without --lora-load the adapters keep their initial
+    values."""
+    if base is None:
+        raise CheckpointError(f"--load {args.load}: no checkpoint there (the base model LoRA trains on)")
+    checkpointing.load(base, model=BaseWeights(model), optimizer=optimizer, scheduler=scheduler, layout=layout,
+                       params_dtype=params_dtype, finetune=True, no_load_optim=True, no_load_rng=True,
+                       use_distributed_optimizer=args.use_distributed_optimizer)
+    adapter = adapter_ckpt.find(args.lora_load)
+    if adapter is None:
+        return 0, 0, "base weights, new adapters"
+    adapter_ckpt.check_same_model(adapter, layout, args.load)
+    iteration, consumed, what = checkpointing.load(  # (loads optimizer state under no_grad: fp32 adapters)
+        adapter.info, model=Adapters(model), optimizer=optimizer, scheduler=scheduler, layout=layout,
+        params_dtype=adapter_ckpt.ADAPTER_DTYPE, finetune=args.finetune, no_load_optim=args.no_load_optim,
+        no_load_rng=args.no_load_rng, use_distributed_optimizer=args.use_distributed_optimizer)
+    return iteration, consumed, f"base weights, adapter {what.replace('weights', 'tensors')} from {args.lora_load}"
+
+
+def save(args: argparse.Namespace, settings: LoraSettings, save_dir: checkpointing.SaveDir, iteration: int,
+         *, model, optimizer, scheduler, layout: Layout, consumed_samples: int) -> None:
+    """The adapters and their optimizer state only, in ``training.checkpointing``'s atomic layout (into the run's
+    claimed ``save_dir``); the settings travel in ``training_args``."""
+    recorded = argparse.Namespace(**{**vars(args), **settings.to_dict()})
+    checkpointing.save(save_dir, iteration, model=Adapters(model), optimizer=optimizer, scheduler=scheduler,
+                       layout=layout, params_dtype=adapter_ckpt.ADAPTER_DTYPE, consumed_samples=consumed_samples,
+                       args=recorded, use_distributed_optimizer=args.use_distributed_optimizer)
+
+
+def describe(model, optimizer, settings: LoraSettings) -> str:
+    """The start-up line: trainable parameters and this rank's optimizer-state bytes (collective: every rank)."""
+    n = parameter_counts(model)
+    opt = optimizer_state_bytes(optimizer)
+    ranks = "".join(f", {t} rank {r}" for t, r in settings.ranks)
+    return (f"LoRA r {settings.r} alpha {settings.alpha:g} (scaling {settings.scaling:g}{ranks}) on "
+            f"{' '.join(settings.targets)}: {n['trainable']:,} trainable parameters of {n['total']:,} "
+            f"({100 * n['trainable'] / n['total']:.3g}%), base frozen; optimizer state on this rank "
+            f"{opt['total'] / 2 ** 20:.3g} MiB ({n['trainable_this_rank']:,} parameters)")
