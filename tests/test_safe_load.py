@@ -1,7 +1,8 @@
 """Loading a checkpoint never runs code (issue 18): a hostile checkpoint (a pickled object whose ``__reduce__`` makes
 a marker directory when unpickled) is refused with one line naming the file by every entry point: pretrain (tp1;
-tp2 with only rank 1's file hostile; a distributed-optimizer shard), generate (tp1 and rank 1 of tp2), evaluate,
-selfcheck --load, convert Megatron -> HF, Megatron -> Megatron and HF (pytorch_model.bin) -> Megatron. The payload
+tp2 with only rank 1's file hostile; a distributed-optimizer shard; a LoRA adapter in --lora-load), generate (tp1
+and rank 1 of tp2), evaluate, selfcheck --load, convert Megatron -> HF, Megatron -> Megatron, HF
+(pytorch_model.bin) -> Megatron, and a LoRA adapter merged (--lora-load) or exported (--save-lora-to-hf). The payload
 never runs, while a plain ``torch.load(weights_only=False)`` of the same file does run it (the files are truly
 hostile)."""
 
@@ -167,6 +168,36 @@ def test_convert_from_huggingface_pytorch_bin(assets, tmp_path, capsys, marker):
                                        "--save-dir", tmp_path / "out"], capsys)
     assert rc == 2
     _refused(err, hf / "pytorch_model.bin")
+
+
+@pytest.fixture(scope="module")
+def adapter(assets, tmp_path_factory):
+    """A LoRA adapter checkpoint trained for one iteration on the tp1 base (adapters, optimizer, RNG)."""
+    d = tmp_path_factory.mktemp("adapter")
+    argv = [str(a) for a in ["--load", assets[1, 1], "--mock-data", "--tokenizer-name-or-path", assets["hf"],
+                             "--train-iters", 1, "--seq-length", 16, "--lora-target-modules", "linear_qkv",
+                             "--lora-r", 4, "--save", d / "adapter"]]
+    assert forked(partial(pretrain_main, argv), d / "log") == 0, (d / "log").read_text()[-3000:]
+    return d / "adapter"
+
+
+def test_pretrain_lora_load(assets, adapter, tmp_path, capsys, marker):
+    bad = _hostile_copy(adapter, tmp_path / "adapter", marker)
+    rc, err = call_main(pretrain_main, ["--load", assets[1, 1], "--lora-load", bad, "--mock-data",
+                                        "--tokenizer-name-or-path", assets["hf"], "--train-iters", 2, "--seq-length",
+                                        16], capsys)
+    assert rc == 2
+    _refused(err, bad / "iter_0000001/mp_rank_00/model_optim_rng.pt")
+
+
+@pytest.mark.parametrize("export", [False, True], ids=["merge", "export-peft"])
+def test_convert_lora_load(assets, adapter, tmp_path, capsys, marker, export):
+    bad = _hostile_copy(adapter, tmp_path / "adapter", marker)
+    rc, err = call_main(convert_main, ["--loader", "megatron", "--saver", "megatron", "--load-dir", assets[1, 1],
+                                       "--lora-load", bad, *(["--save-lora-to-hf"] if export else []),
+                                       "--save-dir", tmp_path / "out"], capsys)
+    assert rc == 2
+    _refused(err, bad / "iter_0000001/mp_rank_00/model_optim_rng.pt")
 
 
 def test_what_we_write_needs_nothing_beyond_the_allow_list(assets):
