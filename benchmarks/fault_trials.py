@@ -16,7 +16,6 @@ tests/test_faults.py.
 """
 
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -30,15 +29,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from aquila_npu.ports import free_port  # noqa: E402
+from aquila_npu.testing.trees import digest, hidden  # noqa: E402
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=ROOT)
 TRAIN = ["--model", "aquila2-tiny", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "4",
          "--seq-length", "32", "--lr", "1e-3", "--lr-decay-style", "cosine", "--min-lr", "1e-4",
          "--use-distributed-optimizer", "--log-interval", "1"]
-
-
-def hidden(d):
-    return sorted(e for e in os.listdir(d) if e.startswith(".")) if os.path.isdir(d) else []
 
 
 def tree_bytes(paths):
@@ -49,17 +45,6 @@ def tree_bytes(paths):
         elif os.path.exists(p):
             total += os.path.getsize(p)
     return total
-
-
-def digest(path):
-    if not os.path.exists(path):
-        return None
-    out = {}
-    for d, _, files in os.walk(path):
-        for f in files:
-            with open(os.path.join(d, f), "rb") as fh:
-                out[os.path.relpath(os.path.join(d, f), path)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 def losses(path):

@@ -10,7 +10,6 @@ Runs are forked from a forkserver that imported torch and megatron-core once (``
 about a second), so each fault costs no interpreter start.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ from aquila_npu.cli.pretrain import main as pretrain_main
 from aquila_npu.outputs import owner
 from aquila_npu.ports import free_port
 from aquila_npu.testing import faults
+from aquila_npu.testing.trees import digest, hidden
 from aquila_npu.testing.tiny_hf import tiny_llama
 from aquila_npu.weights.mapping import hf_names
 
@@ -64,23 +64,6 @@ def _to_hf(src, dst, *extra):
 def _losses(path):
     with open(path) as f:
         return [json.loads(line)["lm_loss"] for line in f]
-
-
-def _hidden(directory):
-    """What a run left beside its outputs: staging / temporary / aside copies and lock files are hidden names."""
-    return sorted(e for e in os.listdir(directory) if e.startswith(".")) if os.path.isdir(directory) else []
-
-
-def _digest(path):
-    """{relative path: sha256} of every file under ``path`` (None when it does not exist)."""
-    if not os.path.exists(path):
-        return None
-    out = {}
-    for d, _, files in os.walk(path):
-        for f in files:
-            with open(os.path.join(d, f), "rb") as fh:
-                out[os.path.relpath(os.path.join(d, f), path)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 def _error_line(log):
@@ -134,20 +117,20 @@ def test_conversion_killed_at_each_step(hf, mg, hf_state, tmp_path, direction, p
         target, run = out / "mg2hg", _to_hf(mg, out)
         if existing:
             assert forked(_to_hf(mg, out, "--params-dtype", "bf16"), tmp_path / "old.log") == 0
-    before = _digest(target)
+    before = digest(target)
     assert forked(run, tmp_path / "killed.log", AQUILA_FAULT=point) == -signal.SIGKILL
     if point != "between-renames":
-        assert _digest(target) == before  # absent, or untouched
+        assert digest(target) == before  # absent, or untouched
     elif target.exists():  # swapped in one step (renameat2): the new output is complete, the old one aside
         _assert_converted(target, hf_state, direction == "hf2mg")
     else:  # a file system that cannot swap: the old copy is aside, and the next run puts it back first
-        assert [e for e in _hidden(out) if ".old." in e]
-    assert [e for e in _hidden(out) if ".tmp." in e or ".old." in e], "the fault did not hit mid-way"
+        assert [e for e in hidden(out) if ".old." in e]
+    assert [e for e in hidden(out) if ".tmp." in e or ".old." in e], "the fault did not hit mid-way"
     assert forked(run, tmp_path / "rerun.log") == 0
     log = open(tmp_path / "rerun.log").read()
     assert "removed " in log and "which is gone" in log, log[-2000:]
     _assert_converted(target, hf_state, direction == "hf2mg")
-    assert _hidden(out) == [] and not [p for p in os.listdir(target) if p.startswith(".")]
+    assert hidden(out) == [] and not [p for p in os.listdir(target) if p.startswith(".")]
 
 
 def test_the_window_of_the_two_renames_is_repaired_by_the_next_run(mg, tmp_path):
@@ -162,7 +145,7 @@ def test_the_window_of_the_two_renames_is_repaired_by_the_next_run(mg, tmp_path)
     os.mkdir(out / f".mg.tmp.pid{pid}@{owner.HOST}")  # the new copy, complete or not
     lines = []
     owner.claim(str(out / "mg"), "--save-dir", debris_dir=str(out), targets={"mg"}, say=lines.append).release()
-    assert _digest(out / "mg") == _digest(mg) and _hidden(out) == [], lines
+    assert digest(out / "mg") == digest(mg) and hidden(out) == [], lines
     assert any(line.startswith("restored ") for line in lines) and any("removed " in line for line in lines)
 
 
@@ -216,10 +199,10 @@ def test_training_save_killed_at_each_step(straight, tmp_path, point):
     assert info.iteration == 2
     for f in ("model_optim_rng.pt",):
         assert safe_load.load(os.path.join(info.rank_path(0, 0), f))["iteration"] == 2
-    assert [e for e in _hidden(ck) if ".staging." in e], "the fault did not hit mid-way"
+    assert [e for e in hidden(ck) if ".staging." in e], "the fault did not hit mid-way"
     assert forked(_pretrain(*resume, "--metrics-file", tmp_path / "m.jsonl"), tmp_path / "rerun.log") == 0
     assert _losses(tmp_path / "m.jsonl") == _losses(straight / "m.jsonl")[2:]  # bit for bit
-    assert _hidden(ck) == [] and _hidden(tmp_path) == []
+    assert hidden(ck) == [] and hidden(tmp_path) == []
     assert "which is gone" in open(tmp_path / "rerun.log").read()
 
 
@@ -238,7 +221,7 @@ def test_training_checkpoint_left_aside_is_put_back_before_resuming(straight, tm
                   tmp_path / "log") == 0
     assert "restored " in open(tmp_path / "log").read()
     assert _losses(tmp_path / "m.jsonl") == _losses(straight / "m.jsonl")[4:]
-    assert _hidden(ck) == []
+    assert hidden(ck) == []
 
 
 # ------------------------------------------------------------------------------------ two runs, signals, timeouts
@@ -265,7 +248,7 @@ def test_second_run_on_one_save_refuses_and_sigterm_saves_then_resumes_exactly(t
     n = len(_losses(metrics))
     log = open(tmp_path / "a.log").read()
     assert f"stopping after iteration {n} (received SIGTERM)" in log and f"saved checkpoint at iteration {n}" in log
-    assert CheckpointInfo.read(str(ck)).iteration == n and _hidden(ck) == [] and _hidden(tmp_path) == []
+    assert CheckpointInfo.read(str(ck)).iteration == n and hidden(ck) == [] and hidden(tmp_path) == []
     assert forked(_pretrain("--train-iters", n + 2, "--load", ck, "--metrics-file", tmp_path / "r.jsonl"),
                   tmp_path / "r.log") == 0
     assert forked(_pretrain("--train-iters", n + 2, "--metrics-file", tmp_path / "s.jsonl"), tmp_path / "s.log") == 0
@@ -299,7 +282,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_iteration(tmp_path)
     n = CheckpointInfo.read(str(ck)).iteration
     assert n == len(_losses(metrics))
     assert f"stopping after iteration {n} (received SIGTERM)" in (tmp_path / "rank0.log").read_text()
-    assert _hidden(ck) == [] and _hidden(tmp_path) == []
+    assert hidden(ck) == [] and hidden(tmp_path) == []
 
 
 @pytest.mark.slow
@@ -321,7 +304,7 @@ def test_sigterm_under_torchrun_saves_and_exits_0(tmp_path):
     assert proc.returncode == 0 and "Traceback" not in out, out[-3000:]
     n = CheckpointInfo.read(str(ck)).iteration
     assert n == len(_losses(metrics)) and f"stopping after iteration {n} (received SIGTERM)" in out
-    assert _hidden(ck) == [] and _hidden(tmp_path) == []
+    assert hidden(ck) == [] and hidden(tmp_path) == []
 
 
 def _children(pid):
@@ -344,7 +327,7 @@ def test_second_conversion_on_one_save_dir_refuses_naming_the_holder(hf, tmp_pat
     assert lock.exists()  # a stale lock, left by the killed run: taken over, and said so
     assert forked(_to_mg(hf, target), tmp_path / "third.log") == 0
     assert f"took over the lock {lock} of pid {holder.pid}" in open(tmp_path / "third.log").read()
-    assert _hidden(tmp_path) == []
+    assert hidden(tmp_path) == []
 
 
 # ------------------------------------------------------------------------------------------------------ disk full
@@ -384,12 +367,12 @@ def _assert_disk_full_line(log, *needles):
 def test_disk_full_while_saving_a_checkpoint(small_disk, tmp_path):
     ck = small_disk / "ck"
     assert forked(_pretrain("--train-iters", 2, "--save", ck), tmp_path / "a.log") == 0
-    before = _digest(ck)
+    before = digest(ck)
     _fill(small_disk, 512 * 1024)
     free = shutil.disk_usage(small_disk).free
     assert forked(_pretrain("--train-iters", 4, "--load", ck, "--save", ck), tmp_path / "b.log") == 2
     _assert_disk_full_line(tmp_path / "b.log", "model_optim_rng.pt", "still names iteration 2")
-    assert _digest(ck) == before and _hidden(ck) == [] and _hidden(small_disk) == []
+    assert digest(ck) == before and hidden(ck) == [] and hidden(small_disk) == []
     assert shutil.disk_usage(small_disk).free >= free  # the partial files are gone
 
 
@@ -399,20 +382,20 @@ def test_disk_full_while_converting(small_disk, hf, mg, tmp_path, monkeypatch, c
     make = (lambda *e: _to_mg(hf, out / "mg", *e)) if direction == "hf2mg" else (lambda *e: _to_hf(mg, out, *e))
     target = out / ("mg" if direction == "hf2mg" else "mg2hg")
     assert forked(make("--params-dtype", "bf16"), tmp_path / "old.log") == 0  # an earlier output to keep
-    before = _digest(target)
+    before = digest(target)
     filler = _fill(small_disk, 256 * 1024)
     # the output size is known: refused before anything is written
     assert forked(make(), tmp_path / "refused.log") == 2
     line = _error_line(tmp_path / "refused.log")
     assert "not enough space" in line and "free" in line, line
-    assert _digest(target) == before and _hidden(out) == []
+    assert digest(target) == before and hidden(out) == []
     # a device that fills up while writing (here: the free-space check skipped, in this process) ends the same way
     monkeypatch.setattr("aquila_npu.outputs.atomic.check_free_space", lambda *a: None)
     rc, err = call_main(make().func, make().args[0], capsys)
     assert rc == 2, err
     (tmp_path / "full.log").write_text(err)
     _assert_disk_full_line(tmp_path / "full.log", "left as it was")
-    assert _digest(target) == before and _hidden(out) == []
+    assert digest(target) == before and hidden(out) == []
     filler.unlink()
     monkeypatch.undo()
     assert forked(make(), tmp_path / "ok.log") == 0
@@ -434,11 +417,11 @@ def test_disk_full_while_preprocessing(small_disk, tokenizer, tmp_path):
     run = partial(preprocess_main, ["--input", str(src), "--tokenizer-name-or-path", str(tokenizer),
                                     "--output-prefix", str(prefix), "--log-interval", "100000"])
     assert forked(run, tmp_path / "a.log") == 0
-    before = _digest(small_disk / "data")
+    before = digest(small_disk / "data")
     _fill(small_disk, 64 * 1024)
     assert forked(run, tmp_path / "b.log") == 2
     _assert_disk_full_line(tmp_path / "b.log", "corpus_text_document")
-    assert _digest(small_disk / "data") == before and _hidden(small_disk / "data") == []
+    assert digest(small_disk / "data") == before and hidden(small_disk / "data") == []
 
 
 # ---------------------------------------------------------------------------------------------- bad training data
@@ -534,4 +517,4 @@ def test_bad_conversion_flags_are_one_line(hf, tmp_path, capsys, flags, needle):
     rc, err = call_main(convert_main, ["--loader", "llama2_hf", "--saver", "megatron", "--load-dir", hf,
                                        "--save-dir", tmp_path / "out", *flags], capsys)
     assert rc == 2 and needle in err, err
-    assert not (tmp_path / "out").exists() and _hidden(tmp_path) == []
+    assert not (tmp_path / "out").exists() and hidden(tmp_path) == []
