@@ -174,7 +174,8 @@ def save(target: SaveDir, iteration: int, *, model, optimizer, scheduler, layout
         faults.point("before-rename")
         existed = os.path.lexists(final)
         with writing(final, "the checkpoint"):
-            replace_dir(os.path.join(staging, name), final, os.path.join(root, owner.debris_name(name, "old")))
+            replace_dir(os.path.join(staging, name), final,
+                        os.path.join(root, owner.debris_name(name, "old", target.owner)))
         placed = not existed
         faults.point("before-tracker")
         tmp = os.path.join(root, owner.debris_name(megatron_io.TRACKER, "tmp", target.owner))
