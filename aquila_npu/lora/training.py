@@ -5,7 +5,7 @@
     iteration, consumed, what = training.load(args, base_info, model=ddp, optimizer=..., scheduler=...,
                                               layout=..., params_dtype=dtype)   # base --load, adapter --lora-load
     print(training.describe(ddp, optimizer, settings))                   # trainable parameters, optimizer state
-    training.save(args, settings, iteration, model=ddp, ...)             # adapters only, atomically
+    training.save(args, settings, save_dir, iteration, model=ddp, ...)   # adapters only, atomically
 
 The base is frozen: it has no gradient and megatron-core's DDP and optimizer skip it, so it has no optimizer state.
 """
@@ -55,25 +55,22 @@ def load(args: argparse.Namespace, base: CheckpointInfo, *, model, optimizer, sc
     if adapter is None:
         return 0, 0, "base weights, new adapters"
     adapter_ckpt.check_same_model(adapter, layout, args.load)
-    # no_grad: megatron-core 0.16's DistributedOptimizer.load_parameter_state_from_dp_reshardable copies into main
-    # params without it, and the main params of fp32 parameters (the adapters) are views of the parameters.
-    with torch.no_grad():
-        iteration, consumed, what = checkpointing.load(
-            adapter.info, model=Adapters(model), optimizer=optimizer, scheduler=scheduler, layout=layout,
-            params_dtype=adapter_ckpt.ADAPTER_DTYPE, finetune=args.finetune, no_load_optim=args.no_load_optim,
-            no_load_rng=args.no_load_rng, use_distributed_optimizer=args.use_distributed_optimizer, device=device)
+    iteration, consumed, what = checkpointing.load(  # (loads optimizer state under no_grad: fp32 adapters)
+        adapter.info, model=Adapters(model), optimizer=optimizer, scheduler=scheduler, layout=layout,
+        params_dtype=adapter_ckpt.ADAPTER_DTYPE, finetune=args.finetune, no_load_optim=args.no_load_optim,
+        no_load_rng=args.no_load_rng, use_distributed_optimizer=args.use_distributed_optimizer,
+        device=device)
     return iteration, consumed, f"base weights, adapter {what.replace('weights', 'tensors')} from {args.lora_load}"
 
 
-def save(args: argparse.Namespace, settings: LoraSettings, iteration: int, *, model, optimizer, scheduler,
-         layout: Layout, consumed_samples: int, device: str) -> None:
-    """The adapters and their optimizer state only, in ``training.checkpointing``'s atomic layout; the settings
-    travel in ``training_args``."""
+def save(args: argparse.Namespace, settings: LoraSettings, save_dir: checkpointing.SaveDir, iteration: int,
+         *, model, optimizer, scheduler, layout: Layout, consumed_samples: int, device: str) -> None:
+    """The adapters and their optimizer state only, in ``training.checkpointing``'s atomic layout (into the run's
+    claimed ``save_dir``); the settings travel in ``training_args``."""
     recorded = argparse.Namespace(**{**vars(args), **settings.to_dict()})
-    checkpointing.save(args.save, iteration, model=Adapters(model), optimizer=optimizer, scheduler=scheduler,
+    checkpointing.save(save_dir, iteration, model=Adapters(model), optimizer=optimizer, scheduler=scheduler,
                        layout=layout, params_dtype=adapter_ckpt.ADAPTER_DTYPE, consumed_samples=consumed_samples,
-                       args=recorded, use_distributed_optimizer=args.use_distributed_optimizer,
-                       no_shared_storage=args.no_shared_storage, device=device)
+                       args=recorded, use_distributed_optimizer=args.use_distributed_optimizer, device=device)
 
 
 def describe(model, optimizer, settings: LoraSettings) -> str:

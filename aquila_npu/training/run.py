@@ -15,6 +15,7 @@ from aquila_npu.flops import device_peak, training_flops_per_token
 from aquila_npu.models.config import transformer_config
 from aquila_npu.models.dtypes import dtype_name
 from aquila_npu.models.gpt import build_model
+from aquila_npu.outputs import owner
 from aquila_npu.parallel import initialize_model_parallel
 from aquila_npu.training import batches, checkpointing
 from aquila_npu.training.config import RunConfig, resolve
@@ -22,11 +23,18 @@ from aquila_npu.training.features import run_features
 from aquila_npu.training.param_gather import ParamGatherHooks
 from aquila_npu.training.report import Reporter, device_memory
 from aquila_npu.training.step import eval_step, train_step
+from aquila_npu.training.stopping import StopConditions
 from aquila_npu.lora import training as lora_training
 
 
 def _print0(*a):
     if torch.distributed.get_rank() == 0:
+        print(*a, flush=True)
+
+
+def _print_first(*a):
+    """print on the first process before torch.distributed exists (torchrun's RANK)."""
+    if os.environ.get("RANK", "0") == "0":
         print(*a, flush=True)
 
 
@@ -132,6 +140,8 @@ def datasets(args, cfg: RunConfig, tokenizer):
 
 def run(args) -> int:
     """Train as the parsed flags say (``aquila_npu.cli.pretrain``); every input error before any work."""
+    if args.load and args.save and os.path.realpath(args.load) == os.path.realpath(args.save):
+        owner.restore_aside(args.save, say=_print_first)  # a checkpoint a killed run left moved aside, before reading
     checkpoint = CheckpointInfo.find(args.load)  # read once; rank 0's file is loaded from it again below
     if args.load and checkpoint is None and (args.finetune or args.exit_on_missing_checkpoint):
         raise CheckpointError(f"--load {args.load}: no checkpoint there (no latest_checkpointed_iteration.txt)")
@@ -139,7 +149,20 @@ def run(args) -> int:
     tokenizer = _load_tokenizer(args)
     cfg = resolve(args, checkpoint, tokenizer.vocab_size if tokenizer is not None else None,
                   int(os.environ.get("WORLD_SIZE", "1")))
+    if not args.mock_data:
+        from aquila_npu.data import checks, datasets as data
+
+        checks.check(data.indexed_prefixes(args.data_path, args.is_instruction_dataset), cfg.spec.vocab_size)
     dev = setup(args.device, cfg.fused)
+    save_dir = checkpointing.SaveDir.claim(args.save, args.no_shared_storage) if args.save else None
+    try:
+        return _train(args, cfg, dev, checkpoint, tokenizer, lora, save_dir)
+    finally:
+        if save_dir is not None:
+            save_dir.release()
+
+
+def _train(args, cfg: RunConfig, dev, checkpoint, tokenizer, lora, save_dir) -> int:
     from megatron.core import parallel_state as ps
 
     world, dp = torch.distributed.get_world_size(), cfg.data_parallel_size
@@ -182,6 +205,8 @@ def run(args) -> int:
     step_kw = dict(num_microbatches=cfg.num_microbatches, seq_length=cfg.seq_length,
                    micro_batch_size=cfg.micro_batch_size)
     skipped, last_saved = 0, iteration
+    stop = StopConditions(dev.torch_device, args.exit_duration_in_mins)
+    stop.install()
     try:
         while iteration < args.train_iters:
             t0 = time.perf_counter()
@@ -214,29 +239,33 @@ def run(args) -> int:
                 with param_gather.gathered():
                     losses = [eval_step(valid_iter, model, **step_kw) for _ in range(args.eval_iters)]
                 reporter.log_eval(iteration, sum(losses) / len(losses))
-            if args.save and args.save_interval and iteration % args.save_interval == 0:
+            if save_dir is not None and args.save_interval and iteration % args.save_interval == 0:
                 with param_gather.gathered():
-                    _save(args, cfg, dev, lora, iteration, model, optimizer, scheduler, consumed)
+                    _save(args, cfg, dev, save_dir, lora, iteration, model, optimizer, scheduler, consumed)
                 last_saved = iteration
-            if args.exit_interval and iteration % args.exit_interval == 0:
-                _print0(f"exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
+            why = stop.check()  # every rank, every iteration: SIGTERM / SIGINT, --exit-duration-in-mins
+            if why is None and args.exit_interval and iteration % args.exit_interval == 0:
+                why = f"--exit-interval {args.exit_interval}"
+            if why is not None:
+                _print0(f"stopping after iteration {iteration} ({why})" +
+                        ("" if save_dir is not None else "; no --save: nothing saved"))
                 break
-        if args.save and last_saved != iteration:
+        if save_dir is not None and last_saved != iteration:
             with param_gather.gathered():
-                _save(args, cfg, dev, lora, iteration, model, optimizer, scheduler, consumed)
+                _save(args, cfg, dev, save_dir, lora, iteration, model, optimizer, scheduler, consumed)
     finally:
+        stop.restore()
         reporter.close()
     return 0
 
 
-def _save(args, cfg: RunConfig, dev, lora, iteration, model, optimizer, scheduler, consumed):
+def _save(args, cfg: RunConfig, dev, save_dir, lora, iteration, model, optimizer, scheduler, consumed):
     t = time.perf_counter()
     if lora is not None:  # the adapters and their optimizer state only
-        lora_training.save(args, lora, iteration, model=model, optimizer=optimizer, scheduler=scheduler,
+        lora_training.save(args, lora, save_dir, iteration, model=model, optimizer=optimizer, scheduler=scheduler,
                            layout=cfg.layout, consumed_samples=consumed, device=dev.name)
     else:
-        checkpointing.save(args.save, iteration, model=model, optimizer=optimizer, scheduler=scheduler,
+        checkpointing.save(save_dir, iteration, model=model, optimizer=optimizer, scheduler=scheduler,
                            layout=cfg.layout, params_dtype=cfg.params_dtype, consumed_samples=consumed, args=args,
-                           use_distributed_optimizer=args.use_distributed_optimizer, device=dev.name,
-                           no_shared_storage=args.no_shared_storage)
+                           use_distributed_optimizer=args.use_distributed_optimizer, device=dev.name)
     _print0(f"saved checkpoint at iteration {iteration} to {args.save} in {time.perf_counter() - t:.1f}s")
