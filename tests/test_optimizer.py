@@ -123,8 +123,10 @@ def _metrics(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc,flags", [(1, []), (2, ["--use-distributed-optimizer", "--bf16"])],
-                         ids=["single-process", "dp2-distributed-optimizer-bf16"])
+@pytest.mark.parametrize("nproc,flags", [
+    pytest.param(1, [], id="single-process"),
+    pytest.param(2, ["--use-distributed-optimizer", "--bf16"], id="dp2-distributed-optimizer-bf16",
+                 marks=pytest.mark.oldest_torch)])
 def test_training_runs_with_an_apex_without_cuda_extensions(tmp_path, nproc, flags, monkeypatch):
     """Same losses with the broken Apex on the path as without it; with the distributed optimizer also across a
     save and resume (its checkpoint code would otherwise treat our torch AdamW as Apex's FusedAdam)."""
