@@ -26,6 +26,7 @@ def _train(nproc, metrics, *args):
 
 
 @pytest.mark.slow
+@pytest.mark.oldest_torch
 def test_tp1_and_tp2_pp2_give_the_same_losses_from_one_checkpoint(assets, tmp_path):
     """tp2-pp2 also runs with sequence parallelism and full activation recomputation: neither may change the math."""
     runs = {}

@@ -13,6 +13,10 @@ Two groups of patches exist:
 * ``grad_norm_without_host_syncs()``: without Transformer Engine or Apex, megatron-core's gradient norm falls back
   to ``local_multi_tensor_l2_norm``, which builds ``torch.tensor(list of device scalars)``: one device-to-host copy
   (a sync) per gradient tensor, every step. The replacement computes the same norm on the device.
+* ``use_adam(adam)``: megatron-core picks its Adam class when ``megatron.core.optimizer`` is imported (Transformer
+  Engine's or Apex's FusedAdam where they import, torch's AdamW otherwise) and offers no argument to choose it. The
+  training run chooses the implementation itself (``aquila_npu.training.adam``) and this patch makes megatron-core use
+  it.
 * ``provide_fused_rope(fn)``: megatron-core applies rotary embeddings with its own code, or, for a config with
   ``apply_rope_fusion=True``, with the function in its fused-RoPE slot (Transformer Engine's on CUDA). A backend with
   a fused RoPE kernel (``torch_npu.npu_rotary_mul``) sets ``apply_rope_fusion`` and its function goes into the slot.
@@ -294,6 +298,35 @@ def grad_norm_without_host_syncs() -> None:
     if clip_grads.l2_norm_impl is mcore_utils.local_multi_tensor_l2_norm:
         _set(clip_grads, "l2_norm_impl", l2_norm_on_device)
         _groups.add("grad-norm")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The optimizer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def use_adam(adam: Callable) -> None:
+    """Make ``megatron.core.optimizer.get_megatron_optimizer`` build its Adam with ``adam`` (called as megatron-core
+    calls Apex's or TE's FusedAdam: ``params, lr, weight_decay, betas, eps, adam_w_mode``; it must return a
+    ``torch.optim.Adam`` or ``AdamW``) instead of the class it picked at import.
+
+    Two modules of megatron-core 0.16.1 made that choice at import, and both read it at call time: the builder
+    (``optimizer/__init__.py``: ``Adam``, ``USING_PYTORCH_OPTIMIZER``) and the distributed optimizer, whose
+    ``state_dict`` / ``load_state_dict`` keep Adam's ``step`` in each parameter's state for torch's optimizers but in
+    the param groups for Apex's / TE's (``HAVE_APEX_OR_TE``, ``USING_APEX_OPTIMIZER``, ``USING_TE_OPTIMIZER``). Both
+    are told the truth: a torch optimizer."""
+    from megatron.core import optimizer as mcore_optimizer
+    from megatron.core.optimizer import distrib_optimizer
+
+    if "adam" in _groups and mcore_optimizer.Adam is adam:
+        return
+    _set(mcore_optimizer, "Adam", adam)
+    _set(mcore_optimizer, "USING_PYTORCH_OPTIMIZER", False)  # False: megatron-core calls ``Adam``, not torch's class
+    _set(distrib_optimizer, "Adam", torch.optim.Adam)  # its isinstance check accepts (Adam, torch.optim.AdamW)
+    _set(distrib_optimizer, "HAVE_APEX_OR_TE", False)
+    _set(distrib_optimizer, "USING_APEX_OPTIMIZER", False)
+    _set(distrib_optimizer, "USING_TE_OPTIMIZER", False)
+    _groups.add("adam")
 
 
 # ----------------------------------------------------------------------------------------------------------------

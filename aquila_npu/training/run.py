@@ -17,7 +17,7 @@ from aquila_npu.models.dtypes import dtype_name
 from aquila_npu.models.gpt import build_model
 from aquila_npu.outputs import owner
 from aquila_npu.parallel import initialize_model_parallel
-from aquila_npu.training import batches, checkpointing
+from aquila_npu.training import adam, batches, checkpointing
 from aquila_npu.training.config import RunConfig, resolve
 from aquila_npu.training.features import run_features
 from aquila_npu.training.param_gather import ParamGatherHooks
@@ -51,7 +51,7 @@ def build(args, cfg: RunConfig, dev, lora=None):
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import OptimizerConfig
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     spec, layout, dtype = cfg.spec, cfg.layout, cfg.params_dtype
@@ -75,13 +75,13 @@ def build(args, cfg: RunConfig, dev, lora=None):
         model = apply_lora(model, tcfg, lora, layout, pp_rank, args.seed)
     model.to(dev.torch_device)
     ddp = DistributedDataParallel(config=tcfg, module=model, ddp_config=ddp_config(args))
-    optimizer = get_megatron_optimizer(
+    optimizer = adam.get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
                         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
                         clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16, params_dtype=dtype,
                         initial_loss_scale=args.initial_loss_scale if args.fp16 else None,
                         use_distributed_optimizer=args.use_distributed_optimizer),
-        [ddp])
+        [ddp], dev.name)
     gbs = cfg.global_batch_size
     decay_iters = args.lr_decay_iters or args.train_iters
     warmup = args.lr_warmup_iters
@@ -188,7 +188,7 @@ def _train(args, cfg: RunConfig, dev, checkpoint, tokenizer, lora, save_dir) -> 
     _print0(f"aquila_npu.pretrain: {cfg.spec.name} on {dev.name} (kernels {dev.kernels}), tp{cfg.tp} pp{cfg.pp} "
             f"dp{dp}, {dtype_name(cfg.params_dtype)}, seq {cfg.seq_length}, global batch {cfg.global_batch_size} = "
             f"{cfg.num_microbatches} micro-batches x {cfg.micro_batch_size} x dp{dp}, "
-            f"{cfg.spec.num_parameters():,} parameters")
+            f"{cfg.spec.num_parameters():,} parameters, optimizer {adam.for_device(dev.name).describe()}")
     dp_rank = ps.get_data_parallel_rank()
     train_ds, valid_ds = datasets(args, cfg, tokenizer)
     train_iter = batches.micro_batches(train_ds, consumed_samples=consumed, micro_batch_size=args.micro_batch_size,
