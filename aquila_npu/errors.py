@@ -32,6 +32,11 @@ class NotAquilaConfig(CheckpointError):
     """A Hugging Face config.json that does not describe an Aquila2 / LLaMA-architecture model."""
 
 
+class OutputError(UserError):
+    """An output that cannot be written: the device is full, a write failed, or another run is writing it (the
+    message names the path; the partial output is removed, earlier output left intact)."""
+
+
 class LayoutError(UserError):
     """A tensor/pipeline-parallel layout the model cannot be split into."""
 

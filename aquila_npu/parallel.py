@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Callable, Optional, TypeVar
+
 import torch
 from megatron.core import parallel_state, tensor_parallel
+
+from aquila_npu.errors import UserError
+
+T = TypeVar("T")
 
 
 def initialize_model_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, seed: int = 1234) -> None:
@@ -24,3 +30,19 @@ def initialize_model_parallel(tensor_parallel_size: int = 1, pipeline_parallel_s
 def destroy_model_parallel() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+
+
+def agreed(step: Optional[Callable[[], T]]) -> Optional[T]:
+    """Collective: run ``step`` on this rank (None: nothing to do here); when it raises a ``UserError`` on any rank,
+    every rank raises the first such error (one line everywhere, no rank left waiting in a collective)."""
+    error, result = None, None
+    try:
+        result = step() if step is not None else None
+    except UserError as e:
+        error = e
+    errors: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+    return result

@@ -2,6 +2,7 @@
 stand-in torchrun for example scripts, the --help check, and the tiny tokenizer + model + conversions fixture data.
 (Fixtures themselves live in conftest.py.)"""
 
+import glob
 import json
 import os
 import random
@@ -31,22 +32,157 @@ def child_env(**extra) -> dict:
     return env
 
 
+def fake_npu_env(**extra) -> dict:
+    """``child_env()`` in which ``import torch_npu`` is the fake NPU runtime (``aquila_npu.testing.npu_emulator``):
+    ``--device npu`` runs on the CPU. ``extra`` on top."""
+    from aquila_npu.testing.npu_emulator import fake_runtime_path
+
+    env = child_env(**extra)
+    env["PYTHONPATH"] = os.pathsep.join([fake_runtime_path(), env["PYTHONPATH"]])
+    return env
+
+
 def run_module(module: str, *args, cwd=None, timeout: int = 600, **env) -> subprocess.CompletedProcess:
     """``python -m module args`` in a child process (exit status not checked)."""
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], env=child_env(**env), cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
 
 
-def torchrun(script: str, nproc: int, args, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a worker under torchrun on the CPU (gloo), one thread per process; fails the test on a non-zero exit."""
+def torchrun(script: str, nproc: int, args, timeout: int = 600, env=None,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """Run a worker under torchrun on the CPU (gloo), one thread per process, in ``env`` (default ``child_env()``);
+    fails the test on a non-zero exit unless ``check`` is False."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
            str(free_port()),
            *(script.split() if script.startswith("-m ") else [str(ROOT / script)]), *map(str, args)]
-    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
+    proc = subprocess.run(cmd, env=env or child_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-6000:]}")
     return proc
+
+
+def torch_npu_wheel(version="2.13.0"):
+    """The real torch_npu wheel of ``version`` (downloaded by .ci/run, never installed), or None.
+
+    Looked for in $AQUILA_TORCH_NPU_WHEEL (one file), $AQUILA_TORCH_NPU_WHEEL_DIR and .cache/wheels. The default is
+    the newest version we pin (the fake runtime mirrors it); 2.6.0 is the oldest we support."""
+    names = [os.environ.get("AQUILA_TORCH_NPU_WHEEL") or ""]
+    for folder in (os.environ.get("AQUILA_TORCH_NPU_WHEEL_DIR"), str(ROOT / ".cache" / "wheels")):
+        if folder:
+            names += sorted(glob.glob(os.path.join(folder, "torch_npu-*.whl")))
+    found = [n for n in names if os.path.basename(n).startswith(f"torch_npu-{version}-") and os.path.exists(n)]
+    return found[0] if found else None
+
+
+# Runs in child processes forked from a forkserver: a clean process started once per session that imported torch,
+# megatron-core and the commands (no threads: forking the pytest process itself deadlocks once an earlier test left
+# gloo or other threads behind). A tiny training run then takes about a second instead of an interpreter start.
+FORKSERVER_PRELOAD = ["torch", "megatron.core", "aquila_npu.training.run", "aquila_npu.cli.pretrain",
+                      "aquila_npu.cli.convert", "aquila_npu.cli.preprocess", "aquila_npu.cli.generate",
+                      "aquila_npu.cli.evaluate", "helpers"]
+
+
+def _forkserver():
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
+    return ctx
+
+
+def _child(call, log, env):
+    rc = 1
+    try:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        os.environ.update(env)
+        import torch
+
+        torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 for every other child process (2 cores, shared)
+        out = call()
+        rc = out if isinstance(out, int) and not isinstance(out, bool) else 0
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+
+
+def start_forked(call, log, **env):
+    """Start ``call()`` (picklable: e.g. ``functools.partial(main, argv)``) in a child forked from the forkserver;
+    stdout and stderr go to ``log``, ``env`` is added to its environment, its exit status is what ``call`` returns
+    (a non-int: 0). Returns the multiprocessing Process (``.pid``; ``wait_forked``)."""
+    proc = _forkserver().Process(target=_child, args=(call, str(log), {k: str(v) for k, v in env.items()}))
+    proc.start()
+    return proc
+
+
+def wait_forked(proc) -> int:
+    """The exit status of a ``start_forked`` child (-N: killed by signal N)."""
+    proc.join()
+    return proc.exitcode
+
+
+def forked(call, log, **env) -> int:
+    """``start_forked`` and wait: the exit status."""
+    return wait_forked(start_forked(call, log, **env))
+
+
+def exit_now(status: int = 0) -> int:
+    """A child that does nothing (its pid is then a pid that is gone)."""
+    return status
+
+
+def hold_lock(target: str, seconds: float) -> int:
+    """A child holding ``target``'s output lock, as a run writing it would."""
+    import time
+
+    from aquila_npu.outputs import owner
+
+    owner.Lock(target, "--save-dir").acquire()
+    time.sleep(seconds)
+    return 0
+
+
+def start_ranks(call, nproc: int, logdir, **env) -> list:
+    """``call()`` on ``nproc`` forked ranks, each with torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR/PORT on a free port) and its log ``<logdir>/rank<R>.log``. Returns their processes."""
+    port = free_port()
+    return [start_forked(call, os.path.join(str(logdir), f"rank{r}.log"), RANK=r, WORLD_SIZE=nproc, LOCAL_RANK=r,
+                         LOCAL_WORLD_SIZE=nproc, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env)
+            for r in range(nproc)]
+
+
+def wait_ranks(procs, timeout: float = 600) -> list:
+    """Every rank's exit status (-9: killed); as torchrun, the others are killed 10 s after one fails."""
+    import time
+
+    end, failed_at = time.monotonic() + timeout, None
+    while any(p.exitcode is None for p in procs):
+        for p in procs:
+            p.join(0.02)
+            if p.exitcode not in (None, 0) and failed_at is None:
+                failed_at = time.monotonic()
+        now = time.monotonic()
+        if now > end or (failed_at is not None and now > failed_at + 10):
+            for p in procs:
+                if p.exitcode is None:
+                    p.kill()
+    return [p.exitcode for p in procs]
+
+
+def forked_ranks(call, nproc: int, logdir, timeout: float = 600, **env) -> list:
+    """``start_ranks`` and ``wait_ranks``: every rank's exit status."""
+    return wait_ranks(start_ranks(call, nproc, logdir, **env), timeout)
 
 
 def read_json(path):

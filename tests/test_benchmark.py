@@ -92,6 +92,38 @@ def test_flop_formula_equals_torch_flop_counter_on_hf_llama():
     assert counter.get_total_flops() == training_flops_per_token(spec, seq) * batch * seq
 
 
+# --------------------------------------------------------------------------------------------------- device peaks
+def test_device_peaks_by_the_name_torch_reports():
+    """Ascend SoCs by their exact CANN / torch_npu name, with the peak derived from CANN's platform config (AI cores x
+    cube clock x 8192 FLOP per cycle; the figures below are worked out by hand from the .ini files) or Huawei's
+    published one; NVIDIA GPUs by model and form factor; anything else has no peak until --device-peak-tflops."""
+    from aquila_npu.flops import device_peak, table
+
+    expected = {"Ascend910B1": 363.7, "Ascend910B2": 353.9, "Ascend910B3": 294.9, "Ascend910B4": 245.8,
+                "Ascend910_9392": 363.7, "Ascend910_9362": 245.8, "Ascend910A": 256.0,  # Huawei's published figure
+                "NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.0,
+                "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A100 80GB PCIe": 312.0, "NVIDIA H200": 989.4}
+    for name, tflops in expected.items():
+        assert device_peak(name).tflops == tflops, name
+    assert device_peak("ascend910b2").tflops == 353.9  # case does not matter
+    assert device_peak("Ascend910B").tflops == 221.2  # the first-generation SKU of that name, not a 910B1-B4
+    assert "ai_core_cnt=24, cube_freq=1800" in device_peak("Ascend910B2").source
+    assert "256 TFLOPS" in device_peak("Ascend910A").source
+    for unknown in ("NVIDIA GH200 480GB", "NVIDIA H200 NVL", "NVIDIA GeForce RTX 4090", "Ascend910_95", "Ascend310P3"):
+        peak = device_peak(unknown)
+        assert peak.tflops is None and "--device-peak-tflops" in peak.source and unknown in peak.source
+    assert device_peak("NVIDIA GeForce RTX 4090", 165.2).tflops == 165.2  # the flag wins, for any device
+    assert device_peak("Ascend910B2", 300.0).source == "--device-peak-tflops"
+    assert device_peak(None).tflops is None  # the CPU
+    assert all(p.tflops and p.source for p in table().values())
+    documented = {}  # docs/benchmark.md's table is this one
+    for line in (ROOT / "docs" / "benchmark.md").read_text().splitlines():
+        if line.startswith("| `"):
+            name, tflops = (c.strip() for c in line.strip("|").split("|")[:2])
+            documented[name.strip("`")] = float(tflops)
+    assert documented == {name: p.tflops for name, p in table().items()}
+
+
 # ------------------------------------------------------------------------------------------------------ CPU runs
 def test_acceptance_cpu_run_writes_a_json_result(tmp_path):
     proc = _cli("--model", "aquila2-tiny", "--iters", 5, "--fused", "both", "--log-dir", tmp_path / "logs",
@@ -113,6 +145,14 @@ def test_acceptance_cpu_run_writes_a_json_result(tmp_path):
     assert set(res["runs"]) == {"unfused"}
     assert res["fused_vs_unfused"]["available"] is False and "cpu" in res["fused_vs_unfused"]["reason"]
     assert "no fused kernels" in proc.stdout and "CPU figures" in proc.stdout
+    # one process: no gradient reduction, so no overlap comparison, said plainly
+    assert res["overlap_on_vs_off"]["available"] is False and "one data-parallel rank" in \
+        res["overlap_on_vs_off"]["reason"]
+    features = res["runs"]["unfused"]["features"]  # what the training process reported having on
+    assert (features["overlap_grad_reduce"], features["overlap_param_gather"], features["ddp_bucket_size"]) == \
+        (False, False, None)
+    assert features["causal_mask"] == ["its own causal mode (no [S, S] mask per layer)"]
+    assert features["grad_norm"].startswith("on the device")
 
     # the figures follow from the training process's own step times, warm-up iterations dropped
     run = res["runs"]["unfused"]
@@ -140,7 +180,7 @@ def test_narrower_depth_longer_sequence_and_two_processes(tmp_path):
     out = tmp_path / "r.json"
     proc = _cli("--model", "aquila2-tiny", "--num-layers", 2, "--seq-length", 320, "--nproc", 2, "--warmup", 1,
                 "--iters", 2, "--device-peak-tflops", 0.5, "--label", "box", "--output", out, "--log-dir",
-                tmp_path / "logs")
+                tmp_path / "logs", "--fused", "both", "--", "--use-distributed-optimizer")
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     st, run = res["settings"], res["runs"]["unfused"]
@@ -160,6 +200,15 @@ def test_narrower_depth_longer_sequence_and_two_processes(tmp_path):
     assert run["mfu"] == pytest.approx(tokens * flops / 1e12 / 0.5, rel=1e-12)
     assert res["device"]["peak_source"] == "--device-peak-tflops"
     assert res["label"] == "CPU: box"  # a CPU result keeps saying so
+    # two data-parallel ranks: the plain run again with Megatron's communication overlap on, and the ratio
+    ov = res["overlap_on_vs_off"]
+    toggled = ov["toggled_run"]
+    assert "--overlap-grad-reduce --overlap-param-gather" in toggled["command"]
+    assert toggled["features"]["overlap_grad_reduce"] and toggled["features"]["overlap_param_gather"]
+    assert not run["features"]["overlap_grad_reduce"] and run["features"]["use_distributed_optimizer"]
+    assert ov["available"] and ov["throughput_ratio"] == pytest.approx(
+        toggled["tokens_per_sec_per_device"] / run["tokens_per_sec_per_device"], rel=1e-12)
+    assert "communication overlap on / off throughput" in proc.stdout
 
 
 # ------------------------------------------------------------------------------------------------------ compare

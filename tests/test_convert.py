@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from aquila_npu.checkpoint import safe_load
 from aquila_npu.cli.convert import main
 from aquila_npu.testing.tiny_hf import tiny_llama
 from helpers import ROOT, assert_one_line_error, child_env
@@ -81,8 +82,8 @@ def test_tp1_to_tp4_megatron_relayout(hf_dir, tmp_path):
     _to_mg(tmp_path / "tp1", tmp_path / "tp4", 4, 1, loader="megatron")
     _to_mg(hf_dir, tmp_path / "tp4-direct", 4, 1)
     for r in range(4):
-        a = torch.load(tmp_path / f"tp4/iter_0000001/mp_rank_{r:02d}/model_optim_rng.pt", weights_only=False)
-        b = torch.load(tmp_path / f"tp4-direct/iter_0000001/mp_rank_{r:02d}/model_optim_rng.pt", weights_only=False)
+        a = safe_load.load(str(tmp_path / f"tp4/iter_0000001/mp_rank_{r:02d}/model_optim_rng.pt"))
+        b = safe_load.load(str(tmp_path / f"tp4-direct/iter_0000001/mp_rank_{r:02d}/model_optim_rng.pt"))
         assert a["model"].keys() == b["model"].keys()
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
         assert a["aquila"]["tp"] == 4
@@ -97,7 +98,7 @@ def test_bad_inputs_leave_no_output(hf_dir, tmp_path, capsys):
                     "--target-pipeline-parallel-size", 3) == 2
     assert _convert("--loader", "llama2_hf", "--saver", "megatron", "--load-dir", tmp_path / "nope",
                     "--save-dir", dst) == 2
-    assert not dst.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+    assert not dst.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no tmp, no lock
 
 
 def test_help_lists_every_flag():
@@ -156,7 +157,7 @@ def test_params_dtype_casts_each_tensor(tmp_path):
     tiny_llama().save_pretrained(hf)  # fp32
     assert _convert("--loader", "llama2_hf", "--saver", "megatron", "--load-dir", hf, "--save-dir", tmp_path / "mg",
                     "--target-tensor-parallel-size", 2, "--params-dtype", "bf16") == 0
-    ck = torch.load(tmp_path / "mg/iter_0000001/mp_rank_00/model_optim_rng.pt", weights_only=False)
+    ck = safe_load.load(str(tmp_path / "mg/iter_0000001/mp_rank_00/model_optim_rng.pt"))
     assert ck["aquila"]["params_dtype"] == "bfloat16" and ck["args"].bf16
     assert all(t.dtype == torch.bfloat16 for t in ck["model"].values())
     out = _to_hf(tmp_path / "mg", tmp_path / "back")

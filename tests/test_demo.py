@@ -23,6 +23,12 @@ def test_held_out_questions_never_appear_in_training(tmp_path):
     assert set(rows[0]) == {"question", "passage", "answer", "title"}
 
 
+def test_help_names_the_quick_pass():
+    """``python -m aquila_npu.demo`` reaches the command (the run itself is the slow test below)."""
+    proc = run_module("aquila_npu.demo", "--help", cwd=ROOT, timeout=120)
+    assert proc.returncode == 0 and "--short" in proc.stdout and "--workdir" in proc.stdout, proc.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_demo_short_mode_runs_every_step(tmp_path):
     proc = run_module("aquila_npu.demo", "--short", "--workdir", tmp_path / "demo", cwd=ROOT, timeout=900)
@@ -32,5 +38,5 @@ def test_demo_short_mode_runs_every_step(tmp_path):
                  "evaluate"):
         assert step in out, step
     result = json.load(open(tmp_path / "demo" / "boolq_result.json"))
-    assert result["total"] == len(result["predictions"]) == 64
+    assert result["total"] == len(result["records"]) == 64
     assert (tmp_path / "demo/model_from_hf/Aquila2-tiny/mg2hg/model.safetensors").exists()

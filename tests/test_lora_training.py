@@ -11,7 +11,7 @@ import torch
 
 from helpers import TRAIN_COMMON, build_training_assets, read_json, read_metrics, stub_torchrun_argv, torchrun
 
-from aquila_npu.checkpoint import megatron_io
+from aquila_npu.checkpoint import megatron_io, safe_load
 from aquila_npu.checkpoint.convert import to_megatron
 from aquila_npu.checkpoint.hf_io import HFReader
 from aquila_npu.lora.checkpoint import AdapterCheckpoint
@@ -84,8 +84,8 @@ def test_only_adapters_train_and_checkpoints_hold_only_adapters(runs, assets):
                 assert "optimizer" in saved and saved["iteration"] == 4
                 assert any(k.endswith("lora_B.default.weight") and v.abs().max() > 0 for k, v in
                            saved["model"].items())  # B started at zero and trained
-                initial = torch.load(os.path.join(megatron_io.rank_path(base, 1, tp, pp, layout.pp),
-                                                  "model_optim_rng.pt"), weights_only=False)
+                initial = safe_load.load(os.path.join(megatron_io.rank_path(base, 1, tp, pp, layout.pp),
+                                                      "model_optim_rng.pt"))
                 assert os.path.getsize(os.path.join(megatron_io.rank_path(str(runs["dir"] / ck), 4, tp, pp,
                                                                           layout.pp), "model_optim_rng.pt")) \
                     < sum(v.numel() * v.element_size() for v in initial["model"].values())

@@ -18,10 +18,8 @@ reference computed in fp32 from the same bf16 inputs.
 """
 
 import ast
-import glob
 import inspect
 import json
-import os
 import re
 import warnings
 import zipfile
@@ -32,7 +30,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from aquila_npu.testing import npu_emulator as emu
-from helpers import ROOT, torchrun
+from helpers import ROOT, fake_npu_env, torch_npu_wheel, torchrun
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}
 DTYPES = [torch.float32, torch.bfloat16]
@@ -41,20 +39,8 @@ MODULES_SRC = ROOT / "aquila_npu" / "device" / "npu_modules.py"
 
 
 # ------------------------------------------------------------------------------------------------- the real wheels
-def _wheel(version):
-    names = []
-    one = os.environ.get("AQUILA_TORCH_NPU_WHEEL")
-    if one:
-        names.append(one)
-    for folder in (os.environ.get("AQUILA_TORCH_NPU_WHEEL_DIR"), str(ROOT / ".cache" / "wheels")):
-        if folder:
-            names += sorted(glob.glob(os.path.join(folder, "torch_npu-*.whl")))
-    found = [n for n in names if os.path.basename(n).startswith(f"torch_npu-{version}-") and os.path.exists(n)]
-    return found[0] if found else None
-
-
 def _read(version, member):
-    wheel = _wheel(version)
+    wheel = torch_npu_wheel(version)
     if wheel is None:
         pytest.skip(f"torch_npu {version} wheel not available locally (set AQUILA_TORCH_NPU_WHEEL[_DIR] or run "
                     ".ci/run, which downloads it to .cache/wheels without installing it)")
@@ -765,48 +751,32 @@ def test_mc2_kernels_on_two_processes(tmp_path):
     assert r["refused"]["m"].endswith("_op_plugin_docs.py:10432)")
 
 
-MC2_PRETRAIN = r'''
-import json, os, sys
-from aquila_npu.device import npu_modules
-from aquila_npu.testing import npu_emulator
-from aquila_npu.training import run
-
-# The npu backend's modules on CPU processes, the kernels emulated: setup() builds them with kernels="npu", and the
-# communicator's name is torch.distributed's name of the group (what the fake NPU runtime's get_hccl_comm_name gives;
-# with it this becomes a --device npu run).
-with npu_emulator.installed() as fake:
-    real_setup = run.setup
-    run.setup = lambda device, fused, **kw: real_setup(device, fused, kernels="npu", **kw)
-    npu_modules.hccl_comm_name = lambda group: group.group_name
-    from aquila_npu.cli.pretrain import main
-    rc = main(sys.argv[2:])
-    with open(f"{sys.argv[1]}.{os.environ['RANK']}", "w") as f:
-        json.dump(dict(fake.calls), f)
-sys.exit(rc)
-'''
 MC2_MODEL = ["--num-layers", 2, "--hidden-size", 512, "--ffn-hidden-size", 1024, "--num-attention-heads", 8,
              "--group-query-attention", "--num-query-groups", 4, "--vocab-size", 1000, "--seq-length", 64,
              "--max-position-embeddings", 64]
 
 
 def test_mc2_tp2_sequence_parallel_training_gives_the_losses_of_plain_collectives(tmp_path):
-    """tp2 with sequence parallelism, bf16, every fused kernel, on two CPU processes: --use-mc2 (the all-gather and
-    reduce-scatter inside the matmul kernels, forward and backward) gives the losses and gradient norms of
+    """tp2 with sequence parallelism, bf16, every fused kernel, on two fake NPUs (``--device npu`` through the fake
+    runtime: the communicator's name comes from its hccl backend, as torch_npu's docs say): --use-mc2 (the all-gather
+    and reduce-scatter inside the matmul kernels, forward and backward) gives the losses and gradient norms of
     megatron-core's own collectives."""
-    worker = tmp_path / "mc2_pretrain.py"
-    worker.write_text(MC2_PRETRAIN)
     runs = {}
     for mc2 in (False, True):
-        metrics, calls = tmp_path / f"m{mc2}.jsonl", tmp_path / f"calls{mc2}"
-        torchrun(str(worker), 2, [calls, "--device", "cpu", "--mock-data", *MC2_MODEL, "--micro-batch-size", 2,
-                                  "--global-batch-size", 4, "--train-iters", 3, "--lr", 1e-3, "--log-interval", 1,
-                                  "--tensor-model-parallel-size", 2, "--sequence-parallel", "--bf16",
-                                  "--use-flash-attn", "--use-fused-rmsnorm", "--use-fused-rotary-pos-emb",
-                                  "--use-fused-swiglu", "--metrics-file", metrics, *(["--use-mc2"] if mc2 else [])],
-                 timeout=600)
+        metrics, reports = tmp_path / f"m{mc2}.jsonl", tmp_path / f"reports{mc2}"
+        torchrun("-m aquila_npu.pretrain", 2, [
+            "--device", "npu", "--mock-data", *MC2_MODEL, "--micro-batch-size", 2, "--global-batch-size", 4,
+            "--train-iters", 3, "--lr", 1e-3, "--log-interval", 1, "--tensor-model-parallel-size", 2,
+            "--sequence-parallel", "--bf16", "--use-flash-attn", "--use-fused-rmsnorm", "--use-fused-rotary-pos-emb",
+            "--use-fused-swiglu", "--metrics-file", metrics, *(["--use-mc2"] if mc2 else [])],
+            timeout=600, env=fake_npu_env(AQUILA_FAKE_NPU_REPORT=reports))
         recs = [json.loads(line) for line in metrics.read_text().splitlines()]
+        calls = {}
+        for report in reports.glob("rank0-*.json"):
+            for op, n in json.loads(report.read_text())["calls"].items():
+                calls[op] = calls.get(op, 0) + n
         runs[mc2] = ([r["lm_loss"] for r in recs if "lm_loss" in r], [r["grad_norm"] for r in recs if "grad_norm" in r],
-                     json.loads((tmp_path / f"calls{mc2}.0").read_text()))
+                     calls)
     (plain_loss, plain_norm, plain_calls), (mc2_loss, mc2_norm, mc2_calls) = runs[False], runs[True]
     assert len(plain_loss) == len(mc2_loss) == 3 and len(set(plain_loss)) == 3  # the weights move
     assert max(abs(a - b) / abs(a) for a, b in zip(plain_loss, mc2_loss)) < 1e-5, (plain_loss, mc2_loss)

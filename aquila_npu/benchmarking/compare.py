@@ -94,6 +94,11 @@ def table(results: List[dict], sources: Optional[List[str]] = None) -> str:
             notes.append(f"{res['label']}: fused / unfused throughput {fv['throughput_ratio']:.2f}x")
         elif fv:
             notes.append(f"{res['label']}: no fused run ({fv['reason']})")
+        ov = res.get("overlap_on_vs_off")
+        if ov and ov.get("available"):
+            notes.append(f"{res['label']}: communication overlap on / off throughput {ov['throughput_ratio']:.2f}x")
+        elif ov:
+            notes.append(f"{res['label']}: no overlap comparison ({ov['reason']})")
     if any(r.is_cpu for r in rs):
         notes.append(CPU_NOTE)
     if len({(r.model, r.setup.split(",")[0]) for r in rs}) > 1:

@@ -19,7 +19,7 @@ import torch
 from aquila_npu.device.backends import FusedOps, make_backend
 
 from aquila_npu.errors import FusedKernelUnavailable
-from aquila_npu.flops import peak_tflops
+from aquila_npu.flops import device_peak
 
 CPU_NOTE = ("CPU figures: a functional check on a host CPU (fp32, no tensor cores), not accelerator throughput; "
             "no MFU (no CPU peak in the table)")
@@ -106,13 +106,8 @@ def software(kind: str) -> dict:
 def describe(kind: str, nproc: int, peak_override: Optional[float]) -> dict:
     """The ``device`` entry of a result."""
     name = device_name(kind)
-    if peak_override is not None:
-        peak, source = peak_override, "--device-peak-tflops"
-    elif kind == "cpu":
-        peak, source = None, None
-    else:
-        peak = peak_tflops(name)
-        source = "aquila_npu.flops.DEVICE_PEAK_TFLOPS" if peak is not None else None
+    found = device_peak(None if kind == "cpu" else name, peak_override)
+    peak, source = found.tflops, found.source
     label = f"CPU: {name} ({os.cpu_count()} cores)" if kind == "cpu" else name
     out = {"kind": kind, "name": name, "label": label, "count": nproc, "peak_tflops": peak, "peak_source": source,
            "is_cpu": kind == "cpu"}

@@ -87,15 +87,16 @@ def pretrain_argv(s: Settings, spec: ModelSpec, fused: bool, metrics_file: str) 
     return [str(a) for a in argv] + list(s.extra)
 
 
-def launch_command(nproc: int, argv: List[str]) -> List[str]:
+def launch_command(nproc: int, argv: List[str], module: str = "aquila_npu.pretrain") -> List[str]:
+    """``python -m module argv``, under torchrun for several processes."""
     if nproc == 1:
-        return [sys.executable, "-m", "aquila_npu.pretrain", *argv]
+        return [sys.executable, "-m", module, *argv]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-            str(free_port()), "-m", "aquila_npu.pretrain", *argv]
+            str(free_port()), "-m", module, *argv]
 
 
-def _run(cmd: List[str], log_path: str, timeout: Optional[float], echo) -> int:
-    """Run the training process (in its own process group), its output to ``log_path``; ``echo`` gets its iteration
+def run_logged(cmd: List[str], log_path: str, timeout: Optional[float], echo=None) -> int:
+    """Run a (training) process in its own process group, its output to ``log_path``; ``echo`` gets its iteration
     lines as they come. Past ``timeout`` seconds the group (torchrun and its workers) is killed."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
@@ -116,7 +117,7 @@ def _run(cmd: List[str], log_path: str, timeout: Optional[float], echo) -> int:
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise BenchmarkError(f"the training run passed --timeout {timeout:g}s and was stopped; log: "
+            raise BenchmarkError(f"the run passed --timeout {timeout:g}s and was stopped; log: "
                                  f"{log_path}") from None
         finally:
             if proc.poll() is None:
@@ -136,6 +137,23 @@ def read_metrics(path: str) -> List[dict]:
     with open(path) as f:
         recs = [json.loads(line) for line in f if line.strip()]
     return [r for r in recs if "step_time_s" in r]
+
+
+def read_features(records: List[dict]) -> Optional[dict]:
+    """The speed features the training run reported having on (``aquila_npu.training.features``: in its first
+    logged iteration)."""
+    return next((r["run_features"] for r in records if "run_features" in r), None)
+
+
+OVERLAP_FLAGS = ("--overlap-grad-reduce", "--overlap-param-gather")
+
+
+def overlap_toggled(extra: List[str]) -> List[str]:
+    """The pretrain flags with Megatron's communication overlap the other way round: on (grad reduce, and param
+    gather where the distributed optimizer is on) when ``extra`` has it off, off when on."""
+    if "--overlap-grad-reduce" in extra:
+        return [a for a in extra if a not in OVERLAP_FLAGS]
+    return [*extra, *OVERLAP_FLAGS[:1 + ("--use-distributed-optimizer" in extra)]]
 
 
 def peak_memory(records: List[dict]) -> dict:
@@ -167,22 +185,23 @@ def aggregate(records: List[dict], *, warmup: int, tokens_per_step: int, world: 
             **peak_memory(measured)}
 
 
-def measure(s: Settings, spec: ModelSpec, fused: bool, workdir: str, echo=print) -> dict:
+def measure(s: Settings, spec: ModelSpec, fused: bool, workdir: str, echo=print, tag: Optional[str] = None) -> dict:
     """One training run (fused or plain kernels), aggregated."""
-    tag = "fused" if fused else "unfused"
+    tag = tag or ("fused" if fused else "unfused")
     metrics = os.path.join(workdir, f"metrics-{tag}.jsonl")
     log_path = os.path.join(workdir, f"train-{tag}.log")
     if os.path.exists(metrics):
         os.remove(metrics)
     cmd = launch_command(s.nproc, pretrain_argv(s, spec, fused, metrics))
-    rc = _run(cmd, log_path, s.timeout, echo)
+    rc = run_logged(cmd, log_path, s.timeout, echo)
     if rc != 0:
         raise BenchmarkError(f"the {tag} training run exited with status {rc}:\n$ {shlex.join(cmd)}\n"
                              f"{_tail(log_path)}(full log: {log_path})")
     records = read_metrics(metrics) if os.path.exists(metrics) else []
     gbs = records[0]["global_batch_size"] if records else 0
     out = {"fused": fused, "switches": FusedOps.from_names(s.fused_switches).requested() if fused else [],
-           "command": shlex.join(cmd), "global_batch_size": gbs}
+           "command": shlex.join(cmd), "global_batch_size": gbs,
+           "features": read_features(records)}
     out.update(aggregate(records, warmup=s.warmup, tokens_per_step=gbs * seq_length(s, spec), world=s.nproc,
                          flops_per_token=flops(s, spec)))
     return out
@@ -235,10 +254,21 @@ def run_benchmark(s: Settings, *, fused_mode: str, log_dir: Optional[str] = None
         tag = "fused" if fused else "unfused"
         echo(f"benchmark: {tag} run, {s.warmup} warm-up + {s.iters} measured iterations")
         runs[tag] = measure(s, spec, fused, workdir, echo=echo)  # on failure the temporary logs stay
+    overlap_run, no_overlap = None, None
+    if fused_mode == "both":
+        no_overlap = overlap_unavailable(s)
+        if no_overlap:
+            echo(f"benchmark: no overlap on/off comparison: {no_overlap}")
+        else:  # the plain-kernel run again, with Megatron's communication overlap the other way round
+            toggled = dataclasses.replace(s, extra=overlap_toggled(s.extra))
+            echo(f"benchmark: unfused run with {' '.join(a for a in toggled.extra if a not in s.extra) or 'no'} "
+                 f"overlap{' (off)' if '--overlap-grad-reduce' in s.extra else ''}, {s.warmup} warm-up + {s.iters} "
+                 "measured iterations")
+            overlap_run = measure(toggled, spec, False, workdir, echo=echo, tag="unfused-overlap-toggled")
     if not log_dir:
         shutil.rmtree(workdir, ignore_errors=True)
     device = environment.describe(s.device, s.nproc, s.peak_tflops)
-    for r in runs.values():  # MFU once the device, and so its peak, is known
+    for r in [*runs.values(), *([overlap_run] if overlap_run else [])]:  # MFU once the device's peak is known
         r["mfu"] = r["tflops_per_device"] / device["peak_tflops"] if device["peak_tflops"] else None
     if label and device["is_cpu"] and "cpu" not in label.lower():
         label = f"CPU: {label}"  # CPU figures stay labelled as such
@@ -254,4 +284,23 @@ def run_benchmark(s: Settings, *, fused_mode: str, log_dir: Optional[str] = None
         else:
             ratio = runs["fused"]["tokens_per_sec_per_device"] / runs["unfused"]["tokens_per_sec_per_device"]
             result["fused_vs_unfused"] = {"available": True, "throughput_ratio": ratio}
+        result["overlap_on_vs_off"] = overlap_ratio(runs["unfused"], overlap_run, no_overlap)
     return result
+
+
+def overlap_unavailable(s: Settings) -> Optional[str]:
+    """Why an overlap on/off comparison means nothing here, or None."""
+    if s.nproc // (s.tp * s.pp) < 2:
+        return (f"one data-parallel rank (--nproc {s.nproc} = tp {s.tp} x pp {s.pp}): no gradient reduction to "
+                "overlap")
+    return None
+
+
+def overlap_ratio(plain: dict, toggled: Optional[dict], reason: Optional[str]) -> dict:
+    """Throughput with Megatron's communication overlap on / off (the plain-kernel run and its toggled twin)."""
+    if toggled is None:
+        return {"available": False, "reason": reason}
+    on, off = (toggled, plain) if toggled["features"]["overlap_grad_reduce"] else (plain, toggled)
+    return {"available": True, "throughput_ratio": on["tokens_per_sec_per_device"] / off["tokens_per_sec_per_device"],
+            "on_tokens_per_sec_per_device": on["tokens_per_sec_per_device"],
+            "off_tokens_per_sec_per_device": off["tokens_per_sec_per_device"], "toggled_run": toggled}

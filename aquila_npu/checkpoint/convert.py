@@ -1,15 +1,14 @@
 """HF <-> Megatron <-> Megatron conversion, one pipeline stage at a time, through the weight-mapping table.
 
-Output is written into a temporary directory beside the target and renamed into place at the end, so a failed
-conversion leaves no half-written checkpoint.
+Output is written into a temporary directory beside the target and put in place at the end
+(``aquila_npu.outputs.atomic.AtomicDir``: the target is locked for the run, debris of killed runs is removed, the free
+space is checked first), so a failed or killed conversion leaves no half-written checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Optional
 
 import torch
@@ -19,6 +18,8 @@ from aquila_npu.checkpoint import hf_io, megatron_io
 from aquila_npu.errors import CheckpointError
 from aquila_npu.models import arch_flags
 from aquila_npu.models.dtypes import parse_dtype
+from aquila_npu.outputs.atomic import AtomicDir
+from aquila_npu.testing import faults
 from aquila_npu.weights.mapping import Layout, hf_names, hf_rank_to_mcore, hf_shapes
 
 ITERATION = 1  # what converted checkpoints carry, as ModelLink's converter
@@ -46,32 +47,6 @@ def _model_bytes(spec, dtype: torch.dtype) -> int:
 def _output_dtype(reader, params_dtype: Optional[torch.dtype]) -> torch.dtype:
     """--params-dtype, else the input checkpoint's dtype, else the config's."""
     return params_dtype or getattr(reader, "dtype", None) or parse_dtype(reader.spec.torch_dtype)
-
-
-class AtomicDir:
-    """A temporary directory next to ``target`` that replaces it on success and is removed on failure."""
-
-    def __init__(self, target: str):
-        self.target = os.path.abspath(target)
-        parent = os.path.dirname(self.target)
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(self.target) + "-", dir=parent)
-
-    def __enter__(self):
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if os.path.isdir(self.target):
-            old = self.target + ".old-" + os.path.basename(self.tmp)
-            os.replace(self.target, old)
-            os.replace(self.tmp, self.target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.target)
-        return False
 
 
 def _check_megatron_target(save_dir: str, layout: Layout) -> None:
@@ -108,13 +83,16 @@ def to_megatron(reader, save_dir: str, tp: int, pp: int, make_vocab_size_divisib
     # One (stage, TP rank) shard in memory at a time; safetensors inputs are memory-mapped views.
     progress = _Progress(_model_bytes(reader.spec, dtype), f"-> megatron tp{tp}-pp{pp}")
     try:
-        with AtomicDir(save_dir) as tmp:
+        with AtomicDir(save_dir, "the Megatron checkpoint", _model_bytes(reader.spec, dtype)) as tmp:
+            faults.point("before-data")
             for stage in range(pp):
                 for rank in range(tp):
                     shard = hf_rank_to_mcore(reader.get, layout, stage, rank, cast=cast)
                     megatron_io.save_rank(tmp, ITERATION, layout, stage, rank, shard, dtype)
                     del shard
                     reader.release()
+                    faults.point("mid-file", os.path.join(tmp, megatron_io.rank_dir(ITERATION, rank, stage, pp),
+                                                          "model_optim_rng.pt"))
             megatron_io.write_tracker(tmp, ITERATION)
     finally:
         progress.close()
@@ -132,14 +110,20 @@ def to_huggingface(reader, save_dir: str, hf_dir_for_files: Optional[str] = None
             base_cfg = json.load(f)
     progress = _Progress(_model_bytes(spec, dtype), "-> huggingface")
     try:
-        with AtomicDir(save_dir) as tmp:
+        with AtomicDir(save_dir, "the Hugging Face model", _model_bytes(spec, dtype)) as tmp:
+            faults.point("before-data")
             writer = hf_io.HFWriter(tmp, hf_shapes(spec), dtype, max_shard_bytes)
-            for name in hf_names(spec):  # layer by layer: the reader maps each source stage once
-                t = reader.get(name).to(dtype)
-                writer.add(name, t)
-                progress(t)
-                del t
+            try:
+                for name in hf_names(spec):  # layer by layer: the reader maps each source stage once
+                    t = reader.get(name).to(dtype)
+                    writer.add(name, t)
+                    progress(t)
+                    del t
+            except BaseException:
+                writer.abort()
+                raise
             writer.close()
+            faults.point("mid-file", os.path.join(tmp, writer.files[0]))
             reader.release()
             hf_io.write_config(spec, tmp, dtype, base_cfg)
             if hf_dir_for_files:

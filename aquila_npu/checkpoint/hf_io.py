@@ -12,10 +12,12 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from aquila_npu.checkpoint import safe_load
 from aquila_npu.errors import CheckpointError
 from aquila_npu.models.dtypes import dtype_name
 from aquila_npu.models.hf_config import spec_from_hf_config
 from aquila_npu.models.registry import ModelSpec
+from aquila_npu.outputs.atomic import writing
 from aquila_npu.weights.mapping import IGNORED_HF_SUFFIXES
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -120,11 +122,7 @@ class HFReader:
 
     def _load_bin(self, fname: str) -> dict:
         if self._bin_cache[0] != fname:
-            try:
-                sd = torch.load(os.path.join(self.path, fname), map_location="cpu", mmap=True, weights_only=True)
-            except Exception as e:
-                raise CheckpointError(f"{os.path.join(self.path, fname)}: cannot read ({e})") from None
-            self._bin_cache = (fname, sd)
+            self._bin_cache = (fname, safe_load.load(os.path.join(self.path, fname)))
         return self._bin_cache[1]
 
     def release(self) -> None:
@@ -197,19 +195,28 @@ class HFWriter:
             raise CheckpointError(f"HF writer: {name} is {tuple(t.shape)} {t.dtype}, expected "
                                   f"{tuple(self.shapes[name])} {self.dtype}")
         fi, offset, n = self._place[name]
-        if fi not in self._fds:
-            fd = os.open(os.path.join(self.path, self.files[fi]), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.pwrite(fd, self._headers[fi], 0)
-            self._fds[fi] = fd
-        data = memoryview(t.detach().contiguous().view(torch.uint8).reshape(-1).numpy())
-        while len(data):
-            done = os.pwrite(self._fds[fi], data, offset)
-            data, offset = data[done:], offset + done
+        path = os.path.join(self.path, self.files[fi])
+        with writing(path, f"safetensors shard ({name})"):
+            if fi not in self._fds:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds[fi] = fd
+                os.pwrite(fd, self._headers[fi], 0)
+            data = memoryview(t.detach().contiguous().view(torch.uint8).reshape(-1).numpy())
+            while len(data):
+                done = os.pwrite(self._fds[fi], data, offset)
+                data, offset = data[done:], offset + done
         self._written.add(name)
 
-    def close(self) -> None:
+    def abort(self) -> None:
+        """Close the files after a failure (the caller removes them)."""
         for fd in self._fds.values():
             os.close(fd)
+        self._fds = {}
+
+    def close(self) -> None:
+        for fi, fd in self._fds.items():
+            with writing(os.path.join(self.path, self.files[fi]), "safetensors shard"):
+                os.close(fd)
         self._fds = {}
         missing = [k for k in self.shapes if k not in self._written]
         if missing:
@@ -217,7 +224,8 @@ class HFWriter:
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self.total},
                      "weight_map": {k: self.files[fi] for k, (fi, _, _) in sorted(self._place.items())}}
-            with open(os.path.join(self.path, "model.safetensors.index.json"), "w") as f:
+            path = os.path.join(self.path, "model.safetensors.index.json")
+            with writing(path, "the shard index"), open(path, "w") as f:
                 json.dump(index, f, indent=2)
 
 
@@ -225,7 +233,8 @@ def copy_tokenizer_files(src: str, dst: str) -> List[str]:
     copied = []
     for f in TOKENIZER_FILES:
         if os.path.exists(os.path.join(src, f)):
-            shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
+            with writing(os.path.join(dst, f), "a tokenizer file"):
+                shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
             copied.append(f)
     return copied
 
@@ -235,5 +244,6 @@ def write_config(spec: ModelSpec, dst: str, dtype: torch.dtype, base: Optional[d
     cfg = dict(base or {})
     cfg.update(spec.to_hf_config() if not base else {})
     cfg["torch_dtype"] = dtype_name(dtype)
-    with open(os.path.join(dst, "config.json"), "w") as f:
+    path = os.path.join(dst, "config.json")
+    with writing(path, "config.json"), open(path, "w") as f:
         json.dump(cfg, f, indent=2)

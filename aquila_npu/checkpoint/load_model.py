@@ -23,7 +23,7 @@ from aquila_npu.errors import CheckpointError
 from aquila_npu.models.config import transformer_config
 from aquila_npu.models.gpt import build_model
 from aquila_npu.models.registry import ModelSpec
-from aquila_npu.parallel import initialize_model_parallel
+from aquila_npu.parallel import agreed, initialize_model_parallel
 from aquila_npu.weights.load import load_stage_state
 from aquila_npu.weights.mapping import Layout
 
@@ -102,7 +102,7 @@ def load_model_for_inference(info: CheckpointInfo, device, *, params_dtype: Opti
                               f"tp{layout.tp}-pp{layout.pp}")
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     dtype = params_dtype or info.params_dtype
-    shard = info.load_rank(tp_rank, pp_rank)["model"]
+    shard = agreed(lambda: info.load_rank(tp_rank, pp_rank))["model"]  # a refused file ends every rank alike
     model, cfg = build_stage(layout.spec, layout, device, shard, params_dtype=dtype, pp_rank=pp_rank,
                              parallel_output=parallel_output)
     return LoadedModel(model=model, spec=layout.spec, layout=layout, config=cfg, params_dtype=dtype,

@@ -20,10 +20,12 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
+from aquila_npu.checkpoint import safe_load
 from aquila_npu.errors import CheckpointError
 from aquila_npu.models import arch_flags
 from aquila_npu.models.dtypes import dtype_name, parse_dtype
 from aquila_npu.models.registry import ModelSpec
+from aquila_npu.outputs.atomic import writing
 from aquila_npu.weights.mapping import Layout, hf_names, mcore_stage_to_hf
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -57,15 +59,47 @@ def save_rank(root: str, iteration: int, layout: Layout, pp_rank: int, tp_rank: 
               params_dtype: torch.dtype, extra: Optional[dict] = None) -> None:
     """Write one rank's ``model_optim_rng.pt``."""
     d = os.path.join(root, rank_dir(iteration, tp_rank, pp_rank, layout.pp))
-    os.makedirs(d, exist_ok=True)
     obj = {"args": megatron_args(layout, params_dtype), "checkpoint_version": CHECKPOINT_VERSION,
            "iteration": iteration, "model": sd, "aquila": checkpoint_meta(layout, params_dtype)}
     obj.update(extra or {})
-    torch.save(obj, os.path.join(d, "model_optim_rng.pt"))
+    save_file(obj, os.path.join(d, "model_optim_rng.pt"), "the checkpoint of one model-parallel rank")
+
+
+class _Writes:
+    """A file's ``write`` for torch.save, keeping the OSError of a failed write: torch's zip writer reports it as
+    ``unexpected pos ...`` when the failure comes while it finishes the archive."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def save_file(obj, path: str, what: str) -> None:
+    """``torch.save`` into ``path`` (its folder created); a write error (a full disk) is one OutputError line."""
+    with writing(path, what):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            out = _Writes(f)
+            try:
+                torch.save(obj, out)
+            except RuntimeError:
+                if out.error is not None:
+                    raise out.error from None
+                raise
 
 
 def write_tracker(root: str, iteration: int) -> None:
-    with open(os.path.join(root, TRACKER), "w") as f:
+    path = os.path.join(root, TRACKER)
+    with writing(path, "the tracker file"), open(path, "w") as f:
         f.write(str(iteration))
 
 
@@ -95,13 +129,8 @@ def rank_path(root: str, iteration: int, tp_rank: int, pp_rank: int, pp: int) ->
 
 
 def load_rank(root: str, iteration: int, tp_rank: int, pp_rank: int, pp: int) -> dict:
-    path = os.path.join(rank_path(root, iteration, tp_rank, pp_rank, pp), "model_optim_rng.pt")
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except FileNotFoundError:
-        raise CheckpointError(f"missing checkpoint file {path}") from None
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read ({e})") from None
+    """One rank's ``model_optim_rng.pt``, read without running code (``safe_load``)."""
+    return safe_load.load(os.path.join(rank_path(root, iteration, tp_rank, pp_rank, pp), "model_optim_rng.pt"))
 
 
 @dataclass

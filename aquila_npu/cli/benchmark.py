@@ -31,7 +31,6 @@ from aquila_npu.cli.common import add_device_argument, run_cli
 from aquila_npu.device.backends import FusedOps
 from aquila_npu.device.setup import resolve as resolve_device
 from aquila_npu.errors import MissingDependency, UsageError
-from aquila_npu.flops import DEVICE_PEAK_TFLOPS
 from aquila_npu.models.registry import MODELS
 
 PROG = "python -m aquila_npu.benchmark"
@@ -39,7 +38,6 @@ SWITCHES = {name.replace("_", "-"): name for name in FusedOps.SWITCHES}  # --fus
 
 
 def build_parser() -> argparse.ArgumentParser:
-    peaks = ", ".join(f"{k} {v:g}" for k, v in DEVICE_PEAK_TFLOPS.items())
     p = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         usage=f"{PROG} [options] [-- aquila_npu.pretrain flags]  |  {PROG} --compare A.json B.json ... [--plot P]",
@@ -66,13 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fused", default="off", choices=["off", "on", "both"],
                    help="fused kernels: off (plain PyTorch modules, default), on (the fused switches), both (both "
                         "runs back to back and their throughput ratio; on a device without fused kernels, e.g. "
-                        "cpu, the unfused run only, saying why)")
+                        "cpu, the unfused run only, saying why; with more than one data-parallel rank also the "
+                        "plain run with --overlap-grad-reduce (and --overlap-param-gather with the distributed "
+                        "optimizer) toggled, and the overlap on / off ratio)")
     g.add_argument("--fused-switches", default=",".join(n.replace("_", "-") for n in FusedOps.KERNELS),
                    help="which switches the fused run turns on, comma-separated from "
                         + ", ".join(f"{short} ({FusedOps.SWITCHES[name][0]})" for short, name in SWITCHES.items())
                         + "; default every kernel (mc2 also needs --sequence-parallel after --)")
     g.add_argument("--device-peak-tflops", type=float, default=None,
-                   help=f"peak dense TFLOP/s of one device for MFU (default from the table: {peaks}; none for CPU)")
+                   help="peak dense bf16/fp16 TFLOP/s of one device for MFU (default: aquila_npu.flops's table, by the "
+                        "device name torch reports: Ascend 910A/910B1-B4/910C (Ascend910_93xx), NVIDIA A100/H100/"
+                        "H200; docs/benchmark.md lists it with sources; none for CPU; an unknown device has no MFU "
+                        "until this is given)")
     g = p.add_argument_group("measurement and output")
     g.add_argument("--warmup", type=int, default=3, help="iterations run first and not measured (default 3)")
     g.add_argument("--iters", type=int, default=10, help="measured iterations (default 10)")
@@ -169,6 +172,10 @@ def _main(argv: Optional[List[str]] = None) -> int:
     if fv is not None:
         print(f"\nfused / unfused throughput: {fv['throughput_ratio']:.2f}x" if fv["available"] else
               f"\nfused / unfused: not measured (no fused kernels on {s.device}; see the note above)")
+    ov = result.get("overlap_on_vs_off")
+    if ov is not None:
+        print(f"communication overlap on / off throughput: {ov['throughput_ratio']:.2f}x" if ov["available"] else
+              f"communication overlap on / off: not measured ({ov['reason']})")
     print(f"\nwrote {out}")
     if a.plot:
         print(f"wrote {plot([result], a.plot)}")

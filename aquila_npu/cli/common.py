@@ -29,6 +29,8 @@ INERT_FLAGS: Dict[str, str] = {
     "--no-load-optim": "inference loads weights only",
     "--no-load-rng": "inference loads weights only",
     "--sequence-parallel": "inference runs without sequence parallelism",
+    "--exit-signal-handler": "always on: SIGTERM / SIGINT stop training at the end of the iteration, after saving "
+                             "a checkpoint with --save",
 }
 
 

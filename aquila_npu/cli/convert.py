@@ -92,6 +92,8 @@ def _lora(args) -> str:
 def run(args) -> str:
     check_positive(args, "target_tensor_parallel_size", "target_pipeline_parallel_size",
                    "make_vocab_size_divisible_by")
+    if not args.max_shard_size_gb > 0:
+        raise UsageError(f"--max-shard-size-gb {args.max_shard_size_gb} must be > 0")
     if args.loader == "peft" or args.save_lora_to_hf:
         return _lora(args)
     dtype = DTYPES[args.params_dtype] if args.params_dtype else None

@@ -5,10 +5,11 @@ itself: ``aquila_npu.training``."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
-from aquila_npu.cli.common import add_device_argument, add_inert_arguments, run_cli
+from aquila_npu.cli.common import add_device_argument, add_inert_arguments, check_positive, run_cli
 from aquila_npu.device.backends import FusedOps
 from aquila_npu.errors import UsageError
 from aquila_npu.lora import settings as lora_settings
@@ -17,7 +18,7 @@ from aquila_npu.models.registry import MODELS
 
 PROG = "aquila_npu.pretrain"
 INERT = ("--swiglu", "--disable-bias-linear", "--attention-softmax-in-fp32", "--no-masked-softmax-fusion",
-         "--no-gradient-accumulation-fusion")
+         "--no-gradient-accumulation-fusion", "--exit-signal-handler")
 
 
 def _model(p):
@@ -40,6 +41,20 @@ def _parallel(p):
     g.add_argument("--sequence-parallel", action="store_true", help="megatron-core sequence parallelism (tp > 1)")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard optimizer state across data-parallel ranks (megatron-core DistributedOptimizer)")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="overlap the data-parallel gradient all-reduce (reduce-scatter with the distributed "
+                        "optimizer) with the backward pass, bucket by bucket (megatron-core DDP; off by default, as "
+                        "in Megatron-LM)")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="overlap the distributed optimizer's parameter all-gather with the next forward pass "
+                        "(needs --use-distributed-optimizer and --overlap-grad-reduce, as in Megatron-LM)")
+    g.add_argument("--ddp-bucket-size", type=int, default=None,
+                   help="parameters per gradient-reduction bucket with --overlap-grad-reduce (default "
+                        "megatron-core's: max(40M, 1M x data-parallel size)); without overlap there is one bucket")
+    g.add_argument("--accumulate-allreduce-grads-in-fp32", action=argparse.BooleanOptionalAction, default=True,
+                   help="accumulate and reduce gradients in fp32. On by default here for every dtype (Megatron-LM "
+                        "turns it on for bf16 but leaves fp16 reducing in fp16 unless given); "
+                        "--no-accumulate-allreduce-grads-in-fp32 accumulates and reduces in the training dtype")
     add_device_argument(g)
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
@@ -103,13 +118,19 @@ def _logging(p):
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=0, help="validation iterations per evaluation (0: none)")
-    g.add_argument("--exit-interval", type=int, default=None, help="stop after an iteration divisible by this")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop after an iteration divisible by this (saving a checkpoint with --save)")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="stop after this many minutes of running, at the end of an iteration, saving a checkpoint "
+                        "with --save (for schedulers with time limits); SIGTERM / SIGINT do the same")
     g.add_argument("--tensorboard-dir", default=None, help="write TensorBoard scalars here")
     g.add_argument("--metrics-file", default=None,
                    help="append one JSON line per logged iteration: iteration, lm_loss, grad_norm, learning_rate, "
-                        "tokens_per_sec_per_device, step_time_s, mfu (where the device peak is known), memory")
+                        "tokens_per_sec_per_device, step_time_s, mfu (where the device peak is known), memory; the "
+                        "first also run_features (overlap, bucket size, causal mask, gradient norm kernel, peak)")
     g.add_argument("--device-peak-tflops", type=float, default=None,
-                   help="peak dense TFLOP/s of one device for MFU (default: from the table for known devices)")
+                   help="peak dense bf16/fp16 TFLOP/s of one device for MFU (default: aquila_npu.flops's table "
+                        "for the device name torch reports; an unknown device has no MFU until this is given)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -139,8 +160,9 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def validate(args: argparse.Namespace) -> None:
     if args.bf16 and args.fp16:
         raise UsageError("--bf16 and --fp16 exclude each other")
-    if args.train_iters is None or args.train_iters < 0:
-        raise UsageError("--train-iters is required (>= 0)")
+    if args.train_iters is None or args.train_iters < 1:
+        raise UsageError("--train-iters is required (>= 1)" if args.train_iters is None else
+                         f"--train-iters {args.train_iters} must be >= 1")
     if args.finetune and not args.load:
         raise UsageError("--finetune needs --load (the checkpoint to fine-tune)")
     if args.is_instruction_dataset and args.mock_data:
@@ -157,10 +179,35 @@ def validate(args: argparse.Namespace) -> None:
     for flag in ("micro_batch_size", "log_interval", "eval_interval"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.save_interval is not None and args.save_interval < 1:
-        raise UsageError("--save-interval must be >= 1")
+    check_positive(args, "save_interval", "seq_length", "exit_interval")
+    for flag in ("lr", "min_lr"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 0")
+    if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
+        raise UsageError(f"--exit-duration-in-mins {args.exit_duration_in_mins} must be > 0")
+    _check_split(args.split)
+    for flag in ("save", "load"):
+        path = getattr(args, flag)
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise UsageError(f"--{flag} {path} is a file, not a checkpoint directory")
+    if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):
+        raise UsageError("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce")
+    if args.ddp_bucket_size is not None and args.ddp_bucket_size < 1:
+        raise UsageError("--ddp-bucket-size must be >= 1")
     if args.lr_warmup_fraction is not None and args.lr_warmup_iters:
         raise UsageError("--lr-warmup-fraction and --lr-warmup-iters exclude each other")
+
+
+def _check_split(split: str) -> None:
+    """Megatron's --split: up to three non-negative proportions (train, valid, test), not all zero."""
+    parts = split.replace("/", ",").split(",")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if not values or len(values) > 3 or any(v < 0 for v in values) or not sum(values) > 0:
+        raise UsageError(f"--split {split}: expected up to three non-negative train,valid,test proportions, not all "
+                         "zero (e.g. 969,30,1)")
 
 
 def _main(argv: Optional[List[str]] = None) -> int:

@@ -144,6 +144,15 @@ def instruction_prefix(data_prefix):
                     "written by tools/preprocess_data.py --handler-name GeneralInstructionHandler)")
 
 
+def indexed_prefixes(data_path, instruction=False):
+    """The megatron-core indexed datasets ``--data-path`` names: its prefixes, or for instruction data the input ids
+    and labels of each packed prefix."""
+    prefixes, _ = parse_data_path(data_path)
+    if not instruction:
+        return prefixes
+    return [f"{instruction_prefix(p)}_{key}_document" for p in prefixes for key in ("input_ids", "labels")]
+
+
 class PackedInstructionData:
     """The low-level dataset: one instruction sample per document of ``<base>_input_ids_document`` and
     ``<base>_labels_document`` (megatron-core ``IndexedDataset``s, checked to hold equal lengths)."""

@@ -143,7 +143,7 @@ def _run(args):
           f"{' (' + spec.prompt_type + ' template)' if args.handler_name != PRETRAIN else ''}, "
           f"{args.workers} worker(s)", file=sys.stderr, flush=True)
     progress = Progress(args.log_interval)
-    with IndexedDatasetsWriter(prefixes) as writer:
+    with IndexedDatasetsWriter(prefixes, base) as writer:
         rows = iter_rows(files, handler.columns)
         for encoded in _results(handler, spec, rows, args.workers, args.chunk_size, args.log_interval):
             for name, (flat, lengths) in encoded.arrays.items():

@@ -101,6 +101,7 @@ def setup(device: Optional[str] = None, fused: FusedOps = FusedOps(), *, distrib
     else:
         patches.redirect_cuda_to_cpu()
         torch_device = torch.device("cpu")
+    patches.grad_norm_without_host_syncs()
     if backend.rope_fn() is not None:
         patches.provide_fused_rope(backend.rope_fn())
     if distributed:

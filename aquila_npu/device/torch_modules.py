@@ -6,6 +6,7 @@ shares (an RMSNorm has one parameter, ``weight``; core attention has none).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -49,13 +50,26 @@ def causal_mask(sq: int, sk: int, device=None) -> Tensor:
     return k_pos > q_pos
 
 
+@functools.lru_cache(maxsize=8)
+def shared_causal_mask(sq: int, sk: int, device: torch.device) -> Tensor:
+    """``causal_mask`` built once per (sq, sk, device) and shared by every layer and micro-batch (read-only: never
+    modify it). Built outside inference mode, so a mask first made while generating can still be saved for a
+    backward pass later. A few shapes are kept (training uses one; prefill in generation a few)."""
+    with torch.inference_mode(False):
+        return causal_mask(sq, sk, device)
+
+
 class CoreAttentionBase(MegatronModule):
     """Shared set-up for the core attention modules: heads per partition, scale, dropout, mask handling.
 
     Inputs follow megatron-core's ``sbhd`` convention: query [sq, b, np, hn], key/value [sk, b, ng, hn];
     the output is [sq, b, np * hn]. ``attention_mask`` is boolean, True = masked, broadcastable to [b, 1, sq, sk];
-    with ``attention_mask=None`` and a causal layer, a causal mask is implied.
+    with ``attention_mask=None`` and a causal layer, a causal mask is implied: ``implicit_causal`` self-attention
+    over equal lengths. A kernel with its own causal mode sets ``needs_causal_mask = False`` and gets ``mask=None``
+    there (no [S, S] tensor at all); the others get the one shared mask (``shared_causal_mask``).
     """
+
+    needs_causal_mask = True
 
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
@@ -76,28 +90,41 @@ class CoreAttentionBase(MegatronModule):
         if attention_mask is not None:
             return attention_mask.bool()
         if mask_type == AttnMaskType.causal and sq > 1:
-            return causal_mask(sq, sk, device)
+            return shared_causal_mask(sq, sk, torch.device(device))
         return None
+
+    def is_implicit_causal(self, attention_mask: Optional[Tensor], attn_mask_type, sq: int, sk: int) -> bool:
+        """No mask given, a causal layer, self-attention over equal lengths (training, prefill)."""
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        return attention_mask is None and mask_type == AttnMaskType.causal and sq == sk and sq > 1
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                 attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> Tensor:
         assert packed_seq_params is None and attention_bias is None, "packed sequences / bias are not supported"
         sq, sk = query.shape[0], key.shape[0]
-        mask = self.mask_for(attention_mask, attn_mask_type, sq, sk, query.device)
-        implicit_causal = attention_mask is None and mask is not None and sq == sk
+        implicit_causal = self.is_implicit_causal(attention_mask, attn_mask_type, sq, sk)
+        mask = None if implicit_causal and not self.needs_causal_mask else \
+            self.mask_for(attention_mask, attn_mask_type, sq, sk, query.device)
         dropout_p = self.dropout_p if self.training else 0.0
+        if dropout_p == 0.0:  # no random numbers drawn: forking the tracker's RNG state would change nothing
+            return self.attend(query, key, value, mask, implicit_causal, dropout_p)
         with tensor_parallel.get_cuda_rng_tracker().fork():
             return self.attend(query, key, value, mask, implicit_causal, dropout_p)
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor], implicit_causal: bool,
                dropout_p: float) -> Tensor:
-        """[sq, b, np*hn] from sbhd q/k/v; ``mask`` True = masked; ``implicit_causal``: mask is the plain causal
-        one over equal lengths (kernels with causal sparsity can use it)."""
+        """[sq, b, np*hn] from sbhd q/k/v; ``mask`` True = masked; ``implicit_causal``: the plain causal mask over
+        equal lengths (kernels with causal sparsity can use it; ``mask`` is then the shared causal mask, or None
+        where the class sets ``needs_causal_mask = False``)."""
         raise NotImplementedError
 
 
 class SDPAAttention(CoreAttentionBase):
-    """Core attention with ``torch.nn.functional.scaled_dot_product_attention`` (GQA without repeating K/V)."""
+    """Core attention with ``torch.nn.functional.scaled_dot_product_attention`` (GQA without repeating K/V).
+    Causal self-attention uses SDPA's own ``is_causal`` (no mask tensor; on CPU the same flash kernel and bit-equal
+    results as the explicit mask, tests/test_backends.py; on CUDA it lets SDPA pick its flash kernel)."""
+
+    needs_causal_mask = False
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor], implicit_causal: bool,
                dropout_p: float) -> Tensor:
@@ -105,6 +132,6 @@ class SDPAAttention(CoreAttentionBase):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, d]
         out = torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=None if mask is None else ~mask, dropout_p=dropout_p, scale=self.scale,
-            enable_gqa=self.num_heads != self.num_groups,
+            is_causal=implicit_causal and mask is None, enable_gqa=self.num_heads != self.num_groups,
         )
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)

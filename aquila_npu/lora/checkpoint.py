@@ -19,10 +19,11 @@ import torch
 from torch import Tensor
 
 from aquila_npu.checkpoint import megatron_io
-from aquila_npu.checkpoint.convert import ITERATION, AtomicDir
+from aquila_npu.checkpoint.convert import ITERATION
 from aquila_npu.errors import CheckpointError
 from aquila_npu.lora.settings import LoraSettings
 from aquila_npu.models import arch_flags
+from aquila_npu.outputs.atomic import AtomicDir
 from aquila_npu.weights.mapping import Layout, hf_rank_to_mcore, lora_rows, mcore_stage_to_hf
 
 ADAPTER_DTYPE = torch.float32
@@ -81,7 +82,7 @@ def write(save_dir: str, layout: Layout, settings: LoraSettings, get_peft: Calla
     """Write an adapter checkpoint (atomically: a temporary directory renamed into place) from HF PEFT-named
     tensors (``get_peft(name)``), split for ``layout``."""
     rows = lora_rows(settings.targets)
-    with AtomicDir(save_dir) as tmp:
+    with AtomicDir(save_dir, "the LoRA adapter checkpoint") as tmp:
         for stage in range(layout.pp):
             for rank in range(layout.tp):
                 sd = hf_rank_to_mcore(get_peft, layout, stage, rank, cast=lambda t: t.to(ADAPTER_DTYPE), table=rows)

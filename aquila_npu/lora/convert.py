@@ -29,12 +29,12 @@ import torch
 from torch import Tensor
 
 from aquila_npu.checkpoint import megatron_io
-from aquila_npu.checkpoint.convert import AtomicDir
 from aquila_npu.errors import CheckpointError
 from aquila_npu.lora import checkpoint as adapter_ckpt
 from aquila_npu.lora.settings import LoraSettings
 from aquila_npu.models.hf_config import spec_from_hf_config
 from aquila_npu.models.registry import ModelSpec
+from aquila_npu.outputs.atomic import AtomicDir
 from aquila_npu.weights.mapping import (LORA_PAIRS, PEFT_PREFIX, TABLE, Layout, hf_rank_to_mcore, hf_shapes,
                                         lora_rows, lora_target)
 
@@ -112,7 +112,7 @@ def export_peft(adapter_root: str, save_dir: str, base_model_name_or_path: Optio
 
     adapter = adapter_ckpt.AdapterCheckpoint(adapter_root)
     tensors = {k: v.contiguous().clone() for k, v in adapter.peft_tensors().items()}  # a fused A: one copy each
-    with AtomicDir(save_dir) as tmp:
+    with AtomicDir(save_dir, "the PEFT adapter") as tmp:
         save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         exported_config(adapter.settings, base_model_name_or_path).save_pretrained(tmp)
     return save_dir

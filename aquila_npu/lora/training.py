@@ -5,7 +5,7 @@
     iteration, consumed, what = training.load(args, base_info, model=ddp, optimizer=..., scheduler=...,
                                               layout=..., params_dtype=dtype)   # base --load, adapter --lora-load
     print(training.describe(ddp, optimizer, settings))                   # trainable parameters, optimizer state
-    training.save(args, settings, iteration, model=ddp, ...)             # adapters only, atomically
+    training.save(args, settings, save_dir, iteration, model=ddp, ...)   # adapters only, atomically
 
 The base is frozen: it has no gradient and megatron-core's DDP and optimizer skip it, so it has no optimizer state.
 """
@@ -41,7 +41,7 @@ def settings(args: argparse.Namespace) -> Optional[LoraSettings]:
 
 
 def load(args: argparse.Namespace, base: CheckpointInfo, *, model, optimizer, scheduler, layout: Layout,
-         params_dtype: torch.dtype) -> Tuple[int, int, str]:
+         params_dtype: torch.dtype, device: str) -> Tuple[int, int, str]:
     """Base weights from the --load checkpoint ``base`` (always weights only), then the adapter from --lora-load:
     resumed exactly (iteration, optimizer, scheduler, RNG) unless --finetune / --no-load-optim / --no-load-rng say
     otherwise, or the adapter was converted (weights only). Without --lora-load the adapters keep their initial
@@ -50,30 +50,27 @@ def load(args: argparse.Namespace, base: CheckpointInfo, *, model, optimizer, sc
         raise CheckpointError(f"--load {args.load}: no checkpoint there (the base model LoRA trains on)")
     checkpointing.load(base, model=BaseWeights(model), optimizer=optimizer, scheduler=scheduler, layout=layout,
                        params_dtype=params_dtype, finetune=True, no_load_optim=True, no_load_rng=True,
-                       use_distributed_optimizer=args.use_distributed_optimizer)
+                       use_distributed_optimizer=args.use_distributed_optimizer, device=device)
     adapter = adapter_ckpt.find(args.lora_load)
     if adapter is None:
         return 0, 0, "base weights, new adapters"
     adapter_ckpt.check_same_model(adapter, layout, args.load)
-    # no_grad: megatron-core 0.16's DistributedOptimizer.load_parameter_state_from_dp_reshardable copies into main
-    # params without it, and the main params of fp32 parameters (the adapters) are views of the parameters.
-    with torch.no_grad():
-        iteration, consumed, what = checkpointing.load(
-            adapter.info, model=Adapters(model), optimizer=optimizer, scheduler=scheduler, layout=layout,
-            params_dtype=adapter_ckpt.ADAPTER_DTYPE, finetune=args.finetune, no_load_optim=args.no_load_optim,
-            no_load_rng=args.no_load_rng, use_distributed_optimizer=args.use_distributed_optimizer)
+    iteration, consumed, what = checkpointing.load(  # (loads optimizer state under no_grad: fp32 adapters)
+        adapter.info, model=Adapters(model), optimizer=optimizer, scheduler=scheduler, layout=layout,
+        params_dtype=adapter_ckpt.ADAPTER_DTYPE, finetune=args.finetune, no_load_optim=args.no_load_optim,
+        no_load_rng=args.no_load_rng, use_distributed_optimizer=args.use_distributed_optimizer,
+        device=device)
     return iteration, consumed, f"base weights, adapter {what.replace('weights', 'tensors')} from {args.lora_load}"
 
 
-def save(args: argparse.Namespace, settings: LoraSettings, iteration: int, *, model, optimizer, scheduler,
-         layout: Layout, consumed_samples: int) -> None:
-    """The adapters and their optimizer state only, in ``training.checkpointing``'s atomic layout; the settings
-    travel in ``training_args``."""
+def save(args: argparse.Namespace, settings: LoraSettings, save_dir: checkpointing.SaveDir, iteration: int,
+         *, model, optimizer, scheduler, layout: Layout, consumed_samples: int, device: str) -> None:
+    """The adapters and their optimizer state only, in ``training.checkpointing``'s atomic layout (into the run's
+    claimed ``save_dir``); the settings travel in ``training_args``."""
     recorded = argparse.Namespace(**{**vars(args), **settings.to_dict()})
-    checkpointing.save(args.save, iteration, model=Adapters(model), optimizer=optimizer, scheduler=scheduler,
+    checkpointing.save(save_dir, iteration, model=Adapters(model), optimizer=optimizer, scheduler=scheduler,
                        layout=layout, params_dtype=adapter_ckpt.ADAPTER_DTYPE, consumed_samples=consumed_samples,
-                       args=recorded, use_distributed_optimizer=args.use_distributed_optimizer,
-                       no_shared_storage=args.no_shared_storage)
+                       args=recorded, use_distributed_optimizer=args.use_distributed_optimizer, device=device)
 
 
 def describe(model, optimizer, settings: LoraSettings) -> str:

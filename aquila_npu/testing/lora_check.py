@@ -15,6 +15,7 @@ import json
 import torch
 from megatron.core import parallel_state as ps
 
+from aquila_npu.checkpoint import safe_load
 from aquila_npu.checkpoint.load_model import build_stage
 from aquila_npu.device.setup import setup
 from aquila_npu.inference.forward import forward_logits
@@ -43,7 +44,7 @@ def main():
     pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
     layout = Layout(TINY, a.tp, a.pp, make_vocab_size_divisible_by=8)
     shard = hf_stage_to_mcore(hf_state.__getitem__, layout, pp_rank)[tp_rank]
-    tokens = torch.load(cases[0]["tokens"], weights_only=True)
+    tokens = safe_load.load(cases[0]["tokens"], mmap=False)
     results = {}
     for case in cases:
         model, cfg = build_stage(TINY, layout, dev, shard, params_dtype=torch.float32, pp_rank=pp_rank)
@@ -62,7 +63,7 @@ def main():
             r["b0_equal"] = bool(torch.equal(logits, base))
             r["diff_vs_base"] = (logits - base).abs().max().item()
             if case.get("reference"):
-                ref = torch.load(case["reference"], weights_only=True)
+                ref = safe_load.load(case["reference"], mmap=False)
                 r["max_abs_diff"] = (ours - ref).abs().max().item()
                 r["ref_abs_max"] = ref.abs().max().item()
         results[case["name"]] = r

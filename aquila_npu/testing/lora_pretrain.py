@@ -60,9 +60,9 @@ def main(argv):
         loaded(model, optimizer)
         return out
 
-    def save_lora(a, settings, iteration, *, model, optimizer, **kw):
+    def save_lora(a, settings, save_dir, iteration, *, model, optimizer, **kw):
         saving(iteration, model, optimizer)
-        return lora_save(a, settings, iteration, model=model, optimizer=optimizer, **kw)
+        return lora_save(a, settings, save_dir, iteration, model=model, optimizer=optimizer, **kw)
 
     # (LoRA's load and save call these too, with views of the model: recorded by the LoRA wrappers instead)
     def load_full(info, *, model, optimizer, **kw):
@@ -71,10 +71,10 @@ def main(argv):
             loaded(model, optimizer)
         return out
 
-    def save_full(root, iteration, *, model, optimizer, **kw):
+    def save_full(save_dir, iteration, *, model, optimizer, **kw):
         if not lora:
             saving(iteration, model, optimizer)
-        return full_save(root, iteration, model=model, optimizer=optimizer, **kw)
+        return full_save(save_dir, iteration, model=model, optimizer=optimizer, **kw)
 
     with mock.patch.object(lora_training, "load", load_lora), mock.patch.object(lora_training, "save", save_lora), \
             mock.patch.object(lora_training, "describe", describe), \

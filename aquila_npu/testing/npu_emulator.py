@@ -597,3 +597,612 @@ def installed():
             sys.modules.pop("torch_npu", None)
         else:
             sys.modules["torch_npu"] = saved
+
+
+# =================================================================================================================
+# The fake torch_npu runtime (child processes only)
+# =================================================================================================================
+#
+# ``import torch_npu`` resolves here when ``fake_runtime_path()`` is first on PYTHONPATH (a loader package of a few
+# lines delegating to ``install_runtime`` / ``transfer_to_npu``). It gives the ops above plus what the real package
+# does on import: the device type "npu" (torch's privateuse1 backend renamed), ``torch.npu``, legacy
+# ``torch.npu.*Tensor`` types, ``Tensor.npu`` / ``Module.npu`` / ``Tensor.is_npu`` and the ``hccl`` process-group
+# backend. There is no NPU: "npu" is an alias of the CPU (one memory, every tensor is a CPU tensor), hccl is gloo, the
+# NPU generator is the CPU generator. What it proves: the API calls, their order and the numerics; never speed.
+#
+# Strict where the real runtime would fail or misbehave on an Atlas node:
+# * the hccl backend refuses to start before ``torch.npu.set_device`` (each rank must own its device before HCCL
+#   creates its communicator; otherwise every rank would bind to device 0);
+# * ``set_device`` refuses an index >= ``device_count()``.
+# Not caught, since host and device memory are one here: a CPU tensor given to an HCCL collective or an NPU kernel
+# (works here, fails on hardware), host-device copies and their cost.
+# The runtime is irreversible (torch allows one privateuse1 name per process): never install it in the pytest process.
+
+import atexit
+import json
+import os
+
+from aquila_npu.device.patches import HostEvent, HostStream
+
+FAKE_DEVICE_NAME = "fake NPU (aquila_npu.testing.npu_emulator on the CPU)"
+FAKE_VERSION = "2.13.0+aquila.emulated"  # the torch_npu release whose APIs this imitates, marked as not the real one
+DEVICES_ENV = "AQUILA_FAKE_NPU_DEVICES"  # how many NPUs the fake node has (default 8, an Atlas 800T A2)
+REPORT_ENV = "AQUILA_FAKE_NPU_REPORT"  # a folder: each process writes <folder>/rank<RANK>-<pid>.json at exit
+
+# What the runtime saw, in order: ("import",), ("set_device", idx), ("hccl", rank, size, device), ("transfer_to_npu",
+# [megatron modules already imported]). Tests read it from the report.
+events: list = []
+_state = {"installed": False, "initialized": False, "device": None, "queued": [], "transferred": False}
+
+
+def fake_runtime_path() -> str:
+    """The folder to put first on a child process's PYTHONPATH so that ``import torch_npu`` is this fake."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_torch_npu")
+
+
+def _is_npu(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "npu"
+    return isinstance(device, str) and (device == "npu" or device.startswith("npu:"))
+
+
+def _host(device):
+    """An NPU device (``'npu'``, ``'npu:3'``, ``torch.device('npu', 3)``) -> the CPU, where the fake keeps tensors."""
+    if _is_npu(device):
+        return torch.device("cpu")
+    if isinstance(device, dict):  # torch.load's map_location
+        return {k: ("cpu" if _is_npu(v) else v) for k, v in device.items()}
+    return device
+
+
+def _device_index(device) -> int:
+    if device is None or (isinstance(device, str) and device == "npu"):
+        return _state["device"] if _state["device"] is not None else 0
+    if isinstance(device, int):
+        return device
+    if isinstance(device, str):
+        device = torch.device(device)
+    if isinstance(device, torch.device):
+        if device.type != "npu":
+            raise ValueError(f"Expected an npu device, but got: {device}")
+        return device.index if device.index is not None else _device_index(None)
+    raise ValueError(f"Invalid device {device!r}")
+
+
+# ---------------------------------------------------------------------------------------------- torch.npu namespace
+def is_available() -> bool:
+    return True
+
+
+def device_count() -> int:
+    return int(os.environ.get(DEVICES_ENV, "8"))
+
+
+def is_initialized() -> bool:
+    return _state["initialized"]
+
+
+def _lazy_init() -> None:
+    if _state["initialized"]:
+        return
+    _state["initialized"] = True
+    queued, _state["queued"] = _state["queued"], []
+    for cb in queued:
+        cb()
+
+
+def init() -> None:
+    _lazy_init()
+
+
+def _lazy_call(cb) -> None:
+    """As torch_npu: run now when initialised, else when the NPU initialises (first set_device / device use)."""
+    if _state["initialized"]:
+        cb()
+    else:
+        _state["queued"].append(cb)
+
+
+def set_device(device) -> None:
+    idx = _device_index(device)
+    if idx < 0:
+        return
+    if idx >= device_count():
+        raise RuntimeError(f"set_device({device!r}): this node has {device_count()} NPUs "
+                           f"(device ids 0..{device_count() - 1})")
+    _state["device"] = idx
+    events.append(("set_device", idx))
+    _lazy_init()
+
+
+def current_device() -> int:
+    _lazy_init()
+    return _state["device"] if _state["device"] is not None else 0
+
+
+class device:
+    """Context manager selecting an NPU (as ``torch.npu.device``)."""
+
+    def __init__(self, device):
+        self.idx = -1 if device is None or (isinstance(device, int) and device < 0) else _device_index(device)
+        self.prev = -1
+
+    def __enter__(self):
+        if self.idx >= 0:
+            self.prev = current_device()
+            _state["device"] = self.idx
+
+    def __exit__(self, *exc):
+        if self.idx >= 0:
+            _state["device"] = self.prev
+        return False
+
+
+def synchronize(device=None) -> None:
+    _lazy_init()
+
+
+def get_device_name(device_name=None) -> str:
+    return FAKE_DEVICE_NAME
+
+
+def get_device_properties(device_name=None):
+    return types.SimpleNamespace(name=FAKE_DEVICE_NAME, total_memory=0, cube_core_num=0, vector_core_num=0)
+
+
+def get_device_capability(device=None):
+    """As torch_npu 2.13.0 (npu/__init__.py:565-622): None unless TORCH_NPU_DEVICE_CAPABILITY is 'major.minor'. (torch's
+    own ``dist.broadcast`` indexes the result for tensors that are ``is_cuda``, which transfer_to_npu makes npu
+    tensors: without the variable it fails with "'NoneType' object is not subscriptable", on the real runtime too.)"""
+    value = os.environ.get("TORCH_NPU_DEVICE_CAPABILITY", "")
+    major, dot, minor = value.partition(".")
+    return (int(major), int(minor)) if dot and major.isdigit() and minor.isdigit() else None
+
+
+def is_bf16_supported(including_emulation: bool = False) -> bool:
+    return True
+
+
+def mem_get_info(device=None):
+    return (0, 0)
+
+
+def utilization(device=None) -> int:
+    return 0
+
+
+def _zero(device=None) -> int:
+    return 0
+
+
+memory_allocated = max_memory_allocated = memory_reserved = max_memory_reserved = _zero
+memory_cached = max_memory_cached = _zero
+
+
+def memory_stats(device=None) -> dict:
+    return {}
+
+
+def _nothing(device=None) -> None:
+    return None
+
+
+reset_peak_memory_stats = reset_max_memory_allocated = reset_max_memory_cached = _nothing
+reset_accumulated_memory_stats = _nothing
+
+
+def empty_cache() -> None:
+    pass
+
+
+def set_per_process_memory_fraction(fraction, device=None) -> None:
+    pass
+
+
+def memory_summary(device=None, abbreviated: bool = False) -> str:
+    return f"{FAKE_DEVICE_NAME}: no device memory (tensors live in host memory)"
+
+
+# RNG: the fake NPU's generator is the CPU generator (every "npu" tensor is a CPU tensor, so dropout & co. draw from it)
+def _generator(device=None):
+    _device_index(device)
+    return torch.default_generator
+
+
+def get_rng_state(device="npu") -> Tensor:
+    _lazy_init()
+    return _generator(device).get_state()
+
+
+def set_rng_state(new_state: Tensor, device="npu") -> None:
+    state = new_state.clone()
+    _lazy_call(lambda: _generator(device).set_state(state))
+
+
+def get_rng_state_all():
+    return [get_rng_state(i) for i in range(device_count())]
+
+
+def set_rng_state_all(new_states) -> None:
+    for i, state in enumerate(new_states):
+        set_rng_state(state, i)
+
+
+def manual_seed(seed) -> None:
+    # never torch.manual_seed here: it calls torch.cuda.manual_seed_all, which transfer_to_npu points at this module
+    seed = int(seed)
+    _lazy_call(lambda: torch.default_generator.manual_seed(seed))
+
+
+manual_seed_all = manual_seed
+
+
+def seed() -> None:
+    _lazy_call(torch.default_generator.seed)
+
+
+seed_all = seed
+
+
+def initial_seed() -> int:
+    _lazy_init()
+    return torch.default_generator.initial_seed()
+
+
+Event, Stream = HostEvent, HostStream  # work runs at once on the host: no device queue to wait for
+
+
+_streams = {}
+
+
+def current_stream(device=None) -> Stream:
+    return _streams.setdefault(_device_index(device), Stream())
+
+
+default_stream = current_stream
+
+
+@contextlib.contextmanager
+def stream(stream):
+    yield
+
+
+def set_stream(stream) -> None:
+    pass
+
+
+class _LegacyType(type):
+    """``torch.npu.FloatTensor`` & co.: a tensor is an instance when its dtype matches (all fake NPU tensors are CPU
+    tensors); calling one builds a tensor of that dtype, as the CPU legacy constructors do."""
+
+    def __instancecheck__(cls, obj):
+        return isinstance(obj, torch.Tensor) and obj.dtype == cls.dtype
+
+    def __call__(cls, *args, **kwargs):
+        return cls.host(*args, **kwargs)
+
+
+_LEGACY = {"Float": torch.float32, "Half": torch.float16, "BFloat16": torch.bfloat16, "Double": torch.float64,
+           "Long": torch.int64, "Int": torch.int32, "Short": torch.int16, "Char": torch.int8, "Byte": torch.uint8,
+           "Bool": torch.bool}
+_LEGACY_BY_DTYPE = {dtype: kind for kind, dtype in _LEGACY.items()}
+for _kind, _dtype in _LEGACY.items():
+    globals()[f"{_kind}Tensor"] = _LegacyType(f"{_kind}Tensor", (), {
+        "dtype": _dtype, "host": getattr(torch, f"{_kind}Tensor"), "__module__": "torch_npu.npu"})
+
+
+NPU_API = ("is_available", "device_count", "is_initialized", "init", "set_device", "current_device", "device",
+           "synchronize", "get_device_name", "get_device_properties", "get_device_capability", "is_bf16_supported",
+           "mem_get_info", "utilization", "memory_allocated", "max_memory_allocated", "memory_reserved",
+           "max_memory_reserved", "memory_cached", "max_memory_cached", "memory_stats", "memory_summary",
+           "empty_cache", "reset_peak_memory_stats", "reset_max_memory_allocated", "reset_max_memory_cached",
+           "reset_accumulated_memory_stats", "set_per_process_memory_fraction", "get_rng_state", "set_rng_state",
+           "get_rng_state_all", "set_rng_state_all", "manual_seed", "manual_seed_all", "seed", "seed_all",
+           "initial_seed", "Event", "Stream", "current_stream", "default_stream", "stream", "set_stream",
+           *(f"{kind}Tensor" for kind in _LEGACY))
+"""The public names of ``torch_npu.npu`` the fake provides (each exists in the real ``torch_npu.npu.__all__``: a test
+checks it against the wheel)."""
+
+
+def _npu_module() -> types.ModuleType:
+    npu = types.ModuleType("torch_npu.npu")
+    npu.__doc__ = "The fake runtime's torch.npu (aquila_npu.testing.npu_emulator)."
+    for name in NPU_API:
+        setattr(npu, name, globals()[name])
+    npu.__all__ = list(NPU_API)
+    npu._lazy_call, npu._lazy_init = _lazy_call, _lazy_init
+    npu._is_in_bad_fork = lambda: False  # torch.manual_seed seeds a custom device through these two
+    # one generator per device, all of them the CPU's (as above); torch_npu fills this at initialisation
+    npu.default_generators = (torch.default_generator,) * device_count()
+    npu.random = npu.memory = npu  # torch_npu.npu.random / .memory: the same functions
+    return npu
+
+
+# -------------------------------------------------------------------------- "npu" as an alias of the CPU, on import
+def _rewrite_device_kwargs(fn, *, positional: bool = False):
+    """``fn`` with npu devices in ``device=`` / ``map_location=`` (and, for ``to``, the first positional argument)
+    sent to the CPU."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if positional and args:
+            args = (args[0], _host(args[1])) + args[2:] if len(args) > 1 else args
+        for key in ("device", "map_location"):
+            if key in kwargs:
+                kwargs[key] = _host(kwargs[key])
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _factory_names():
+    """torch's own list of functions that take ``device=`` (what its DeviceContext intercepts), plus ``*_like``."""
+    from torch.utils._device import _device_constructors
+
+    names = {fn.__name__ for fn in _device_constructors() if getattr(torch, fn.__name__, None) is fn}
+    names |= {n for n in dir(torch) if n.endswith("_like") and callable(getattr(torch, n))}
+    return sorted(names | {"load"})
+
+
+def _npu_type_name(self, *args, **kwargs):
+    """``Tensor.type()``: NPU tensors are named ``torch.npu.<T>Tensor`` (inferred from torch_npu's
+    ``torch.npu.FloatTensor`` types and MindSpeed's npu->cuda rewrite of the name; not observed on hardware). In the
+    fake every tensor is an NPU tensor. With an argument: the conversion, npu type names meaning the CPU ones."""
+    if args or kwargs:
+        target = args[0] if args else kwargs.pop("dtype")
+        if isinstance(target, str):
+            target = target.replace("torch.npu.", "torch.")
+        elif isinstance(target, _LegacyType):
+            target = target.host
+        return _host_type(self, target, *args[1:], **kwargs)
+    return f"torch.npu.{_LEGACY_BY_DTYPE[self.dtype]}Tensor" if self.dtype in _LEGACY_BY_DTYPE else _host_type(self)
+
+
+_host_type = torch.Tensor.type  # replaced by the original at install time
+
+
+def _alias_npu_to_cpu() -> None:
+    global _host_type
+    _host_type = torch.Tensor.type
+    for name in _factory_names():
+        setattr(torch, name, _rewrite_device_kwargs(getattr(torch, name)))
+    tensor, module = torch.Tensor, torch.nn.Module
+    for name in ("new_empty", "new_empty_strided", "new_full", "new_ones", "new_tensor", "new_zeros"):
+        setattr(tensor, name, _rewrite_device_kwargs(getattr(tensor, name)))
+    tensor.to = _rewrite_device_kwargs(tensor.to, positional=True)
+    module.to = _rewrite_device_kwargs(module.to, positional=True)
+    module.to_empty = _rewrite_device_kwargs(module.to_empty)
+    tensor.npu = lambda self, device=None, non_blocking=False, memory_format=None: self
+    tensor.is_npu = property(lambda self: True)
+    module.npu = lambda self, device=None: self
+    tensor.type = _npu_type_name
+
+
+# ------------------------------------------------------------------------------------------ hccl on top of gloo
+class ProcessGroupHCCL(torch.distributed.ProcessGroupGloo):
+    """The ``hccl`` backend: gloo underneath. (torch hands back the C++ gloo object from ``group._get_backend``, so
+    the one HCCL method our code calls lives on ``_HcclBackendView``.)"""
+
+
+class _HcclBackendView:
+    """What ``group._get_backend(torch.device("npu"))`` returns in the fake: the gloo backend plus HCCL's
+    ``get_hccl_comm_name``, whose name the emulated MC2 kernels resolve back to the group (its c10d name)."""
+
+    def __init__(self, group, backend):
+        self._group, self._backend = group, backend
+
+    def get_hccl_comm_name(self, rank: int, init_comm: bool = True) -> str:
+        from torch.distributed import distributed_c10d as c10d
+
+        return c10d._world.pg_names[self._group]
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+
+def _npu_backend_views(get_backend):
+    @functools.wraps(get_backend)
+    def _get_backend(self, device):
+        backend = get_backend(self, device)
+        return _HcclBackendView(self, backend) if _is_npu(device) else backend
+
+    return _get_backend
+
+
+def _create_hccl(store, rank, size, timeout):
+    if _state["device"] is None:
+        raise RuntimeError("hccl: torch.npu.set_device(local_rank) must come before init_process_group('hccl') "
+                           "(HCCL binds each rank's communicator to its current device)")
+    events.append(("hccl", rank, size, _state["device"]))
+    return ProcessGroupHCCL(store, rank, size, timeout)
+
+
+def _is_hccl_available() -> bool:
+    return True
+
+
+# ------------------------------------------------------------------------------------------------------- report
+def report() -> dict:
+    """What this process's fake runtime saw (JSON-able): its events in order and the emulated op calls."""
+    mod = sys.modules.get("torch_npu")
+    return {"pid": os.getpid(), "rank": os.environ.get("RANK"), "events": [list(e) for e in events],
+            "calls": dict(getattr(mod, "calls", {}))}
+
+
+def _write_report() -> None:
+    folder = os.environ.get(REPORT_ENV)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}-{os.getpid()}.json"), "w") as f:
+            json.dump(report(), f)
+
+
+def _register_no_device_memory_hooks() -> None:
+    """Newer torch asks the privateuse1 backend's C++ hooks which accelerator the machine has (torch 2.13's
+    dist.barrier does, and fails without hooks): the fake has no device memory, so they answer "none" and torch's
+    accelerator stays the CPU, where the tensors are. (Older torch has no Python hooks and does not ask.)"""
+    acc = getattr(torch._C, "_acc", None)
+    if acc is None or not hasattr(acc, "register_python_privateuseone_hook"):
+        return
+
+    class NoDeviceMemory(acc.PrivateUse1Hooks):
+        def is_available(self) -> bool:
+            return False
+
+        def has_primary_context(self, device_index) -> bool:
+            return False
+
+        def is_built(self) -> bool:
+            return True
+
+    _state["hooks"] = NoDeviceMemory()  # kept alive: torch holds a pointer to it
+    acc.register_python_privateuseone_hook(_state["hooks"])
+
+
+def install_runtime(mod: types.ModuleType) -> types.ModuleType:
+    """Make ``mod`` (the loader package's ``torch_npu``) the fake torch_npu, as ``import torch_npu`` does for the real
+    one. Once per process."""
+    if _state["installed"]:
+        return mod
+    ops = _module()
+    for name in EMULATED_OPS:
+        setattr(mod, name, getattr(ops, name))
+    mod.calls = ops.calls
+    mod.__version__ = FAKE_VERSION
+    mod.__aquila_emulator__ = True
+    torch.utils.rename_privateuse1_backend("npu")
+    _register_no_device_memory_hooks()
+    npu = _npu_module()
+    torch._register_device_module("npu", npu)
+    mod.npu = npu
+    sys.modules["torch_npu.npu"] = npu
+    _alias_npu_to_cpu()
+    torch.distributed.Backend.register_backend("hccl", _create_hccl, devices=["cpu", "npu"])
+    torch.distributed.ProcessGroup._get_backend = _npu_backend_views(torch.distributed.ProcessGroup._get_backend)
+    torch.distributed.is_hccl_available = _is_hccl_available
+    mod.ProcessGroupHCCL = ProcessGroupHCCL
+    _state["installed"] = True
+    events.append(("import",))
+    atexit.register(_write_report)
+    return mod
+
+
+# ------------------------------------------------------------------------------ torch_npu.contrib.transfer_to_npu
+# The white lists of torch_npu 2.13.0's contrib/transfer_to_npu.py (lines 30-50), which this fake mirrors: the
+# functions whose device arguments it rewrites from cuda to npu. A test compares them with the wheel's file.
+TORCH_FN_WHITE_LIST = (
+    'logspace', 'randint', 'hann_window', 'rand', 'full_like', 'ones_like', 'rand_like', 'randperm', 'arange',
+    'frombuffer', 'normal', '_empty_per_channel_affine_quantized', 'empty_strided', 'empty_like', 'scalar_tensor',
+    'tril_indices', 'bartlett_window', 'ones', 'sparse_coo_tensor', 'randn', 'kaiser_window', 'tensor',
+    'triu_indices', 'as_tensor', 'zeros', 'randint_like', 'full', 'eye', '_sparse_csr_tensor_unsafe', 'empty',
+    '_sparse_coo_tensor_unsafe', 'blackman_window', 'zeros_like', 'range', 'sparse_csr_tensor', 'randn_like',
+    'from_file', '_cudnn_init_dropout_state', '_empty_affine_quantized', 'linspace', 'hamming_window',
+    'empty_quantized', '_pin_memory', 'load', 'set_default_device', 'get_device_module', 'sparse_compressed_tensor')
+TORCH_TENSOR_FN_WHITE_LIST = ('new_empty', 'new_empty_strided', 'new_full', 'new_ones', 'new_tensor', 'new_zeros',
+                              'to', 'pin_memory')
+TORCH_MODULE_FN_WHITE_LIST = ('to', 'to_empty')
+TORCH_CUDA_FN_WHITE_LIST = (
+    'get_device_properties', 'get_device_name', 'get_device_capability', 'list_gpu_processes', 'set_device',
+    'synchronize', 'mem_get_info', 'memory_stats', 'memory_summary', 'memory_allocated', 'max_memory_allocated',
+    'reset_max_memory_allocated', 'memory_reserved', 'max_memory_reserved', 'reset_max_memory_cached',
+    'reset_peak_memory_stats', 'default_stream', 'can_device_access_peer', 'current_stream', 'utilization',
+    'set_per_process_memory_fraction', 'caching_allocator_alloc', 'get_rng_state', 'set_rng_state')
+DEVICE_KWARGS_LIST = ('device', 'device_type', 'map_location', 'device_id')
+
+
+def _cuda_to_npu(value, replace_int: bool):
+    if isinstance(value, str) and "cuda" in value:
+        return value.replace("cuda", "npu")
+    if isinstance(value, torch.device) and value.type == "cuda":
+        return torch.device("npu", value.index) if value.index is not None else torch.device("npu")
+    if replace_int and isinstance(value, int) and not isinstance(value, bool):
+        return f"npu:{value}"
+    if isinstance(value, dict):
+        return {(k.replace("cuda", "npu") if isinstance(k, str) else k):
+                (v.replace("cuda", "npu") if isinstance(v, str) else v) for k, v in value.items()}
+    return value
+
+
+def _wrap_cuda(fn):
+    """As transfer_to_npu's wrapper: cuda -> npu in positional arguments (ints too for ``to`` / ``to_empty``), in the
+    device keyword arguments (ints become ``npu:<i>``) and in ``device_ids``."""
+    replace_int = getattr(fn, "__name__", "") in ("to", "to_empty")
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        args = tuple(_cuda_to_npu(a, replace_int) for a in args)
+        for key in DEVICE_KWARGS_LIST:
+            if kwargs.get(key) is not None:
+                kwargs[key] = _cuda_to_npu(kwargs[key], True)
+        if isinstance(kwargs.get("device_ids"), (list, tuple)):
+            ids = kwargs["device_ids"]
+            kwargs["device_ids"] = type(ids)(_cuda_to_npu(d, replace_int) for d in ids)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _wrap_hccl(fn):
+    """As transfer_to_npu's wrapper: 'nccl' -> 'hccl' (and cuda -> npu) in string arguments and ``backend=``."""
+
+    def swap(value):
+        return value.replace("nccl", "hccl").replace("cuda", "npu") if type(value) is str else value
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        args = tuple(swap(a) for a in args)
+        if "backend" in kwargs:
+            kwargs["backend"] = swap(kwargs["backend"])
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _wrap_all(owner, names) -> None:
+    for name in names:
+        fn = getattr(owner, name, None)
+        if fn is not None:
+            setattr(owner, name, _wrap_cuda(fn))
+
+
+def transfer_to_npu() -> None:
+    """What importing ``torch_npu.contrib.transfer_to_npu`` does (torch_npu 2.13.0, ``_init()``), for the parts a
+    CPU can imitate: ``torch.cuda.*`` becomes ``torch.npu.*``; device arguments naming cuda name npu (the white lists
+    above; ``Tensor.cuda`` / ``Module.cuda`` / ``is_cuda``); the nccl backend becomes hccl in ``init_process_group``
+    and new groups; ``torch.cuda.default_generators`` becomes the NPU's once the NPU initialises;
+    ``torch.jit.script`` becomes a pass-through. Left out (no CPU meaning here, or unused by aquila_npu): profiler,
+    inductor/triton, FSDP, device mesh, pipelining, autocast, storages, the ``torch.Generator`` / ``torch.Event``
+    proxies and the library wrappers of its apis_config.json. Once per process."""
+    if _state["transferred"]:
+        return
+    npu = torch.npu
+    events.append(("transfer_to_npu", sorted(m for m in sys.modules if m.split(".")[0] == "megatron")))
+    for name in npu.__all__:  # as torch_npu's _apply_patches(['cuda', torch_npu.npu], ...)
+        setattr(torch.cuda, name, getattr(npu, name))
+    _wrap_all(torch.cuda, TORCH_CUDA_FN_WHITE_LIST)
+    torch.cuda.device.__init__ = _wrap_cuda(torch.cuda.device.__init__)
+
+    def update_default_generators():
+        torch.cuda.default_generators = npu.default_generators
+
+    npu._lazy_call(update_default_generators)
+    _wrap_all(torch.cuda.random, ("get_rng_state", "set_rng_state"))
+    _wrap_all(torch, TORCH_FN_WHITE_LIST)
+    _wrap_all(torch.Tensor, TORCH_TENSOR_FN_WHITE_LIST)
+    torch.Tensor.cuda = torch.Tensor.npu
+    torch.Tensor.is_cuda = torch.Tensor.is_npu
+    torch.cuda.DoubleTensor = npu.FloatTensor
+    _wrap_all(torch.nn.Module, TORCH_MODULE_FN_WHITE_LIST)
+    torch.nn.Module.cuda = torch.nn.Module.npu
+    dist = torch.distributed
+    dist.init_process_group = _wrap_hccl(_wrap_cuda(dist.init_process_group))
+    dist.is_nccl_available = dist.is_hccl_available
+    dist.ProcessGroup._get_backend = _wrap_cuda(dist.ProcessGroup._get_backend)
+    dist.distributed_c10d._new_group_with_tag = _wrap_hccl(dist.distributed_c10d._new_group_with_tag)
+    dist.Backend.default_device_backend_map.pop("cuda", None)
+    dist.ProcessGroupNCCL = dist.distributed_c10d.ProcessGroupNCCL = ProcessGroupHCCL
+    _wrap_all(torch.nn.parallel.DistributedDataParallel, ("__init__",))
+    torch.jit.script = lambda obj, *args, **kwargs: obj
+    torch.jit.script_method = lambda fn: fn
+    torch._utils._get_available_device_type = lambda: "npu"
+    _state["transferred"] = True

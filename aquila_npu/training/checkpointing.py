@@ -6,9 +6,14 @@ LR scheduler, RNG state and consumed samples.
     <save>/iter_0000100/mp_rank_TT[_PPP]/distrib_optim_dpRRR.pt   --use-distributed-optimizer: DP rank RRR's shard
                                                              (resuming it needs the same data-parallel size)
 
-Every rank writes under ``<save>/.staging-iter_0000100/``; after a barrier the staging directory is renamed into
-place and only then does the tracker file move (written to a temporary name, then renamed): a crash at any point
-leaves ``latest_checkpointed_iteration.txt`` naming a complete checkpoint.
+``<save>`` is claimed for the run (``SaveDir.claim``: a lock beside it naming the owner, debris of killed runs
+removed). Every rank writes under ``<save>/.iter_0000100.staging.pid<PID>@<HOST>/``; once all ranks have written,
+the staging directory is put in place and only then does the tracker file move (written to a temporary name, then
+renamed): a crash at any point leaves ``latest_checkpointed_iteration.txt`` naming a complete checkpoint. A write
+error on any rank (a full disk) ends every rank with the same one-line ``OutputError`` and the staging removed.
+
+Every file is read with ``aquila_npu.checkpoint.safe_load`` (no code runs). The RNG states are stored as tensors and
+numbers (numpy's state as ``(name, keys as int64 tensor, pos, has_gauss, cached_gaussian)``).
 """
 
 from __future__ import annotations
@@ -16,20 +21,23 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
-from aquila_npu.checkpoint import megatron_io
+from aquila_npu.checkpoint import megatron_io, safe_load
 from aquila_npu.checkpoint.load_model import relayout_command
 from aquila_npu.checkpoint.megatron_io import CheckpointInfo
-from aquila_npu.errors import CheckpointError
+from aquila_npu.errors import CheckpointError, OutputError, UserError
+from aquila_npu.outputs import owner
+from aquila_npu.outputs.atomic import replace_dir, writing
+from aquila_npu.parallel import agreed
+from aquila_npu.testing import faults
 from aquila_npu.weights.load import load_stage_state
 from aquila_npu.weights.mapping import Layout
-
 
 
 def _dist_opt_file(dp_rank: int) -> str:
@@ -55,17 +63,39 @@ def _dist_opt_state(optimizer) -> list:
     return states
 
 
-def _rng_state() -> dict:
-    state = {"random": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available() and torch.cuda.device_count():
+def _rng_state(device: str) -> dict:
+    """Host RNGs, megatron-core's tracker states and the device generator's, tagged with the device that made them
+    (their formats differ: CPU Mersenne Twister, CUDA / NPU Philox); as tensors, numbers and strings only
+    (weights_only reads them: numpy's own state would need numpy classes on the load allow-list)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"random": random.getstate(),
+             "np": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)),
+             "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(), "device_type": device}
+    if torch.cuda.is_available() and torch.cuda.device_count():  # torch.cuda is torch.npu under transfer_to_npu
         state["device"] = torch.cuda.get_rng_state()
     return state
 
 
+def _saved_rng_device(state: dict) -> str:
+    """The device a checkpoint's RNG state came from; older checkpoints (no tag) saved a "device" generator only on
+    CUDA."""
+    return state.get("device_type") or ("cuda" if "device" in state else "cpu")
+
+
+def _check_rng_device(root: str, state: dict, device: str) -> None:
+    saved = _saved_rng_device(state)
+    if saved != device:
+        raise CheckpointError(
+            f"--load {root}: its RNG state was saved on {saved} and this run is on {device}, whose random generators "
+            "differ; resume with --no-load-rng (weights, optimizer, scheduler and data position still load; dropout "
+            "masks then differ from an uninterrupted run)")
+
+
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["random"])
-    np.random.set_state(state["np"])
+    name, keys, pos, has_gauss, cached_gaussian = state["np"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
     if "device" in state and torch.cuda.is_available() and torch.cuda.device_count():
@@ -79,51 +109,120 @@ def _writes_shared_files(no_shared_storage: bool) -> bool:
     return torch.distributed.get_rank() == 0
 
 
-def save(root: str, iteration: int, *, model, optimizer, scheduler, layout: Layout, params_dtype: torch.dtype,
-         consumed_samples: int, args, use_distributed_optimizer: bool, no_shared_storage: bool = False) -> None:
-    name = f"iter_{iteration:07d}"
-    staging = os.path.join(root, f".staging-{name}")
+class SaveDir:
+    """``--save`` claimed for a whole run (collective: every rank calls ``claim``): locked by the rank(s) that write
+    the shared files (rank 0; with --no-shared-storage the first rank of every node), with the debris of killed
+    runs removed; ``owner`` names this run's staging directories (``owner.debris_name``)."""
+
+    def __init__(self, root: str, owner_tag: str, lock: Optional[owner.Lock], no_shared_storage: bool):
+        self.root, self.owner, self.lock, self.no_shared_storage = root, owner_tag, lock, no_shared_storage
+
+    @classmethod
+    def claim(cls, root: str, no_shared_storage: bool = False) -> "SaveDir":
+        first, lock = _writes_shared_files(no_shared_storage), None
+
+        def take():
+            nonlocal lock
+            with writing(root, "the checkpoint folder"):
+                os.makedirs(root, exist_ok=True)
+            lock = owner.claim(root, "--save", debris_dir=root)
+
+        try:
+            agreed(take if first else None)
+        except UserError:
+            if lock is not None:
+                lock.release()
+            raise
+        tags: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(tags, (owner.tag(), owner.HOST, first))
+        mine = next(t for t, host, f in tags if f and (not no_shared_storage or host == owner.HOST))
+        return cls(root, mine, lock, no_shared_storage)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+def _remove(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _saved_iteration(root: str) -> str:
+    try:
+        return f"{megatron_io.TRACKER} still names iteration {megatron_io.read_iteration(root)}"
+    except CheckpointError:
+        return "no earlier checkpoint there"
+
+
+def save(target: SaveDir, iteration: int, *, model, optimizer, scheduler, layout: Layout,
+         params_dtype: torch.dtype, consumed_samples: int, args, use_distributed_optimizer: bool,
+         device: str) -> None:
+    """Write this rank's files into a staging directory, then (the shared-file writer) put it in place and move the
+    tracker. A write error on any rank ends every rank with the same OutputError line, the staging removed."""
+    root, name = target.root, f"iter_{iteration:07d}"
+    staging = os.path.join(root, owner.debris_name(name, "staging", target.owner))
+    final = os.path.join(root, name)
     tp, pp, dp = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
                   ps.get_data_parallel_rank())
-    first = _writes_shared_files(no_shared_storage)
-    if first:
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging, exist_ok=True)
-    torch.distributed.barrier()
-    rank_dir = os.path.join(staging, megatron_io.rank_dir(iteration, tp, pp, layout.pp))
-    if use_distributed_optimizer:  # every DP rank its own shard
-        os.makedirs(rank_dir, exist_ok=True)
-        torch.save(_dist_opt_state(optimizer), os.path.join(rank_dir, _dist_opt_file(dp)))
-    if dp == 0:
-        sd = {k: v for k, v in model.module.state_dict().items() if not k.endswith("_extra_state")}
-        extra = {"optimizer": optimizer.state_dict(), "opt_param_scheduler": scheduler.state_dict(),
-                 "rng_state": _rng_state(), "consumed_train_samples": consumed_samples,
-                 "training_args": vars(args), "distributed_optimizer": use_distributed_optimizer,
-                 "data_parallel_size": ps.get_data_parallel_world_size()}
-        megatron_io.save_rank(staging, iteration, layout, pp, tp, sd, params_dtype, extra)
-    torch.distributed.barrier()
-    if first:
-        final = os.path.join(root, name)
-        if os.path.isdir(final):
-            old = os.path.join(root, f".old-{name}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(os.path.join(staging, name), final)
-        tmp = os.path.join(root, megatron_io.TRACKER + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(str(iteration))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(root, megatron_io.TRACKER))
-        shutil.rmtree(staging, ignore_errors=True)
-    torch.distributed.barrier()
+    first = _writes_shared_files(target.no_shared_storage)
+    placed = False
+
+    def fresh():
+        _remove(staging)
+        with writing(staging, "the checkpoint staging folder"):
+            os.makedirs(staging)
+
+    def write():
+        rank_dir = os.path.join(staging, megatron_io.rank_dir(iteration, tp, pp, layout.pp))
+        if use_distributed_optimizer:  # every DP rank its own shard
+            megatron_io.save_file(_dist_opt_state(optimizer), os.path.join(rank_dir, _dist_opt_file(dp)),
+                                  "the distributed-optimizer state of one data-parallel rank")
+        if dp == 0:
+            sd = {k: v for k, v in model.module.state_dict().items() if not k.endswith("_extra_state")}
+            extra = {"optimizer": optimizer.state_dict(), "opt_param_scheduler": scheduler.state_dict(),
+                     "rng_state": _rng_state(device), "consumed_train_samples": consumed_samples,
+                     "training_args": vars(args), "distributed_optimizer": use_distributed_optimizer,
+                     "data_parallel_size": ps.get_data_parallel_world_size()}
+            megatron_io.save_rank(staging, iteration, layout, pp, tp, sd, params_dtype, extra)
+            faults.point("mid-file", os.path.join(rank_dir, "model_optim_rng.pt"))
+
+    def publish():
+        nonlocal placed
+        faults.point("before-rename")
+        existed = os.path.lexists(final)
+        with writing(final, "the checkpoint"):
+            replace_dir(os.path.join(staging, name), final,
+                        os.path.join(root, owner.debris_name(name, "old", target.owner)))
+        placed = not existed
+        faults.point("before-tracker")
+        tmp = os.path.join(root, owner.debris_name(megatron_io.TRACKER, "tmp", target.owner))
+        with writing(os.path.join(root, megatron_io.TRACKER), "the tracker file"):
+            with open(tmp, "w") as f:
+                f.write(str(iteration))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(root, megatron_io.TRACKER))
+        _remove(staging)
+
+    for step, mine in ((fresh, first), (write, True), (publish, first)):
+        try:
+            agreed(step if mine else None)
+        except UserError as e:
+            if first:
+                _remove(staging)
+                _remove(os.path.join(root, owner.debris_name(megatron_io.TRACKER, "tmp", target.owner)))
+                if placed:
+                    _remove(final)
+            raise OutputError(f"{e}; the partial checkpoint was removed, {_saved_iteration(root)}") from None
+        if step is fresh:
+            faults.point("before-data")
 
 
 def load(info: CheckpointInfo, *, model, optimizer, scheduler, layout: Layout, params_dtype: torch.dtype,
-         finetune: bool, no_load_optim: bool, no_load_rng: bool,
-         use_distributed_optimizer: bool) -> Tuple[int, int, str]:
-    """Load this rank's shard of the checkpoint ``info`` describes; (iteration, consumed samples, what was loaded)."""
+         finetune: bool, no_load_optim: bool, no_load_rng: bool, use_distributed_optimizer: bool,
+         device: str) -> Tuple[int, int, str]:
+    """Load this rank's shard of the checkpoint ``info`` describes; (iteration, consumed samples, what was loaded).
+    An RNG state saved on another device (cpu / cuda / npu) is a ``CheckpointError`` naming ``--no-load-rng``."""
     root, iteration = info.root, info.iteration
     have = info.layout
     if (have.tp, have.pp) != (layout.tp, layout.pp):
@@ -131,7 +230,9 @@ def load(info: CheckpointInfo, *, model, optimizer, scheduler, layout: Layout, p
             f"--load {root} is tp{have.tp}-pp{have.pp}, but this run is tp{layout.tp}-pp{layout.pp}; re-lay it out "
             f"with: {relayout_command(root, layout.tp, layout.pp)}")
     tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    ck = info.load_rank(tp, pp)
+    ck = agreed(lambda: info.load_rank(tp, pp))
+    if not (finetune or no_load_rng) and "rng_state" in ck:  # before anything is loaded
+        _check_rng_device(root, ck["rng_state"], device)
     load_stage_state(model.module, {k: v.to(params_dtype) for k, v in ck["model"].items()})
     trained = "optimizer" in ck  # converted checkpoints carry weights only
     if finetune or not trained:
@@ -152,7 +253,7 @@ def load(info: CheckpointInfo, *, model, optimizer, scheduler, layout: Layout, p
                 raise CheckpointError(f"--load {root}: its distributed-optimizer state was saved by {saved_dp} "
                                       f"data-parallel ranks, this run has {ps.get_data_parallel_world_size()}; "
                                       "use the same number of processes, or --no-load-optim")
-            states = torch.load(path, map_location="cpu", weights_only=False)
+            states = agreed(lambda: safe_load.load(path))
             for opt, state in zip(_shards(optimizer), states):
                 # Without Apex/TE, megatron-core 0.16's DistributedOptimizer.load_state_dict gives every parameter's
                 # Adam state one shared 'step' tensor, which each parameter's update then increments: un-share it
@@ -160,7 +261,11 @@ def load(info: CheckpointInfo, *, model, optimizer, scheduler, layout: Layout, p
                 for st in opt.optimizer.state.values():
                     if isinstance(st.get("step"), torch.Tensor):
                         st["step"] = st["step"].clone()
-                opt.load_parameter_state_from_dp_reshardable(state)
+                # Loading state is no computation: megatron-core copies the saved main params in place, and for fp32
+                # parameters its main params are views of the parameters (leaves that require grad), which autograd
+                # refuses to modify in place outside no_grad.
+                with torch.no_grad():
+                    opt.load_parameter_state_from_dp_reshardable(state)
         scheduler.load_state_dict(ck["opt_param_scheduler"])
         what.append("optimizer and scheduler")
     if not no_load_rng and "rng_state" in ck:

@@ -23,7 +23,7 @@ class Reporter:
     def __init__(self, *, is_writer: bool, train_iters: int, metrics_file: Optional[str] = None,
                  tensorboard_dir: Optional[str] = None):
         self.is_writer, self.train_iters = is_writer, train_iters
-        self.metrics = None
+        self.metrics, self.features = None, None
         if metrics_file and is_writer:
             os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
             self.metrics = open(metrics_file, "a")
@@ -53,14 +53,21 @@ class Reporter:
             line = line[:-1] + f"| MFU: {100 * rec['mfu']:.1f}% |"
         print(line, flush=True)
         if self.metrics:
-            self.metrics.write(json.dumps({"iteration": iteration, **rec}) + "\n")
+            first = {"run_features": self.features} if self.features is not None else {}
+            self.metrics.write(json.dumps({"iteration": iteration, **rec, **first}) + "\n")
             self.metrics.flush()
+            self.features = None
         if self.tb:
             for key in ("lm_loss", "learning_rate", "grad_norm", "tokens_per_sec_per_device", "step_time_s",
                         "loss_scale", "mfu"):
                 if rec.get(key) is not None:
                     self.tb.add_scalar(key.replace("lm_loss", "lm loss"), rec[key], iteration)
             self.tb.flush()
+
+    def log_features(self, features: dict) -> None:
+        """Which speed features the run has on (``training.features``): recorded in the first logged iteration's
+        --metrics-file line (``run_features``)."""
+        self.features = features
 
     def log_eval(self, iteration: int, loss: float) -> None:
         if not self.is_writer:

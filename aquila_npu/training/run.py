@@ -11,20 +11,30 @@ import torch
 from aquila_npu.checkpoint.megatron_io import CheckpointInfo
 from aquila_npu.device.setup import setup
 from aquila_npu.errors import CheckpointError, UsageError
-from aquila_npu.flops import peak_tflops, training_flops_per_token
+from aquila_npu.flops import device_peak, training_flops_per_token
 from aquila_npu.models.config import transformer_config
 from aquila_npu.models.dtypes import dtype_name
 from aquila_npu.models.gpt import build_model
+from aquila_npu.outputs import owner
 from aquila_npu.parallel import initialize_model_parallel
-from aquila_npu.training import batches, checkpointing
+from aquila_npu.training import adam, batches, checkpointing
 from aquila_npu.training.config import RunConfig, resolve
+from aquila_npu.training.features import run_features
+from aquila_npu.training.param_gather import ParamGatherHooks
 from aquila_npu.training.report import Reporter, device_memory
 from aquila_npu.training.step import eval_step, train_step
+from aquila_npu.training.stopping import StopConditions
 from aquila_npu.lora import training as lora_training
 
 
 def _print0(*a):
     if torch.distributed.get_rank() == 0:
+        print(*a, flush=True)
+
+
+def _print_first(*a):
+    """print on the first process before torch.distributed exists (torchrun's RANK)."""
+    if os.environ.get("RANK", "0") == "0":
         print(*a, flush=True)
 
 
@@ -39,9 +49,9 @@ def _load_tokenizer(args):
 def build(args, cfg: RunConfig, dev, lora=None):
     """(DDP-wrapped model stage, optimizer, scheduler, transformer config)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallel
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import OptimizerConfig
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     spec, layout, dtype = cfg.spec, cfg.layout, cfg.params_dtype
@@ -64,17 +74,14 @@ def build(args, cfg: RunConfig, dev, lora=None):
 
         model = apply_lora(model, tcfg, lora, layout, pp_rank, args.seed)
     model.to(dev.torch_device)
-    ddp = DistributedDataParallel(
-        config=tcfg, module=model,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                 use_distributed_optimizer=args.use_distributed_optimizer))
-    optimizer = get_megatron_optimizer(
+    ddp = DistributedDataParallel(config=tcfg, module=model, ddp_config=ddp_config(args))
+    optimizer = adam.get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
                         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
                         clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16, params_dtype=dtype,
                         initial_loss_scale=args.initial_loss_scale if args.fp16 else None,
                         use_distributed_optimizer=args.use_distributed_optimizer),
-        [ddp])
+        [ddp], dev.name)
     gbs = cfg.global_batch_size
     decay_iters = args.lr_decay_iters or args.train_iters
     warmup = args.lr_warmup_iters
@@ -88,10 +95,23 @@ def build(args, cfg: RunConfig, dev, lora=None):
         lr_decay_steps=max(decay_iters, 1) * gbs, lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
         end_wd=args.weight_decay, wd_incr_steps=max(args.train_iters, 1) * gbs, wd_incr_style="constant")
     tcfg.no_sync_func = ddp.no_sync
+    if args.overlap_grad_reduce:  # as Megatron-LM (align_grad_reduce): later pipeline stages reduce in the bubble
+        tcfg.grad_sync_func = ddp.start_grad_sync
     tcfg.finalize_model_grads_func = finalize_model_grads
     if args.fp16:
         tcfg.grad_scale_func = optimizer.scale_loss
     return ddp, optimizer, scheduler
+
+
+def ddp_config(args):
+    """megatron-core's DistributedDataParallelConfig from Megatron-LM's flags (--overlap-grad-reduce,
+    --overlap-param-gather, --ddp-bucket-size, --accumulate-allreduce-grads-in-fp32)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32, overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather, bucket_size=args.ddp_bucket_size,
+        use_distributed_optimizer=args.use_distributed_optimizer)
 
 
 def datasets(args, cfg: RunConfig, tokenizer):
@@ -120,6 +140,8 @@ def datasets(args, cfg: RunConfig, tokenizer):
 
 def run(args) -> int:
     """Train as the parsed flags say (``aquila_npu.cli.pretrain``); every input error before any work."""
+    if args.load and args.save and os.path.realpath(args.load) == os.path.realpath(args.save):
+        owner.restore_aside(args.save, say=_print_first)  # a checkpoint a killed run left moved aside, before reading
     checkpoint = CheckpointInfo.find(args.load)  # read once; rank 0's file is loaded from it again below
     if args.load and checkpoint is None and (args.finetune or args.exit_on_missing_checkpoint):
         raise CheckpointError(f"--load {args.load}: no checkpoint there (no latest_checkpointed_iteration.txt)")
@@ -127,24 +149,38 @@ def run(args) -> int:
     tokenizer = _load_tokenizer(args)
     cfg = resolve(args, checkpoint, tokenizer.vocab_size if tokenizer is not None else None,
                   int(os.environ.get("WORLD_SIZE", "1")))
+    if not args.mock_data:
+        from aquila_npu.data import checks, datasets as data
+
+        checks.check(data.indexed_prefixes(args.data_path, args.is_instruction_dataset), cfg.spec.vocab_size)
     dev = setup(args.device, cfg.fused)
+    save_dir = checkpointing.SaveDir.claim(args.save, args.no_shared_storage) if args.save else None
+    try:
+        return _train(args, cfg, dev, checkpoint, tokenizer, lora, save_dir)
+    finally:
+        if save_dir is not None:
+            save_dir.release()
+
+
+def _train(args, cfg: RunConfig, dev, checkpoint, tokenizer, lora, save_dir) -> int:
     from megatron.core import parallel_state as ps
 
     world, dp = torch.distributed.get_world_size(), cfg.data_parallel_size
     initialize_model_parallel(cfg.tp, cfg.pp, args.seed)
     model, optimizer, scheduler = build(args, cfg, dev, lora)
+    param_gather = ParamGatherHooks(model, args.overlap_param_gather)
     iteration, consumed = 0, 0
     if lora is not None:  # the --load base (weights only), then the --lora-load adapter
         iteration, consumed, what = lora_training.load(args, checkpoint, model=model, optimizer=optimizer,
                                                        scheduler=scheduler, layout=cfg.layout,
-                                                       params_dtype=cfg.params_dtype)
+                                                       params_dtype=cfg.params_dtype, device=dev.name)
         _print0(f"loaded {what}; continuing at iteration {iteration}")
         _print0(lora_training.describe(model, optimizer, lora))  # collective: every rank computes it
     elif checkpoint is not None:
         iteration, consumed, what = checkpointing.load(
             checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, layout=cfg.layout,
             params_dtype=cfg.params_dtype, finetune=args.finetune, no_load_optim=args.no_load_optim,
-            no_load_rng=args.no_load_rng, use_distributed_optimizer=args.use_distributed_optimizer)
+            no_load_rng=args.no_load_rng, use_distributed_optimizer=args.use_distributed_optimizer, device=dev.name)
         _print0(f"loaded {what} from {args.load} (iteration {checkpoint.iteration}); continuing at iteration "
                 f"{iteration}")
     elif args.load:
@@ -152,7 +188,7 @@ def run(args) -> int:
     _print0(f"aquila_npu.pretrain: {cfg.spec.name} on {dev.name} (kernels {dev.kernels}), tp{cfg.tp} pp{cfg.pp} "
             f"dp{dp}, {dtype_name(cfg.params_dtype)}, seq {cfg.seq_length}, global batch {cfg.global_batch_size} = "
             f"{cfg.num_microbatches} micro-batches x {cfg.micro_batch_size} x dp{dp}, "
-            f"{cfg.spec.num_parameters():,} parameters")
+            f"{cfg.spec.num_parameters():,} parameters, optimizer {adam.for_device(dev.name).describe()}")
     dp_rank = ps.get_data_parallel_rank()
     train_ds, valid_ds = datasets(args, cfg, tokenizer)
     train_iter = batches.micro_batches(train_ds, consumed_samples=consumed, micro_batch_size=args.micro_batch_size,
@@ -162,10 +198,15 @@ def run(args) -> int:
     reporter = Reporter(is_writer=is_writer, train_iters=args.train_iters, metrics_file=args.metrics_file,
                         tensorboard_dir=args.tensorboard_dir)
     flops_per_token = training_flops_per_token(cfg.spec, cfg.seq_length, cfg.layout.padded_vocab)
-    peak = args.device_peak_tflops or (peak_tflops(torch.cuda.get_device_name()) if dev.name != "cpu" else None)
+    peak = device_peak(torch.cuda.get_device_name() if dev.name != "cpu" else None, args.device_peak_tflops)
+    if peak.tflops is None and dev.name != "cpu":
+        _print0(f"warning: {peak.source}")
+    reporter.log_features(run_features(model, peak))
     step_kw = dict(num_microbatches=cfg.num_microbatches, seq_length=cfg.seq_length,
                    micro_batch_size=cfg.micro_batch_size)
     skipped, last_saved = 0, iteration
+    stop = StopConditions(dev.torch_device, args.exit_duration_in_mins)
+    stop.install()
     try:
         while iteration < args.train_iters:
             t0 = time.perf_counter()
@@ -177,6 +218,7 @@ def run(args) -> int:
             iteration += 1
             consumed += cfg.global_batch_size
             skipped += int(out["skipped"])
+            param_gather.after_step(not out["skipped"])
             if not math.isfinite(out["lm_loss"]) and ps.is_pipeline_last_stage():
                 raise FloatingPointError(f"loss is {out['lm_loss']} at iteration {iteration}")
             if reporter.is_writer and out["loss_tokens"] == 0:
@@ -191,31 +233,39 @@ def run(args) -> int:
                     "loss_scale": optimizer.get_loss_scale().item() if args.fp16 else None,
                     "skipped_iterations": skipped, "step_time_s": step_time,
                     "tokens_per_sec_per_device": tokens_per_device, "tflops_per_device": tflops,
-                    "mfu": tflops / peak if peak else None, "memory": device_memory(), "device": dev.name})
+                    "mfu": tflops / peak.tflops if peak.tflops else None, "memory": device_memory(),
+                    "device": dev.name})
             if valid_iter is not None and iteration % args.eval_interval == 0:
-                losses = [eval_step(valid_iter, model, **step_kw) for _ in range(args.eval_iters)]
+                with param_gather.gathered():
+                    losses = [eval_step(valid_iter, model, **step_kw) for _ in range(args.eval_iters)]
                 reporter.log_eval(iteration, sum(losses) / len(losses))
-            if args.save and args.save_interval and iteration % args.save_interval == 0:
-                _save(args, cfg, lora, iteration, model, optimizer, scheduler, consumed)
+            if save_dir is not None and args.save_interval and iteration % args.save_interval == 0:
+                with param_gather.gathered():
+                    _save(args, cfg, dev, save_dir, lora, iteration, model, optimizer, scheduler, consumed)
                 last_saved = iteration
-            if args.exit_interval and iteration % args.exit_interval == 0:
-                _print0(f"exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
+            why = stop.check()  # every rank, every iteration: SIGTERM / SIGINT, --exit-duration-in-mins
+            if why is None and args.exit_interval and iteration % args.exit_interval == 0:
+                why = f"--exit-interval {args.exit_interval}"
+            if why is not None:
+                _print0(f"stopping after iteration {iteration} ({why})" +
+                        ("" if save_dir is not None else "; no --save: nothing saved"))
                 break
-        if args.save and last_saved != iteration:
-            _save(args, cfg, lora, iteration, model, optimizer, scheduler, consumed)
+        if save_dir is not None and last_saved != iteration:
+            with param_gather.gathered():
+                _save(args, cfg, dev, save_dir, lora, iteration, model, optimizer, scheduler, consumed)
     finally:
+        stop.restore()
         reporter.close()
     return 0
 
 
-def _save(args, cfg: RunConfig, lora, iteration, model, optimizer, scheduler, consumed):
+def _save(args, cfg: RunConfig, dev, save_dir, lora, iteration, model, optimizer, scheduler, consumed):
     t = time.perf_counter()
     if lora is not None:  # the adapters and their optimizer state only
-        lora_training.save(args, lora, iteration, model=model, optimizer=optimizer, scheduler=scheduler,
-                           layout=cfg.layout, consumed_samples=consumed)
+        lora_training.save(args, lora, save_dir, iteration, model=model, optimizer=optimizer, scheduler=scheduler,
+                           layout=cfg.layout, consumed_samples=consumed, device=dev.name)
     else:
-        checkpointing.save(args.save, iteration, model=model, optimizer=optimizer, scheduler=scheduler,
+        checkpointing.save(save_dir, iteration, model=model, optimizer=optimizer, scheduler=scheduler,
                            layout=cfg.layout, params_dtype=cfg.params_dtype, consumed_samples=consumed, args=args,
-                           use_distributed_optimizer=args.use_distributed_optimizer,
-                           no_shared_storage=args.no_shared_storage)
+                           use_distributed_optimizer=args.use_distributed_optimizer, device=dev.name)
     _print0(f"saved checkpoint at iteration {iteration} to {args.save} in {time.perf_counter() - t:.1f}s")

@@ -1,0 +1,297 @@
+"""Training speed features (issue 14) change no loss: overlapped gradient reduction and parameter all-gather
+(dp2, distributed optimizer, 2 micro-batches per step), one causal mask (SDPA's own causal mode, or one shared mask
+tensor), and no device-to-host sync per gradient tensor or per layer inside a step."""
+
+import collections
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import torchrun
+
+from aquila_npu.benchmarking.run import model_spec
+from aquila_npu.checkpoint import megatron_io
+from aquila_npu.device import patches
+from aquila_npu.device.torch_modules import CoreAttentionBase, SDPAAttention, shared_causal_mask
+from aquila_npu.errors import UsageError
+from aquila_npu.models import arch_flags
+from aquila_npu.parallel import initialize_model_parallel
+
+SEQ = 32
+
+
+# ------------------------------------------------------------------------------------------- in-process training
+
+
+def _trainer(dev, num_layers=None, *extra, seed=1234):
+    """(one-step function, model, optimizer) for aquila2-tiny on this process's one-rank CPU group; the same weights
+    and batches for the same seed."""
+    from aquila_npu.cli.pretrain import parse
+    from aquila_npu.training.batches import MockDataset, micro_batches
+    from aquila_npu.training.config import resolve
+    from aquila_npu.training.run import build
+    from aquila_npu.training.step import train_step
+
+    initialize_model_parallel(1, 1, seed)  # re-seeds: every model built here starts from the same weights
+    spec = model_spec("aquila2-tiny", num_layers)
+    args = parse([*map(str, arch_flags.to_argv(spec)), "--mock-data", "--train-iters", "4", "--seq-length", str(SEQ),
+                  "--micro-batch-size", "1", "--global-batch-size", "2", "--lr", "1e-3", *extra])
+    cfg = resolve(args, None, None, 1)
+    model, optimizer, scheduler = build(args, cfg, dev)[:3]
+    batches = micro_batches(MockDataset(16, SEQ, spec.vocab_size, seed), consumed_samples=0, micro_batch_size=1,
+                            dp_rank=0, dp_size=1)
+
+    def step():
+        return train_step(batches, model, optimizer, scheduler, num_microbatches=cfg.num_microbatches,
+                          seq_length=SEQ, micro_batch_size=1, global_batch_size=cfg.global_batch_size)
+
+    return step, model, optimizer
+
+
+def _losses(step, n=3):
+    return [(out["lm_loss"], out["grad_norm"]) for out in (step() for _ in range(n))]
+
+
+# ------------------------------------------------------------------------------------------ 2. one causal mask
+
+
+def test_sdpa_causal_mode_trains_exactly_as_the_explicit_mask(cpu_device, monkeypatch):
+    """The plain path now passes no mask (SDPA is_causal); the losses and gradient norms of three steps are the
+    ones of the explicit [S, S] mask, bit for bit."""
+    causal = _losses(_trainer(cpu_device)[0])
+    monkeypatch.setattr(SDPAAttention, "needs_causal_mask", True)  # the explicit mask, as before
+    explicit = _losses(_trainer(cpu_device)[0])
+    assert causal == explicit
+    assert len({loss for loss, _ in causal}) == 3  # the weights move
+
+
+def _saved_square_tensors(model, seq):
+    """The [.., S, S]-sized tensors one forward pass saves for backward, as (data_ptr, numel)."""
+    saved = []
+
+    def pack(t):
+        if t.numel() > 0 and t.numel() % (seq * seq) == 0 and tuple(t.shape[-2:]) == (seq, seq):
+            saved.append((t.untyped_storage().data_ptr(), t.numel()))
+        return t
+
+    tokens = torch.randint(0, 1000, (1, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens, torch.arange(seq)[None], None, labels=tokens).sum()
+    return saved
+
+
+def test_one_causal_mask_per_shape_and_device(cpu_device, monkeypatch):
+    """SDPA keeps no [S, S] tensor for backward at all; a kernel that takes a mask gets one tensor, shared by every
+    layer and micro-batch (before: a new mask per layer and micro-batch, each kept for backward)."""
+    seq = 40  # no weight is [40, 40]
+    _, model, _ = _trainer(cpu_device)
+    assert _saved_square_tensors(model, seq) == []
+    masks = []
+    attend = SDPAAttention.attend
+    monkeypatch.setattr(SDPAAttention, "needs_causal_mask", True)  # how a mask-taking kernel is served
+    monkeypatch.setattr(SDPAAttention, "attend", lambda self, q, k, v, mask, *a: masks.append(mask) or
+                        attend(self, q, k, v, mask, *a))
+    saved = [_saved_square_tensors(model, seq) for _ in range(2)]  # two micro-batches
+    layers = len([m for m in model.modules() if isinstance(m, CoreAttentionBase)])
+    assert all(len(s) >= layers for s in saved)  # what SDPA keeps with a mask: the detector above works
+    assert len(masks) == 2 * layers and all(m is masks[0] for m in masks)
+    assert masks[0] is shared_causal_mask(seq, seq, torch.device("cpu"))
+    assert masks[0].tolist() == torch.triu(torch.ones(seq, seq, dtype=torch.bool), 1).tolist()
+    with torch.inference_mode():  # built while generating, still usable by a later backward pass
+        mask = shared_causal_mask(5, 5, torch.device("cpu"))
+    assert not mask.is_inference()
+
+
+# ------------------------------------------------------------------------------------ 3. syncs inside one step
+
+SYNCING = ("item", "tolist", "__float__", "__int__", "__bool__")
+
+
+class SyncCounter:
+    """Counts the calls that copy a tensor's value to the host (and so wait for a device): ``.item()``,
+    ``.tolist()``, ``float() / int() / bool()`` of a tensor, ``torch.tensor(list of tensors)`` (one per tensor in
+    it). On the CPU nothing really waits, so the calls that WOULD wait on a device are counted. Tensors that torch
+    keeps on the host on a device too (torch optimizers' ``step`` counters, unless capturable) are left out."""
+
+    def __init__(self, host_tensors=()):
+        self.host = {id(t) for t in host_tensors}
+        self.calls = collections.Counter()
+
+    def _count(self, what, n=1):
+        import traceback
+
+        frame = traceback.extract_stack(limit=3)[0]
+        self.calls[(what, frame.filename.rsplit("site-packages/", 1)[-1], frame.lineno)] += n
+
+    def __enter__(self):
+        self.saved = {name: getattr(torch.Tensor, name) for name in SYNCING}
+        self.saved_tensor = torch.tensor
+        for name, fn in self.saved.items():
+            def counted(t, *a, _fn=fn, _name=name, **k):
+                if id(t) not in self.host:
+                    self._count(_name)
+                return _fn(t, *a, **k)
+            setattr(torch.Tensor, name, counted)
+
+        def tensor(data, *a, **k):
+            n = sum(isinstance(x, torch.Tensor) for x in _flatten(data))
+            if n:
+                self._count("torch.tensor", n)
+            return self.saved_tensor(data, *a, **k)
+        torch.tensor = tensor
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(torch.Tensor, name, fn)
+        torch.tensor = self.saved_tensor
+
+    @property
+    def total(self):
+        return sum(self.calls.values())
+
+
+def _flatten(data):
+    if isinstance(data, (list, tuple)):
+        for x in data:
+            yield from _flatten(x)
+    else:
+        yield data
+
+
+def _adam_steps(optimizer):
+    return [s["step"] for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+            for s in opt.optimizer.state.values() if "step" in s]
+
+
+def _syncs_per_step(dev, layers, *extra):
+    step, _, optimizer = _trainer(dev, layers, *extra)
+    step()  # the first step creates the optimizer state
+    with SyncCounter(_adam_steps(optimizer)) as counter:
+        step()
+    return counter
+
+
+def test_syncs_per_step_do_not_grow_with_layers(cpu_device, monkeypatch):
+    """One step of megatron-core's schedule and optimizer: as many host syncs with 2 layers as with 4 (the gradient
+    norm's one, megatron-core's token-count check, and the logged loss); megatron-core's own fallback norm kernel
+    adds one per gradient tensor, which this test sees."""
+    assert "grad-norm" in patches.applied()  # setup() installed the on-device gradient norm
+    two, four = (_syncs_per_step(cpu_device, n) for n in (2, 4))
+    assert two.calls == four.calls and 0 < two.total <= 4, (two.calls, four.calls)
+
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.utils import local_multi_tensor_l2_norm
+
+    monkeypatch.setattr(clip_grads, "l2_norm_impl", local_multi_tensor_l2_norm)  # megatron-core's fallback
+    two, four = (_syncs_per_step(cpu_device, n) for n in (2, 4))
+    assert four.total > two.total > 4  # the counter sees the per-tensor syncs
+
+
+def test_rng_tracker_is_forked_only_with_attention_dropout(cpu_device, monkeypatch):
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    forks = []
+    fork = mcore_random.CudaRNGStatesTracker.fork
+    monkeypatch.setattr(mcore_random.CudaRNGStatesTracker, "fork",
+                        lambda self, *a, **k: forks.append(1) or fork(self, *a, **k))
+    _trainer(cpu_device, 2)[0]()
+    assert forks == []
+    _trainer(cpu_device, 2, "--attention-dropout", "0.1")[0]()
+    assert len(forks) == 2 * 2  # every layer, every micro-batch
+
+
+def test_on_device_grad_norm_is_megatrons_number_and_undoable():
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.utils import local_multi_tensor_l2_norm
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(n, generator=g) * 10.0 ** e for n, e in ((7, -3), (4096, 0), (300, 2), (1, 1))]
+    flag = torch.zeros(1, dtype=torch.int)
+    ours, _ = patches.l2_norm_on_device(65536, flag, [tensors], False)
+    theirs, _ = local_multi_tensor_l2_norm(65536, flag, [tensors], False)
+    assert torch.equal(ours, theirs)
+    installed = "grad-norm" in patches.applied()
+    patches.undo_all()
+    try:
+        assert clip_grads.l2_norm_impl is local_multi_tensor_l2_norm
+        patches.grad_norm_without_host_syncs()
+        assert clip_grads.l2_norm_impl is patches.l2_norm_on_device and "grad-norm" in patches.applied()
+    finally:
+        patches.undo_all()
+    assert clip_grads.l2_norm_impl is local_multi_tensor_l2_norm
+    patches.redirect_cuda_to_cpu()  # leave the process as the other tests expect it
+    if installed:
+        patches.grad_norm_without_host_syncs()
+
+
+# ------------------------------------------------------------------------ 1. overlapped communication (flags)
+
+
+def _parse(*flags):
+    from aquila_npu.cli.pretrain import parser, validate
+
+    args = parser().parse_args(["--mock-data", "--train-iters", "1", *flags])
+    validate(args)
+    return args
+
+
+def test_ddp_flags_default_to_todays_behaviour_and_reach_megatron_core():
+    from aquila_npu.training.run import ddp_config
+
+    default = ddp_config(_parse())
+    assert (default.grad_reduce_in_fp32, default.overlap_grad_reduce, default.overlap_param_gather,
+            default.bucket_size) == (True, False, False, None)
+    on = ddp_config(_parse("--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+                           "--ddp-bucket-size", "1000", "--no-accumulate-allreduce-grads-in-fp32"))
+    assert (on.grad_reduce_in_fp32, on.overlap_grad_reduce, on.overlap_param_gather, on.bucket_size,
+            on.use_distributed_optimizer) == (False, True, True, 1000, True)
+    assert ddp_config(_parse("--accumulate-allreduce-grads-in-fp32")).grad_reduce_in_fp32
+    for flags, needle in ((["--overlap-param-gather", "--overlap-grad-reduce"], "--use-distributed-optimizer"),
+                          (["--overlap-param-gather", "--use-distributed-optimizer"], "--overlap-grad-reduce"),
+                          (["--ddp-bucket-size", "0"], "--ddp-bucket-size")):
+        with pytest.raises(UsageError, match=needle):
+            _parse(*flags)
+
+
+def _metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_overlapped_grad_reduce_and_param_gather_change_no_loss(tmp_path):
+    """dp2, distributed optimizer, 2 micro-batches per rank and step, buckets of 20k parameters (aquila2-tiny has
+    ~0.3 M: many buckets, each reduced while backward goes on), evaluation and a checkpoint in between: the same
+    losses, gradient norms, validation losses and saved weights as without overlap."""
+    common = ["--model", "aquila2-tiny", "--mock-data", "--train-iters", 4, "--micro-batch-size", 2,
+              "--global-batch-size", 8, "--seq-length", SEQ, "--lr", 1e-3, "--lr-decay-style", "constant",
+              "--use-distributed-optimizer", "--log-interval", 1, "--eval-interval", 2, "--eval-iters", 1,
+              "--save-interval", 3]
+    runs = {}
+    for name, flags in (("plain", []), ("overlap", ["--overlap-grad-reduce", "--overlap-param-gather",
+                                                    "--ddp-bucket-size", 20000])):
+        torchrun("-m aquila_npu.pretrain", 2, [*common, "--metrics-file", tmp_path / f"{name}.jsonl",
+                                               "--save", tmp_path / name, *flags])
+        runs[name] = _metrics(tmp_path / f"{name}.jsonl")
+    for key in ("lm_loss", "grad_norm", "validation_lm_loss"):
+        a, b = (np.array([r[key] for r in runs[n] if key in r]) for n in ("plain", "overlap"))
+        assert len(a) == len(b) > 0 and np.max(np.abs(a - b) / np.abs(a)) < 1e-5, (key, a, b)
+    for iteration in (3, 4):  # saved mid-run and at the end: every rank's parameters gathered first
+        a, b = (megatron_io.load_rank(str(tmp_path / n), iteration, 0, 0, 1)["model"] for n in ("plain", "overlap"))
+        assert a.keys() == b.keys()
+        for k in a:
+            if torch.is_tensor(a[k]):
+                torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_benchmark_toggles_megatrons_overlap_flags():
+    from aquila_npu.benchmarking.run import overlap_toggled
+
+    assert overlap_toggled(["--bf16"]) == ["--bf16", "--overlap-grad-reduce"]
+    assert overlap_toggled(["--use-distributed-optimizer"]) == \
+        ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
+    on = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather", "--ddp-bucket-size", "9"]
+    assert overlap_toggled(on) == ["--use-distributed-optimizer", "--ddp-bucket-size", "9"]
