@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from aquila_npu.benchmarking.side_by_side import (alternate, get_shape, print_result,  # noqa: E402
-                                                  random_hf_model, worker_env)
+                                                  random_hf_model, save_result, worker_env)
 
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 TASK = "boolq_bench"
@@ -148,12 +148,14 @@ def main_run(a):
     preds = {name: [yes > no for no, yes in r["logprobs"]] for name, r in best.items()}
     same = preds["ours"] == preds["lm-eval hf"]
     diff = max(abs(x - y) for r1, r2 in zip(ours["logprobs"], ref["logprobs"]) for x, y in zip(r1, r2))
-    print(f"eval_bench: BoolQ dev, first {len(ref['logprobs'])} rows, loglikelihood scoring, batch {a.batch}; "
-          f"{a.hf_dir or a.model} ({spec.num_layers} layers, hidden {spec.hidden_size}, "
-          f"{spec.num_attention_heads}/{spec.num_key_value_heads} heads, FFN {spec.intermediate_size}, vocab "
-          f"{spec.vocab_size}), fp32, tp1; {cpu_model()}, {os.cpu_count()} cores, torch threads "
-          f"{a.threads or torch.get_num_threads()}; {a.rounds} round(s), sides alternating, best round shown; load average (1 min) "
-          f"{min(loads):.1f}..{max(loads):.1f} during the run; {time.strftime('%Y-%m-%d %H:%M')}")
+    header = (f"eval_bench: BoolQ dev, first {len(ref['logprobs'])} rows, loglikelihood scoring, batch {a.batch}; "
+              f"{a.hf_dir or a.model} ({spec.num_layers} layers, hidden {spec.hidden_size}, "
+              f"{spec.num_attention_heads}/{spec.num_key_value_heads} heads, FFN {spec.intermediate_size}, vocab "
+              f"{spec.vocab_size}), fp32, tp1; {cpu_model()}, {os.cpu_count()} cores, torch threads "
+              f"{a.threads or torch.get_num_threads()}; {a.rounds} round(s), sides alternating, best round shown; "
+              f"load average (1 min) {min(loads):.1f}..{max(loads):.1f} during the run; "
+              f"{time.strftime('%Y-%m-%d %H:%M')}")
+    print(header)
     for name, r in best.items():
         ratio = "" if name == "lm-eval hf" else (f"  {ref['seconds'] / r['seconds']:.2f}x faster than lm-eval "
                                                  f"(log-likelihood calls {ref['loglikelihood_seconds'] / r['loglikelihood_seconds']:.2f}x)")
@@ -161,6 +163,12 @@ def main_run(a):
               f"rounds {', '.join('%.2f' % x['seconds'] for x in runs[name])} s){ratio}")
     print(f"  identical per-example predictions: {same} ({sum(preds['ours'])} yes of {len(preds['ours'])}); largest "
           f"log-probability difference {diff:.2e}")
+    save_result(a.out, {"benchmark": "eval_bench", "summary": header, "model": a.hf_dir or a.model,
+                        "rows": len(ref["logprobs"]), "batch": a.batch, "rounds": a.rounds, "load_average": loads,
+                        "seconds": {name: [x["seconds"] for x in rs] for name, rs in runs.items()},
+                        "loglikelihood_seconds": {name: r["loglikelihood_seconds"] for name, r in best.items()},
+                        "speedup_vs_lm_eval": ref["seconds"] / ours["seconds"],
+                        "identical_predictions": same, "max_logprob_difference": diff})
 
 
 def main():
@@ -179,6 +187,8 @@ def main():
                                                     "folder)")
     p.add_argument("--threads", type=int, default=None, help="torch threads, both sides (default: torch's, one per "
                                                              "core)")
+    p.add_argument("--out", default=None, help="also write the result as JSON here "
+                                               "(benchmarks/results/eval-vs-lm-eval-*.json)")
     p.add_argument("--worker", choices=["lmeval", "ours"], help=argparse.SUPPRESS)
     p.add_argument("--load", help=argparse.SUPPRESS)
     p.add_argument("--task-dir", help=argparse.SUPPRESS)

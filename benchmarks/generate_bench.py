@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from aquila_npu.benchmarking.side_by_side import (alternate, get_shape, print_result,  # noqa: E402
-                                                  random_hf_model, worker_env)
+                                                  random_hf_model, save_result, worker_env)
 
 WARMUP_TOKENS = 4
 
@@ -158,13 +158,17 @@ def vs_hf(a):
         sides[f"ours tp{tp}-pp{pp}"] = (cmd + ["--worker", "ours", "--load", mg, *common], e)
     runs, loads = alternate(sides, a.rounds)
 
-    print(f"generate_bench --vs-hf: {a.hf_dir or a.model} ({spec.num_layers} layers, hidden {spec.hidden_size}, "
-          f"{spec.num_attention_heads}/{spec.num_key_value_heads} heads, FFN {spec.intermediate_size}, vocab "
-          f"{spec.vocab_size}), fp32, greedy, {a.new_tokens} new tokens, prompts of {a.prompt_len // 2}.."
-          f"{a.prompt_len} tokens; {cpu_model()}, {os.cpu_count()} cores, torch threads "
-          f"{a.threads or torch.get_num_threads()} (1 per process for 2+ processes); {a.rounds} round(s) x {a.repeats} timed run(s), sides alternating; "
-          f"load average (1 min) {min(loads):.1f}..{max(loads):.1f} during the run; "
-          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    header = (f"generate_bench --vs-hf: {a.hf_dir or a.model} ({spec.num_layers} layers, hidden {spec.hidden_size}, "
+              f"{spec.num_attention_heads}/{spec.num_key_value_heads} heads, FFN {spec.intermediate_size}, vocab "
+              f"{spec.vocab_size}), fp32, greedy, {a.new_tokens} new tokens, prompts of {a.prompt_len // 2}.."
+              f"{a.prompt_len} tokens; {cpu_model()}, {os.cpu_count()} cores, torch threads "
+              f"{a.threads or torch.get_num_threads()} (1 per process for 2+ processes); {a.rounds} round(s) x "
+              f"{a.repeats} timed run(s), sides alternating; load average (1 min) {min(loads):.1f}..{max(loads):.1f} "
+              f"during the run; {time.strftime('%Y-%m-%d %H:%M')}")
+    print(header)
+    result = {"benchmark": "generate_bench --vs-hf", "summary": header, "model": a.hf_dir or a.model,
+              "new_tokens": a.new_tokens, "prompt_len": a.prompt_len, "rounds": a.rounds, "repeats": a.repeats,
+              "load_average": loads, "skipped": skipped, "batches": {}}
     for text in skipped:
         print(f"  skipped {text}")
     hf_name = "HF transformers"
@@ -174,12 +178,18 @@ def vs_hf(a):
         best = {name: n_tokens / min(t for r in rs for t in r[b]["seconds"]) for name, rs in runs.items()}
         med = {name: n_tokens / statistics.median(t for r in rs for t in r[b]["seconds"]) for name, rs in runs.items()}
         print(f"  batch {b}:")
+        result["batches"][b] = {}
         for name in runs:
             same = all(r[b]["tokens"] == ref for r in runs[name])
+            result["batches"][b][name] = {"tokens_per_s_best": best[name], "tokens_per_s_median": med[name],
+                                          "ratio_vs_hf_best": best[name] / best[hf_name],
+                                          "ratio_vs_hf_median": med[name] / med[hf_name], "same_tokens_as_hf": same,
+                                          "seconds": [r[b]["seconds"] for r in runs[name]]}
             ratio = "" if name == hf_name else (f"  {best[name] / best[hf_name]:.2f}x HF (median "
                                                 f"{med[name] / med[hf_name]:.2f}x)")
             print(f"    {name:18s} {best[name]:8.1f} tokens/s (median {med[name]:8.1f}){ratio}"
                   + ("" if name == hf_name else f"; same tokens as HF: {same}"))
+    save_result(a.out, result)
 
 
 def kv_vs_recompute(a):
@@ -265,6 +275,8 @@ def main():
                                                     "temporary folder)")
     p.add_argument("--threads", type=int, default=None,
                    help="--vs-hf: torch threads of one-process runs, both sides (default: torch's, one per core)")
+    p.add_argument("--out", default=None, help="--vs-hf: also write the result as JSON here "
+                                               "(benchmarks/results/generate-vs-hf-*.json)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (KV-cache mode)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (KV-cache mode)")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (KV-cache mode)")

@@ -64,6 +64,22 @@ def print_result(result: dict) -> None:
     print(RESULT + json.dumps(result), flush=True)
 
 
+def save_result(path: Optional[str], result: dict) -> None:
+    """Write a benchmark's result as JSON (nothing without ``path``), with the machine and software it ran on."""
+    if not path:
+        return
+    import platform
+
+    from aquila_npu.benchmarking.environment import _version, cpu_model, software
+
+    doc = dict(result, machine={"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()},
+               software=dict(software("cpu"), transformers=_version("transformers"),
+                             lm_eval=_version("lm_eval", "lm-eval")))
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    print(f"wrote {path}")
+
+
 def run_worker(cmd: Sequence[str], env: dict) -> dict:
     proc = subprocess.run(list(cmd), env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
