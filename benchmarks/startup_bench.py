@@ -7,6 +7,8 @@ Each run is a fresh interpreter (``OMP_NUM_THREADS`` as given, else torch's defa
 
 * the whole command, ``--max-new-tokens 1`` on one prompt (wall clock from the shell);
 * ``--help`` (what a command costs before any model work: the parser imports neither torch nor megatron-core);
+* with ``--baseline DIR``, the same command from another checkout of this project (e.g. ``git archive main | tar -x
+  -C DIR``), for before / after figures;
 * Hugging Face beside it: ``AutoTokenizer`` + ``AutoModelForCausalLM.from_pretrained`` + ``generate`` of one token on
   the same weights (``--hf-dir``);
 * the phases of the command (the library calls ``cli.generate`` / ``Session.start`` make, timed one by one in one
@@ -100,6 +102,8 @@ def main():
     p.add_argument("--hf-dir", required=True, help="the same model as a Hugging Face folder (with its tokenizer)")
     p.add_argument("--runs", type=int, default=3, help="fresh interpreters per measurement")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every run (default: torch's)")
+    p.add_argument("--baseline", default=None, metavar="DIR",
+                   help="also run the 1-token command from this checkout of the project (before / after)")
     p.add_argument("--out", default=None, help="also write the result as JSON here")
     p.add_argument("--phases-worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -116,12 +120,17 @@ def main():
         "aquila_npu.generate --help": [py, "-m", "aquila_npu.generate", "--help"],
         "HF transformers, 1 token": [py, "-c", HF_ONE_TOKEN, a.hf_dir],
     }
+    envs = {name: env for name in commands}
+    if a.baseline:
+        name = f"baseline {a.baseline}, 1 token"
+        commands[name] = commands["aquila_npu.generate, 1 token"]
+        envs[name] = dict(env, PYTHONPATH=os.path.abspath(a.baseline))
     times = {name: [] for name in commands}
     steps = []
     loads = [load_average()]
     for _ in range(a.runs):
         for name, cmd in commands.items():
-            times[name].append(wall(cmd, env))
+            times[name].append(wall(cmd, envs[name]))
             loads.append(load_average())
         proc = subprocess.run([py, os.path.abspath(__file__), "--phases-worker", "--load", a.load, "--hf-dir", a.hf_dir,
                                "--tokenizer", tokenizer], env=env, capture_output=True, text=True)
@@ -137,7 +146,7 @@ def main():
               f"{max(loads):.1f}; {time.strftime('%Y-%m-%d %H:%M')}")
     print(header)
     for name, ts in times.items():
-        print(f"  {name:32s} best {min(ts):6.2f} s, median {statistics.median(ts):6.2f} s")
+        print(f"  {name:40s} best {min(ts):6.2f} s, median {statistics.median(ts):6.2f} s")
     best_phases = {name: min(s[name] for s in steps) for name in steps[0]}
     print("  phases of the command (best of the runs, one process):")
     for name, secs in best_phases.items():
