@@ -16,7 +16,6 @@ import collections
 import contextlib
 import functools
 import importlib.machinery
-import math
 import sys
 import types
 from typing import Optional
@@ -33,7 +32,7 @@ from torch import Tensor
 # comment above it and in the error. What we never call raises NotImplementedError instead of guessing.
 # =====================================================================================================================
 
-EMULATED_OPS = ("npu_rms_norm", "npu_fusion_attention", "npu_rotary_mul", "npu_swiglu", "npu_apply_adam_w",
+EMULATED_OPS = ("npu_rms_norm", "npu_fusion_attention", "npu_rotary_mul", "npu_swiglu",
                 "npu_fused_infer_attention_score", "npu_all_gather_base_mm", "npu_mm_reduce_scatter_base")
 
 DOCS = "torch_npu _op_plugin_docs.py"
@@ -541,24 +540,6 @@ def npu_mm_reduce_scatter_base(self, x2, hcom, world_size, *, reduce_op="sum", b
     out = partial.new_empty(partial.shape[0] // world_size, partial.shape[1])
     torch.distributed.reduce_scatter_tensor(out, partial, group=group)
     return out
-
-
-def npu_apply_adam_w(beta1_power, beta2_power, lr, weight_decay, beta1, beta2, epsilon, grad, max_grad_norm, amsgrad,
-                     maximize, *, out):
-    """AdamW step in place on ``out = (var, m, v)``; ``beta*_power`` are beta**(step-1) as MindSpeed passes them."""
-    if amsgrad or max_grad_norm is not None:
-        raise NotImplementedError("amsgrad / max_grad_norm are not emulated")
-    var, m, v = out
-    g = -grad if maximize else grad
-    with torch.no_grad():
-        var.mul_(1 - lr * weight_decay)
-        m.mul_(beta1).add_(g, alpha=1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        bc1 = 1 - beta1_power * beta1
-        bc2 = 1 - beta2_power * beta2
-        denom = (v.sqrt() / math.sqrt(bc2)).add_(epsilon)
-        var.addcdiv_(m, denom, value=-lr / bc1)
-    return var, m, v
 
 
 def _module() -> types.ModuleType:
