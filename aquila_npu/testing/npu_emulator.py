@@ -719,6 +719,14 @@ class device:
         return False
 
 
+def is_current_stream_capturing() -> bool:
+    """No NPU graph is ever captured here. torch's optimizers ask ``torch.cuda.is_current_stream_capturing()`` before a
+    step whenever a CUDA build of torch sees a device (``torch.cuda.is_available()``, the NPU's under transfer_to_npu),
+    and transfer_to_npu points the name at torch_npu's: without it a CUDA build of torch on a machine without a CUDA
+    driver (as in CI) would ask the driver."""
+    return False
+
+
 def synchronize(device=None) -> None:
     _lazy_init()
 
@@ -880,7 +888,7 @@ NPU_API = ("is_available", "device_count", "is_initialized", "init", "set_device
            "reset_accumulated_memory_stats", "set_per_process_memory_fraction", "get_rng_state", "set_rng_state",
            "get_rng_state_all", "set_rng_state_all", "manual_seed", "manual_seed_all", "seed", "seed_all",
            "initial_seed", "Event", "Stream", "current_stream", "default_stream", "stream", "set_stream",
-           *(f"{kind}Tensor" for kind in _LEGACY))
+           "is_current_stream_capturing", *(f"{kind}Tensor" for kind in _LEGACY))
 """The public names of ``torch_npu.npu`` the fake provides (each exists in the real ``torch_npu.npu.__all__``: a test
 checks it against the wheel)."""
 
