@@ -24,10 +24,13 @@ TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_R
 
 def child_env(**extra) -> dict:
     """The environment of every child process a test starts: no torchrun variables, no AQUILA_DEVICE, one thread,
-    this checkout importable, warnings quiet; ``extra`` on top."""
+    this checkout importable, this interpreter's scripts (``torchrun``, ``python``) first on PATH even when its
+    virtual environment is not activated (``.ci/run`` calls ``VENV/bin/python -m pytest``), warnings quiet; ``extra``
+    on top."""
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV and k != "AQUILA_DEVICE"}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               PATH=os.pathsep.join(filter(None, [os.path.dirname(sys.executable), os.environ.get("PATH")])))
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

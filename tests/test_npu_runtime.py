@@ -339,7 +339,7 @@ def test_pretrain_tp2_pp2_on_npu_equals_cpu_resumes_and_serves(assets, tmp_path,
                                                "--tokenizer-name-or-path", assets["hf"], "--device", device,
                                                *(FUSED if device == "npu" else []), *DTYPE_FLAGS[dtype],
                                                "--micro-batch-size", 4, "--output", results[device]], env=e)
-    a, b = (json.load(open(results[d]))["predictions"] for d in ("cpu", "npu"))
+    a, b = (json.load(open(results[d]))["records"] for d in ("cpu", "npu"))
     assert len(a) == len(b) == 8
     for p, q in zip(a, b):
         assert p["prediction"] == q["prediction"]

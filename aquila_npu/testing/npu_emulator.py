@@ -16,7 +16,6 @@ import collections
 import contextlib
 import functools
 import importlib.machinery
-import math
 import sys
 import types
 from typing import Optional
@@ -33,7 +32,7 @@ from torch import Tensor
 # comment above it and in the error. What we never call raises NotImplementedError instead of guessing.
 # =====================================================================================================================
 
-EMULATED_OPS = ("npu_rms_norm", "npu_fusion_attention", "npu_rotary_mul", "npu_swiglu", "npu_apply_adam_w",
+EMULATED_OPS = ("npu_rms_norm", "npu_fusion_attention", "npu_rotary_mul", "npu_swiglu",
                 "npu_fused_infer_attention_score", "npu_all_gather_base_mm", "npu_mm_reduce_scatter_base")
 
 DOCS = "torch_npu _op_plugin_docs.py"
@@ -543,24 +542,6 @@ def npu_mm_reduce_scatter_base(self, x2, hcom, world_size, *, reduce_op="sum", b
     return out
 
 
-def npu_apply_adam_w(beta1_power, beta2_power, lr, weight_decay, beta1, beta2, epsilon, grad, max_grad_norm, amsgrad,
-                     maximize, *, out):
-    """AdamW step in place on ``out = (var, m, v)``; ``beta*_power`` are beta**(step-1) as MindSpeed passes them."""
-    if amsgrad or max_grad_norm is not None:
-        raise NotImplementedError("amsgrad / max_grad_norm are not emulated")
-    var, m, v = out
-    g = -grad if maximize else grad
-    with torch.no_grad():
-        var.mul_(1 - lr * weight_decay)
-        m.mul_(beta1).add_(g, alpha=1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        bc1 = 1 - beta1_power * beta1
-        bc2 = 1 - beta2_power * beta2
-        denom = (v.sqrt() / math.sqrt(bc2)).add_(epsilon)
-        var.addcdiv_(m, denom, value=-lr / bc1)
-    return var, m, v
-
-
 def _module() -> types.ModuleType:
     mod = types.ModuleType("torch_npu")
     mod.__doc__ = __doc__
@@ -738,6 +719,14 @@ class device:
         return False
 
 
+def is_current_stream_capturing() -> bool:
+    """No NPU graph is ever captured here. torch's optimizers ask ``torch.cuda.is_current_stream_capturing()`` before a
+    step whenever a CUDA build of torch sees a device (``torch.cuda.is_available()``, the NPU's under transfer_to_npu),
+    and transfer_to_npu points the name at torch_npu's: without it a CUDA build of torch on a machine without a CUDA
+    driver (as in CI) would ask the driver."""
+    return False
+
+
 def synchronize(device=None) -> None:
     _lazy_init()
 
@@ -899,7 +888,7 @@ NPU_API = ("is_available", "device_count", "is_initialized", "init", "set_device
            "reset_accumulated_memory_stats", "set_per_process_memory_fraction", "get_rng_state", "set_rng_state",
            "get_rng_state_all", "set_rng_state_all", "manual_seed", "manual_seed_all", "seed", "seed_all",
            "initial_seed", "Event", "Stream", "current_stream", "default_stream", "stream", "set_stream",
-           *(f"{kind}Tensor" for kind in _LEGACY))
+           "is_current_stream_capturing", *(f"{kind}Tensor" for kind in _LEGACY))
 """The public names of ``torch_npu.npu`` the fake provides (each exists in the real ``torch_npu.npu.__all__``: a test
 checks it against the wheel)."""
 
