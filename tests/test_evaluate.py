@@ -15,22 +15,9 @@ import sys
 import pytest
 import torch
 
+from aquila_npu.testing.lm_eval_tasks import write_boolq_task
 from aquila_npu.testing.tiny_hf import tiny_llama
 from helpers import assert_help_documents_every_flag, build_assets, call_main, child_env, read_json, torchrun, words
-
-LMEVAL_TASK = """task: boolq_local
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    validation: {files}
-validation_split: validation
-output_type: multiple_choice
-doc_to_text: "{{{{passage}}}}\\nQuestion: {{{{question}}}}?\\nAnswer:"
-doc_to_target: "{{{{ 1 if answer else 0 }}}}"
-doc_to_choice: ["no", "yes"]
-metric_list:
-  - metric: acc
-"""
 
 
 def write_boolq(folder, n_files=2, rows=14, seed=1):
@@ -65,7 +52,7 @@ def lm_eval_reference(setup_data):
     assets, _, files, root = setup_data
     tasks = root / "lmeval_tasks"
     tasks.mkdir()
-    (tasks / "boolq_local.yaml").write_text(LMEVAL_TASK.format(files=json.dumps(files)))
+    write_boolq_task(tasks, "boolq_local", files)
     out = root / "lmeval_out"
     env = child_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                          HF_DATASETS_CACHE=str(root / "hf_datasets_cache"))

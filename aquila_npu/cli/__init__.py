@@ -12,5 +12,12 @@ status 2; the device, fused-kernel and architecture argument groups; the inert M
     selfcheck     python -m aquila_npu.selfcheck, aquila-selfcheck                aquila_npu.checkpoint, .device
     demo          python -m aquila_npu.demo, aquila-demo                          all of the above, as subprocesses
 
-Importing this package imports nothing.
+Importing this package imports neither torch nor megatron-core. It installs one thing, before any command module
+imports megatron-core (every entry point, ``python -m``, the console scripts and ``tools/``, comes through here): the
+warnings filter that hides exactly megatron-core's "Apex / Transformer Engine not installed" notices
+(``aquila_npu.device.notices``); each command's banner names the implementations actually used instead.
 """
+
+from aquila_npu.device.notices import hide_megatron_fallback_notices
+
+hide_megatron_fallback_notices()

@@ -132,7 +132,7 @@ def run(argv: Optional[List[str]] = None) -> int:
     generator = TextGenerator.from_loaded(loaded, session.device.torch_device, max_sequence_length=session.max_length)
     runner = ModelRunner(scorer, generator, batch_size=args.evaluation_batch_size, progress=progress)
     print0(f"{PROG}: {', '.join(f'{t.name} ({len(d)} rows, scoring {t.scoring})' for t, d in zip(tasks, docs))}; "
-           f"{session.describe()}" + inert_note(args, inference_args.INERT))
+           f"{session.describe()} ({session.device.backend.describe()})" + inert_note(args, inference_args.INERT))
     for task, task_docs, path in zip(tasks, docs, paths):
         scorer.desc = f"{task.name} ({task.scoring})"
         records = evaluate(task, task_docs, runner)

@@ -11,6 +11,9 @@ Rank 0 prints the text as it is generated (token by token with one prompt per ba
 of its batch otherwise). ``--output`` writes one JSON line per prompt, in input order: ``prompt``, ``text``,
 ``token_ids`` (the generated ids, without the EOS that ended them) and ``finish_reason`` ("eos" or "length").
 With more processes than tensor x pipeline parallel ranks, the data-parallel replicas share the prompts.
+
+torch, megatron-core and transformers are imported once the flags and prompts are checked (``--help`` and input errors
+take a fraction of a second).
 """
 
 from __future__ import annotations
@@ -25,9 +28,6 @@ from aquila_npu.cli.common import check_output_file, inert_note, print0, run_cli
 from aquila_npu.data.sources import iter_json_objects
 from aquila_npu.errors import DataError, UsageError
 from aquila_npu.inference.chat import CHAT_TEMPLATES, chat_prompt, default_template
-from aquila_npu.inference.generation import TextGenerator
-from aquila_npu.inference.sampling import SamplingParams
-from aquila_npu.inference.session import Session, gather, shard
 
 PROG = "python -m aquila_npu.generate"
 
@@ -96,11 +96,14 @@ def read_prompts(args: argparse.Namespace) -> List[str]:
     return prompts
 
 
-def sampling_params(args: argparse.Namespace) -> SamplingParams:
+def sampling_params(args: argparse.Namespace):
+    """The ``SamplingParams`` of the flags (imports torch: call it after the other input checks)."""
     sampling_flags = [f for f, v in (("--temperature", args.temperature), ("--top-k", args.top_k),
                                      ("--top-p", args.top_p)) if v is not None]
     if args.greedy and sampling_flags:
         raise UsageError(f"--greedy cannot be combined with {', '.join(sampling_flags)}")
+    from aquila_npu.inference.sampling import SamplingParams
+
     try:
         if not sampling_flags:
             return SamplingParams(greedy=True, seed=args.seed)
@@ -149,11 +152,15 @@ class ConsoleStream:
 def run(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     prompts = read_prompts(args)
-    sampling = sampling_params(args)
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
     check_output_file("--output", args.output)
-    session = Session.start(inference_args.model_options(args))
+    options = inference_args.model_options(args)
+    sampling = sampling_params(args)
+    from aquila_npu.inference.generation import TextGenerator
+    from aquila_npu.inference.session import Session, gather, shard
+
+    session = Session.start(options)
     tok, loaded = session.tokenizer, session.loaded
     template = (args.chat_template or default_template(loaded.spec)) if args.chat else None
     texts = [chat_prompt(template, p, system=args.system_prompt) if template else p for p in prompts]
@@ -163,7 +170,7 @@ def run(argv: Optional[List[str]] = None) -> int:
     batch = args.micro_batch_size or 1
     mine = [i for i, _ in shard(prompts)]
     stream = ConsoleStream(tok, enabled=session.is_rank0)
-    print0(f"{PROG}: {len(prompts)} prompt(s), {session.describe()}"
+    print0(f"{PROG}: {len(prompts)} prompt(s), {session.describe()} ({session.device.backend.describe()})"
            + (f", chat template {template}" if template else "") + inert_note(args, inference_args.INERT))
     results = {}
     for b0 in range(0, len(mine), batch):

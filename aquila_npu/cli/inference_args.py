@@ -1,17 +1,18 @@
 """The model flags of the inference commands (generate, evaluate): ModelLink's, so its scripts parse, but only
 ``--load`` and ``--tokenizer-name-or-path`` are needed: the architecture comes from the checkpoint, and architecture
-flags that are given are checked against it."""
+flags that are given are checked against it.
+
+Importing this module imports neither torch nor megatron-core (``--help`` and input errors come before them)."""
 
 from __future__ import annotations
 
 import argparse
 
 from aquila_npu.cli.common import add_device_argument, add_inert_arguments, check_positive
-from aquila_npu.device.backends import FusedOps
+from aquila_npu.device.fused import FusedOps
 from aquila_npu.errors import UsageError
-from aquila_npu.inference.session import ModelOptions
+from aquila_npu.inference.options import ModelOptions, check_load_dir
 from aquila_npu.models import arch_flags
-from aquila_npu.models.dtypes import DTYPES
 
 INERT = ("--swiglu", "--disable-bias-linear", "--exit-on-missing-checkpoint", "--no-load-optim", "--no-load-rng",
          "--no-masked-softmax-fusion",
@@ -52,10 +53,15 @@ def model_options(args: argparse.Namespace) -> ModelOptions:
                    "seq_length")
     flags = arch_flags.given(args)
     arch_flags.validate(flags)
-    dtype = DTYPES["fp16"] if args.fp16 else DTYPES["bf16"] if args.bf16 else None
     if args.use_mc2:
         raise UsageError("--use-mc2 fuses the communication of sequence-parallel training into its matmuls; generation "
                          "and evaluation have no sequence parallelism: drop --use-mc2")
+    check_load_dir(args.load)
+    dtype = None
+    if args.fp16 or args.bf16:  # torch only now: input errors above come before it is imported
+        from aquila_npu.models.dtypes import DTYPES
+
+        dtype = DTYPES["fp16" if args.fp16 else "bf16"]
     return ModelOptions(load=args.load, tokenizer=args.tokenizer_name_or_path, use_fast=not args.tokenizer_not_use_fast,
                         tokenizer_type=args.tokenizer_type, tp=args.tensor_model_parallel_size,
                         pp=args.pipeline_model_parallel_size, device=args.device, params_dtype=dtype,

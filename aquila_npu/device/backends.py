@@ -10,66 +10,14 @@ Parameter names and shapes never depend on the backend: fused modules subclass o
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 from aquila_npu.device import npu_modules, torch_modules
+from aquila_npu.device.fused import FusedOps  # noqa: F401 - its home is device.fused; imported from here too
 from aquila_npu.errors import FusedKernelUnavailable
-
-
-@dataclass(frozen=True)
-class FusedOps:
-    """Which fused kernels to use: the ModelLink switches (``SWITCHES``: field -> (flag, help)), which this class also
-    adds to a parser (``add_arguments``) and reads back (``from_args``)."""
-
-    rmsnorm: bool = False
-    flash_attn: bool = False
-    rotary: bool = False
-    swiglu: bool = False
-    mc2: bool = False
-
-    SWITCHES = {
-        "rmsnorm": ("--use-fused-rmsnorm", "fused RMSNorm (npu_rms_norm on Ascend; Transformer Engine on CUDA)"),
-        "flash_attn": ("--use-flash-attn", "fused attention (npu_fusion_attention on Ascend; Transformer Engine on "
-                                           "CUDA)"),
-        "rotary": ("--use-fused-rotary-pos-emb", "fused RoPE (npu_rotary_mul on Ascend; Transformer Engine on "
-                                                 "CUDA)"),
-        "swiglu": ("--use-fused-swiglu", "fused SwiGLU (npu_swiglu on Ascend; megatron-core's kernel on CUDA)"),
-        "mc2": ("--use-mc2", "Ascend MC2: the sequence-parallel all-gather / reduce-scatter of the tensor-parallel "
-                             "linears fused into the matmuls (npu_all_gather_base_mm / npu_mm_reduce_scatter_base; "
-                             "training with --sequence-parallel at tp 2, 4 or 8, bf16/fp16)"),
-    }
-    KERNELS = ("rmsnorm", "flash_attn", "rotary", "swiglu")  # the per-layer kernels; mc2 needs sequence parallelism
-
-    @classmethod
-    def all(cls) -> "FusedOps":
-        """Every fused kernel (not --use-mc2, which only sequence-parallel training can use)."""
-        return cls(**{name: True for name in cls.KERNELS})
-
-    @classmethod
-    def add_arguments(cls, parser, title: str = "fused kernels (ModelLink switches; need an Ascend NPU, or on CUDA "
-                                                 "Transformer Engine)"):
-        g = parser.add_argument_group(title)
-        for flag, text in cls.SWITCHES.values():
-            g.add_argument(flag, action="store_true", help=text)
-        return g
-
-    @classmethod
-    def from_args(cls, args) -> "FusedOps":
-        """From parsed flags (argparse dests, e.g. ``use_fused_rmsnorm``)."""
-        return cls(**{name: bool(getattr(args, flag[2:].replace("-", "_"), False))
-                      for name, (flag, _) in cls.SWITCHES.items()})
-
-    @classmethod
-    def from_names(cls, names) -> "FusedOps":
-        return cls(**{name: True for name in names})
-
-    def requested(self):
-        """The flags of the switches that are on."""
-        return [flag for name, (flag, _) in self.SWITCHES.items() if getattr(self, name)]
 
 
 class TorchBackend(LocalSpecProvider):
@@ -104,6 +52,18 @@ class TorchBackend(LocalSpecProvider):
     def config_overrides(self) -> dict:
         """TransformerConfig fields this backend needs."""
         return {"use_te_activation_func": self.activation_func() is not None}
+
+    def describe(self) -> str:
+        """The modules this backend builds, for start-up banners (derived from the methods above, never written out):
+        ``attention SDPAAttention, norm RMSNorm, rotary megatron-core, SwiGLU megatron-core``."""
+        overrides = self.config_overrides()
+        rope, act = self.rope_fn(), self.activation_func()
+        rotary = (f"{rope.__name__} (megatron-core's fused slot)" if rope else
+                  "megatron-core fused" if overrides.get("apply_rope_fusion") else "megatron-core")
+        swiglu = (act.__name__ if act else
+                  "megatron-core fused" if overrides.get("bias_activation_fusion") else "megatron-core")
+        return (f"attention {self.core_attention().__name__}, norm {self.layer_norm(rms_norm=True).__name__}, "
+                f"rotary {rotary}, SwiGLU {swiglu}")
 
 
 class CpuBackend(TorchBackend):

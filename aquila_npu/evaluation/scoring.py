@@ -3,11 +3,15 @@
 Tokenisation and truncation follow lm-evaluation-harness's ``hf`` model (0.4.x), so the same model gives the same
 numbers: ``encode`` is the tokenizer's own ``encode`` (its default special tokens), a context's trailing spaces move
 to the continuation, the continuation's ids are those of ``encode(context + continuation)`` after
-``encode(context)``, and a sequence longer than the model's maximum length keeps its last tokens.
+``encode(context)``, and a sequence longer than the model's maximum length keeps its last tokens. The texts of a call
+are tokenised in one batch call of the tokenizer (the same ids as ``encode`` one by one).
 
-Sequences are right-padded into batches (longest first) and run with megatron-core's pipeline schedule; identical
-inputs run once (BoolQ's " yes" and " no" share one forward pass). The last pipeline stage computes the
-log-probabilities (fp32 log-softmax over the real vocabulary) and broadcasts them, so every rank gets the results.
+Identical inputs run once: BoolQ's " yes" and " no" continue the same context with one token each, so both are read
+from one forward pass. Inputs are batched longest first and left-padded; the last pipeline stage computes logits only
+at the positions that predict a target (``inference.forward.trailing_logits``: megatron-core's static KV cache keeps
+the last position's logits), then log-probabilities in fp32 (logit - logsumexp over the real vocabulary) and
+broadcasts them, so every rank gets the results. With attention kernels that ignore padding masks (Transformer
+Engine's), batches are right-padded and run whole instead.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from megatron.core import parallel_state as ps
 
-from aquila_npu.inference.forward import forward_logits
+from aquila_npu.inference.forward import forward_logits, left_pad, takes_padding_masks, trailing_logits
 
 
 @dataclass
@@ -54,24 +58,44 @@ class Scorer:
             return self.tokenizer.encode(text, add_special_tokens=False)
         return self.tokenizer.encode(text)
 
-    def encode_pair(self, context: str, continuation: str) -> Tuple[List[int], List[int]]:
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        """``encode`` of each text, in one tokenizer call per special-token setting (fast tokenizers encode a batch
+        in parallel, without a Python round trip per text)."""
+        out: List[List[int]] = [[] for _ in texts]
+        prefixed = [bool(self._prefix_text) and t.startswith(self._prefix_text) for t in texts]
+        for add_special in (True, False):
+            idx = [i for i, p in enumerate(prefixed) if p != add_special]
+            if idx:
+                ids = self.tokenizer([texts[i] for i in idx], add_special_tokens=add_special)["input_ids"]
+                for i, e in zip(idx, ids):
+                    out[i] = list(e)
+        return out
+
+    @staticmethod
+    def _split_spaces(context: str, continuation: str) -> Tuple[str, str]:
         n_spaces = len(context) - len(context.rstrip())
         if n_spaces:
-            continuation = context[-n_spaces:] + continuation
-            context = context[:-n_spaces]
-        whole = self.encode(context + continuation)
-        ctx = self.encode(context)
-        return ctx, whole[len(ctx):]
+            return context[:-n_spaces], context[-n_spaces:] + continuation
+        return context, continuation
+
+    def encode_pair(self, context: str, continuation: str) -> Tuple[List[int], List[int]]:
+        return self.encode_pairs([(context, continuation)])[0]
+
+    def encode_pairs(self, requests: Sequence[Tuple[str, str]]) -> List[Tuple[List[int], List[int]]]:
+        """``encode_pair`` of each (context, continuation), every distinct text tokenised once in one batch."""
+        pairs = [self._split_spaces(c, x) for c, x in requests]
+        texts = list(dict.fromkeys(t for c, x in pairs for t in (c, c + x)))
+        ids = dict(zip(texts, self.encode_batch(texts)))
+        return [(ids[c], ids[c + x][len(ids[c]):]) for c, x in pairs]
 
     # ---------------------------------------------------------------- public scores
     def loglikelihood(self, requests: Sequence[Tuple[str, str]]) -> List[Tuple[float, bool]]:
         """(sum of log p(continuation | context), whether greedy decoding would produce the continuation) for each
         (context, continuation) pair."""
         inputs = []
-        for context, continuation in requests:
-            if not context:
-                raise ValueError("empty context: not supported")
-            ctx, cont = self.encode_pair(context, continuation)
+        if any(not context for context, _ in requests):
+            raise ValueError("empty context: not supported")
+        for (context, continuation), (ctx, cont) in zip(requests, self.encode_pairs(requests)):
             if not cont:
                 raise ValueError(f"continuation {continuation!r} encodes to no tokens")
             ids = (ctx + cont)[-(self.max_length + 1):][:-1]
@@ -84,8 +108,8 @@ class Scorer:
         """log p(token | context) of each of ``token_ids`` right after each context (ModelLink's first-token
         scoring)."""
         inputs = []
-        for context in contexts:
-            ids = self.encode(context)[-self.max_length:]
+        for ids in self.encode_batch(contexts):
+            ids = ids[-self.max_length:]
             inputs.append((ids, [(len(ids) - 1, t) for t in token_ids]))
         return [[lp for lp, _ in r] for r in self._score(inputs)]
 
@@ -118,19 +142,26 @@ class Scorer:
 
     def _score_batch(self, batch: List[_Input]) -> List[torch.Tensor]:
         """Per input, a [targets, 2] float64 tensor (log-prob, is-argmax)."""
-        width = max(len(u.ids) for u in batch)
-        tokens = torch.full((len(batch), width), self.pad_id, dtype=torch.long, device=self.device)
-        for i, u in enumerate(batch):
-            tokens[i, :len(u.ids)] = torch.tensor(u.ids, dtype=torch.long)
         n_targets = sum(len(u.targets) for u in batch)
-        logits = forward_logits(self.model, tokens)
+        width = max(len(u.ids) for u in batch)
+        if takes_padding_masks(self.model):  # left-padded: the targets' positions are the last ones of every row
+            shift = [width - len(u.ids) for u in batch]
+            first = min(s + p for s, u in zip(shift, batch) for p, _ in u.targets)
+            tokens = torch.tensor(left_pad([u.ids for u in batch], self.pad_id, width), dtype=torch.long)
+            logits = trailing_logits(self.model, tokens.to(self.device), torch.tensor(shift).to(self.device),
+                                     width - first)
+        else:  # right-padded, logits everywhere
+            shift, first = [0] * len(batch), 0
+            tokens = torch.tensor([u.ids + [self.pad_id] * (width - len(u.ids)) for u in batch], dtype=torch.long)
+            logits = forward_logits(self.model, tokens.to(self.device))
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             rows = torch.tensor([i for i, u in enumerate(batch) for _ in u.targets], device=logits.device)
-            pos = torch.tensor([p for u in batch for p, _ in u.targets], device=logits.device)
+            pos = torch.tensor([shift[i] + p - first for i, u in enumerate(batch) for p, _ in u.targets],
+                               device=logits.device)
             tok = torch.tensor([t for u in batch for _, t in u.targets], device=logits.device)
-            logprobs = torch.log_softmax(logits[rows, pos, :self.vocab_size].float(), dim=-1)
-            flat = torch.stack([logprobs.gather(1, tok[:, None])[:, 0].double(),
-                                (logprobs.argmax(-1) == tok).double()], dim=1)
+            picked = logits[rows, pos, :self.vocab_size].float()  # [targets, vocab]
+            logprob = picked.gather(1, tok[:, None])[:, 0] - torch.logsumexp(picked, dim=-1)
+            flat = torch.stack([logprob.double(), (picked.argmax(-1) == tok).double()], dim=1)
         else:
             flat = torch.empty(n_targets, 2, dtype=torch.float64, device=self.device)
         if ps.get_pipeline_model_parallel_world_size() > 1:

@@ -2,13 +2,18 @@
 
 The model is never changed: each step calls megatron-core's ``GPTInferenceWrapper`` (which sends hidden states
 stage to stage for pipeline parallelism) with a ``StaticInferenceContext`` that holds every layer's keys and values,
-so a decoding step runs one position through the network. The loop is megatron-core's static-batch algorithm
-(``TextGenerationController.generate_all_output_tokens_static_batch``): prompts are right-padded, the prefill covers
-the shortest prompt, and each later step feeds one position for every row: the row's own prompt token while its
-prompt lasts, the token just generated after that. Every row therefore sees its tokens at positions 0, 1, ... with
-no padding in between: the same computation as one prompt alone (and as Hugging Face with left padding and an
-attention mask). The last pipeline stage picks the next tokens (tensor-parallel rank 0's choice is broadcast to its
-TP group) and broadcasts them to the other stages, so every rank holds the same tokens.
+so a decoding step runs one position through the network and computes logits for that position only.
+
+Prompts of a batch are left-padded, as Hugging Face does: one prefill runs every prompt whole, then each step feeds
+the token just chosen for every row, so a batch takes (new tokens) forward passes whatever its prompt lengths.
+Padding positions are masked for real tokens (``inference.forward.padding_mask``); rotary embeddings depend on
+position differences only, so a padded row computes what it would alone (up to rounding; greedy output equals HF's
+token for token). Where the attention kernel cannot take a padding mask (Transformer Engine's causal kernels), the
+batch follows megatron-core's static-batch algorithm instead: right padding, a prefill over the shortest prompt, then
+one position per row and step (the row's own prompt token while it lasts). The last pipeline stage picks the next
+tokens (tensor-parallel rank 0's choice is broadcast to its TP group) and broadcasts them to the other stages, so
+every rank holds the same tokens; they come to the host (one device sync per step) only when an EOS id, a callback or
+a stop rule reads them.
 
 All ranks of a model-parallel group call ``generate`` with the same prompts.
 """
@@ -21,11 +26,9 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 from megatron.core import parallel_state as ps
-from megatron.core.inference.contexts import StaticInferenceContext
-from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
-from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
 
 from aquila_npu.errors import PromptTooLong
+from aquila_npu.inference.forward import inference_wrapper, left_pad, padding_mask, takes_padding_masks
 from aquila_npu.inference.sampling import SamplingParams, sample
 
 
@@ -94,15 +97,6 @@ class TextGenerator:
                    max_sequence_length=min(max_sequence_length or spec.max_position_embeddings,
                                            spec.max_position_embeddings), device=device)
 
-    def _wrapper(self, batch: int, total: int) -> GPTInferenceWrapper:
-        cfg = InferenceWrapperConfig(hidden_size=self.hidden_size, params_dtype=self.params_dtype,
-                                     inference_batch_times_seqlen_threshold=-1, padded_vocab_size=self.padded_vocab,
-                                     inference_max_requests=batch, inference_max_seq_length=total)
-        context = StaticInferenceContext(batch, total)
-        wrapper = GPTInferenceWrapper(self.model, cfg, context)
-        wrapper.prep_model_for_inference()
-        return wrapper
-
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
                  eos_id: Optional[int] = None, pad_id: int = 0, use_kv_cache: bool = True,
@@ -112,7 +106,8 @@ class TextGenerator:
         ``stop`` says so (finish_reason "stop").
 
         ``use_kv_cache=False`` recomputes the whole sequence at every step (the benchmark's baseline).
-        Rows are limited to ``max_sequence_length`` tokens in all (finish_reason "length").
+        A batch takes at most ``max_sequence_length`` positions: the longest prompt plus the generated tokens
+        (finish_reason "length" when a row reaches it).
         """
         if not prompts:
             return []
@@ -124,27 +119,40 @@ class TextGenerator:
         if max(lengths) >= self.max_sequence_length:
             raise PromptTooLong(f"a prompt of {max(lengths)} tokens leaves no room for generation within the maximum "
                                 f"sequence length {self.max_sequence_length}")
-        b = len(prompts)
-        total = min(max(lengths) + max_new_tokens, self.max_sequence_length)
-        tokens = torch.full((b, total), pad_id, dtype=torch.long, device=self.device)
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = torch.tensor(list(p), dtype=torch.long)
-        prompt_len = torch.tensor(lengths, device=self.device)
+        b, width = len(prompts), max(lengths)
+        total = min(width + max_new_tokens, self.max_sequence_length)
+        left = takes_padding_masks(self.model)
+        # Where each row's prompt starts (left padding) and where its first generated token goes.
+        pad = [width - n for n in lengths] if left else [0] * b
+        first_new = [width] * b if left else lengths
+        rows = left_pad(prompts, pad_id) if left else prompts
+        tokens = torch.tensor([list(r) + [pad_id] * (total - len(r)) for r in rows], dtype=torch.long).to(self.device)
         positions = torch.arange(total, device=self.device).unsqueeze(0).expand(b, -1)
-        results = [Generation(prompt_ids=list(p)) for p in prompts]
+        padded = left and any(pad)
+        pad_t = torch.tensor(pad, device=self.device)
+        key_is_pad = torch.arange(total, device=self.device).unsqueeze(0) < pad_t.unsqueeze(1)  # [b, total]
+        first_new_t = None if left else torch.tensor(first_new, device=self.device)
+        # The chosen ids come to the host every step only when something reads them there (a device sync).
+        host = eos_id is not None or on_token is not None or stop is not None
+        generated: List[List[int]] = [[] for _ in range(b)]
+        counts = [0] * b
+        finish = ["length"] * b
         done = [False] * b
         generator = torch.Generator().manual_seed(sampling.seed)
-        wrapper = self._wrapper(b, total)
+        wrapper = inference_wrapper(self.model, b, total, self.padded_vocab)
         context = wrapper.inference_context
         last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
-        start, end = 0, min(lengths)
+        start, end = 0, min(first_new)
         t0 = time.perf_counter()
         while True:
             if not use_kv_cache:
                 context.reset()
                 start = 0
+            mask = None
+            if padded:
+                mask = padding_mask(pad_t, start, end) if end - start > 1 else key_is_pad[:, None, None, :end]
             logits = wrapper.run_one_forward_step({"tokens": tokens[:, start:end], "position_ids": positions[:, start:end],
-                                                   "attention_mask": None})
+                                                   "attention_mask": mask})
             next_tokens = None
             if last_stage:
                 last = logits[:, -1, :self.vocab_size]
@@ -152,31 +160,35 @@ class TextGenerator:
             next_tokens = _broadcast_next_tokens(next_tokens, b, self.device)
             if stats is not None:
                 stats.steps += 1
-            started = (prompt_len <= end).tolist()
-            chosen = next_tokens.tolist()
+            # Rows past their prompt take the new token; the others keep their next prompt token.
+            tokens[:, end] = next_tokens if left else torch.where(first_new_t <= end, next_tokens, tokens[:, end])
+            chosen = next_tokens.tolist() if host else None
             for i in range(b):
-                if done[i] or not started[i]:
+                if done[i] or first_new[i] > end:
                     continue
-                tok = chosen[i]
-                tokens[i, end] = tok
-                if eos_id is not None and tok == eos_id:
-                    done[i], results[i].finish_reason = True, "eos"
+                if chosen is not None and chosen[i] == eos_id:
+                    done[i], finish[i] = True, "eos"
                     continue
-                results[i].token_ids.append(tok)
-                if on_token is not None:
-                    on_token(i, tok)
-                if stop is not None and stop(i, results[i].token_ids):
-                    done[i], results[i].finish_reason = True, "stop"
-                elif len(results[i].token_ids) >= max_new_tokens:
+                counts[i] += 1
+                if chosen is not None:
+                    generated[i].append(chosen[i])
+                    if on_token is not None:
+                        on_token(i, chosen[i])
+                    if stop is not None and stop(i, generated[i]):
+                        done[i], finish[i] = True, "stop"
+                        continue
+                if counts[i] >= max_new_tokens:
                     done[i] = True
-            if all(done):
+            if all(done) or end + 1 >= total:
                 break
-            if all(started):
+            if use_kv_cache and all(f <= end for f in first_new):
                 context.enable_decode_mode()
             start, end = end, end + 1
-            if end >= total:
-                break
+        ids = tokens.tolist()
+        results = [Generation(prompt_ids=list(p), token_ids=ids[i][first_new[i]:first_new[i] + counts[i]],
+                              finish_reason=finish[i]) for i, p in enumerate(prompts)]
         if stats is not None:
             stats.seconds += time.perf_counter() - t0
-            stats.generated_tokens += sum(len(r.token_ids) for r in results)
+            stats.generated_tokens += sum(counts)
         return results
+

@@ -10,8 +10,8 @@ sequence to run, and the sharing of work among data-parallel replicas.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple, TypeVar
 
 import torch
 from megatron.core import parallel_state as ps
@@ -20,9 +20,9 @@ from aquila_npu.checkpoint.load_model import (LoadedModel, check_parallel_sizes,
                                               relayout_command)
 from aquila_npu.checkpoint.megatron_io import CheckpointInfo
 from aquila_npu.data.tokenizer import load_tokenizer, vocab_size
-from aquila_npu.device.backends import FusedOps
 from aquila_npu.device.setup import Device, setup
 from aquila_npu.errors import UsageError
+from aquila_npu.inference.options import ModelOptions, check_load_dir  # noqa: F401 - ModelOptions: also from here
 from aquila_npu.models import arch_flags
 from aquila_npu.models.dtypes import dtype_name
 
@@ -63,28 +63,9 @@ def gather(results: Dict[int, object]) -> Dict[int, object]:
     return merged
 
 
-@dataclass(frozen=True)
-class ModelOptions:
-    """What to load and where to run it (the inference commands' model flags, resolved)."""
-
-    load: str
-    tokenizer: str
-    use_fast: bool = True
-    tokenizer_type: str = "PretrainedFromHF"
-    tp: Optional[int] = None  # default: the checkpoint's (and it must be the checkpoint's)
-    pp: Optional[int] = None
-    device: str = "auto"
-    params_dtype: Optional[torch.dtype] = None  # default: the checkpoint's
-    fused: FusedOps = FusedOps()
-    architecture: Mapping[str, object] = field(default_factory=dict)  # given architecture flags, checked
-    seq_length: Optional[int] = None  # longest sequence to run (capped at the model's positions)
-
-
 def check(opts: ModelOptions) -> CheckpointInfo:
     """Every input error before any process group exists; the checkpoint's description."""
-    if not os.path.isdir(opts.load):
-        raise UsageError(f"--load {opts.load}: no such directory (convert a Hugging Face model first with "
-                         "tools/checkpoint/convert_ckpt.py)")
+    check_load_dir(opts.load)
     info = CheckpointInfo.read(opts.load)
     layout = info.layout
     tp, pp = opts.tp or layout.tp, opts.pp or layout.pp

@@ -48,6 +48,8 @@ def transformer_config(spec: ModelSpec, *, tensor_parallel: int = 1, pipeline_pa
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         attention_softmax_in_fp32=True,
+        # No CUDA graphs; [] is what megatron-core turns its own default "full" into, after a deprecation warning.
+        cuda_graph_scope=[],
     )
     fields.update(overrides)
     return TransformerConfig(**fields)

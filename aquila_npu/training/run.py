@@ -185,8 +185,8 @@ def _train(args, cfg: RunConfig, dev, checkpoint, tokenizer, lora, save_dir) -> 
                 f"{iteration}")
     elif args.load:
         _print0(f"warning: --load {args.load} holds no checkpoint; starting from random weights")
-    _print0(f"aquila_npu.pretrain: {cfg.spec.name} on {dev.name} (kernels {dev.kernels}), tp{cfg.tp} pp{cfg.pp} "
-            f"dp{dp}, {dtype_name(cfg.params_dtype)}, seq {cfg.seq_length}, global batch {cfg.global_batch_size} = "
+    _print0(f"aquila_npu.pretrain: {cfg.spec.name} on {dev.name} (kernels {dev.kernels}: {dev.backend.describe()}), "
+            f"tp{cfg.tp} pp{cfg.pp} dp{dp}, {dtype_name(cfg.params_dtype)}, seq {cfg.seq_length}, global batch {cfg.global_batch_size} = "
             f"{cfg.num_microbatches} micro-batches x {cfg.micro_batch_size} x dp{dp}, "
             f"{cfg.spec.num_parameters():,} parameters, optimizer {adam.for_device(dev.name).describe()}")
     dp_rank = ps.get_data_parallel_rank()

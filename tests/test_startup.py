@@ -1,0 +1,106 @@
+"""Start-up of the inference commands (issue 15, part 3): what ``--help`` and input errors import, megatron-core's
+Apex / Transformer Engine notices hidden by their exact text only, and the banner naming the modules actually built.
+
+Speed itself is measured by benchmarks (docs/inference.md), never timed here.
+"""
+
+import subprocess
+import sys
+
+import pytest
+
+from helpers import assert_one_line_error, build_assets, child_env, fake_npu_env
+
+NOTICE_WORDS = ("Apex", "Transformer Engine", "cuda_graph_scope", "full scope is deprecated")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return build_assets(str(tmp_path_factory.mktemp("startup")), layouts=((1, 1),))
+
+
+def imported_modules(importtime_stderr: str):
+    """The module names of ``python -X importtime`` lines (``import time: self | cumulative | name``)."""
+    names = set()
+    for line in importtime_stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            name = line.rsplit("|", 1)[1].strip()
+            if not name.startswith("imported"):
+                names.add(name)
+    return names
+
+
+@pytest.mark.parametrize("args", [["--help"],
+                                  ["--load", "/no/such/checkpoint", "--tokenizer-name-or-path", "/no/tok",
+                                   "--prompt", "hi"]], ids=["help", "bad-load"])
+def test_help_and_input_errors_import_neither_torch_nor_megatron(args):
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "aquila_npu.generate", *args],
+                       env=child_env(), capture_output=True, text=True, timeout=300)
+    names = imported_modules(r.stderr)
+    assert "aquila_npu.cli.generate" in names  # the parse of importtime's lines works
+    heavy = sorted(n for n in names if n.split(".")[0] in ("torch", "megatron", "transformers"))
+    assert not heavy, heavy[:10]
+    if args[0] == "--help":
+        assert r.returncode == 0 and "--max-new-tokens" in r.stdout
+    else:
+        assert r.returncode == 2
+        errors = [line for line in r.stderr.splitlines() if not line.startswith("import time:")]
+        assert_one_line_error("\n".join(errors))
+        assert "--load /no/such/checkpoint: no such directory" in errors[0]
+
+
+def test_generate_prints_no_megatron_notices_and_names_its_modules(assets):
+    env = child_env()
+    del env["PYTHONWARNINGS"]  # child_env() quiets warnings; a user's shell has Python's default filters
+    r = subprocess.run([sys.executable, "-m", "aquila_npu.generate", "--load", assets[1, 1], "--tokenizer-name-or-path",
+                        assets["hf"], "--prompt", "kalo mi", "--max-new-tokens", "2", "--device", "cpu"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    noisy = [line for line in r.stderr.splitlines() if any(w in line for w in NOTICE_WORDS)]
+    assert not noisy, noisy
+    banner = next(line for line in r.stdout.splitlines() if line.startswith("python -m aquila_npu.generate: 1 prompt"))
+    assert "attention SDPAAttention" in banner and "norm RMSNorm" in banner, banner
+
+
+def test_npu_banner_names_the_fused_modules(assets):
+    r = subprocess.run([sys.executable, "-m", "aquila_npu.generate", "--load", assets[1, 1], "--tokenizer-name-or-path",
+                        assets["hf"], "--prompt", "kalo mi", "--max-new-tokens", "1", "--device", "npu",
+                        "--use-fused-rmsnorm", "--use-flash-attn", "--use-fused-rotary-pos-emb", "--use-fused-swiglu"],
+                       env=fake_npu_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    banner = next(line for line in r.stdout.splitlines() if line.startswith("python -m aquila_npu.generate: 1 prompt"))
+    for name in ("NpuFlashAttention", "NpuRMSNorm", "NpuSwiGLU", "npu_rope"):
+        assert name in banner, banner
+
+
+FILTER_CHECK = r"""
+import warnings
+from aquila_npu.device.notices import MEGATRON_FALLBACK_NOTICES, hide_megatron_fallback_notices
+
+hide_megatron_fallback_notices()
+hide_megatron_fallback_notices()  # idempotent
+for i, text in enumerate(MEGATRON_FALLBACK_NOTICES):
+    registry = {}
+    warnings.warn_explicit(text, UserWarning, "mc.py", 10 + i, module="megatron.core.x", registry=registry)
+    warnings.warn_explicit(text + " (changed)", UserWarning, "mc.py", 20 + i, module="megatron.core.x",
+                           registry=registry)
+    warnings.warn_explicit(text, UserWarning, "other.py", 30 + i, module="other", registry={})
+    warnings.warn_explicit(text, DeprecationWarning, "mc.py", 40 + i, module="megatron.core.x", registry={})
+warnings.warn_explicit("another megatron warning", UserWarning, "mc.py", 50, module="megatron.core.y", registry={})
+"""
+
+
+def test_notice_filter_hides_exactly_the_four_texts_from_megatron_core():
+    r = subprocess.run([sys.executable, "-c", FILTER_CHECK], env=child_env(PYTHONWARNINGS="default"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    from aquila_npu.device.notices import MEGATRON_FALLBACK_NOTICES
+
+    shown = [line for line in r.stderr.splitlines() if "Warning:" in line]
+    for text in MEGATRON_FALLBACK_NOTICES:
+        assert not any(line.endswith("UserWarning: " + text) and line.startswith("mc.py") for line in shown), shown
+        assert any(line.endswith(f"UserWarning: {text} (changed)") for line in shown), text
+        assert any(line.startswith("other.py") and line.endswith(text) for line in shown), text
+        assert any(line.endswith("DeprecationWarning: " + text) for line in shown), text
+    assert any(line.endswith("another megatron warning") for line in shown)
+    assert len(shown) == 3 * len(MEGATRON_FALLBACK_NOTICES) + 1, shown
