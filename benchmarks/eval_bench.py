@@ -126,7 +126,8 @@ def worker_lmeval(a):
     seconds = time.perf_counter() - t0
     rows = []
     for name in names[1:] or names:  # a group's subtasks in order, each by document
-        for s in sorted(out["samples"][name], key=lambda s: s["doc_id"]):
+        docs = {s["doc_id"]: s for s in out["samples"][name]}  # gsm8k logs a document once per filter
+        for _, s in sorted(docs.items()):
             rows.append(s["resps"][0][0] if a.task == "gsm8k" else [float(r[0]) for r in s["filtered_resps"]])
     print_result({"seconds": seconds, "model_seconds": TimedHFLM.seconds, "outputs": rows})
 
