@@ -5,17 +5,17 @@ metrics are the stock ones; only the data source and, for generation, ``max_gen_
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import gzip
-import importlib.util
 import json
 import os
 import random
 
+from aquila_npu.testing.lm_eval_tasks import (lm_eval_tasks_dir, write_csv, write_group, write_gsm8k, write_jsonl,
+                                              write_lm_eval_gsm8k, write_lm_eval_mmlu, write_mmlu, write_yaml)
 from aquila_npu.testing.tiny_hf import TINY, tiny_llama
 
-LM_EVAL_TASKS = os.path.join(os.path.dirname(importlib.util.find_spec("lm_eval").origin), "tasks")
+LM_EVAL_TASKS = lm_eval_tasks_dir()
 SPEC = dataclasses.replace(TINY, name="tiny-gqa-2k", max_position_embeddings=2048)
 SYLLABLES = ["ka", "lo", "mi", "ta", "ren", "shu", "po", "vex", "quin", "dar", "el", "ost", "ung", "ber", "fy"]
 CHINESE = "北京是中国的首都上海天气很好我们今天学习人工智能模型生成文本问题答案是否你好世界语言农作物土壤艺术绘画网络协议会计"
@@ -178,22 +178,6 @@ def build_model_assets(root, layouts=((1, 1), (2, 2))):
     return out
 
 
-def _csv(path, header, rows):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        if header:
-            w.writerow(header)
-        w.writerows(rows)
-
-
-def _jsonl(path, rows):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
 def humaneval_problems():
     from aquila_npu.evaluation.humaneval import packaged_data
 
@@ -205,46 +189,30 @@ def humaneval_problems():
 def write_fixtures(root):
     """Every task's data in its real layout under ``root``; returns {task: --task-data-path}."""
     paths = {}
-    for subject, splits in MMLU.items():  # no header
-        for split, rows in splits.items():
-            _csv(os.path.join(root, "mmlu", split, f"{subject}_{split}.csv"), None, rows)
-    paths["mmlu"] = os.path.join(root, "mmlu", "test")
+    paths["mmlu"] = write_mmlu(root, MMLU)  # no header
     for subject, splits in CEVAL.items():  # header (explanation text in every split: the datasets CSV reader lm-eval
         for split, rows in splits.items():  # uses infers one column type for all splits)
-            _csv(os.path.join(root, "ceval", split, f"{subject}_{split}.csv"),
-                 ["id", "question", "A", "B", "C", "D", "answer", "explanation"],
-                 [(i, *r, *(["解析"] if len(r) == 6 else [])) for i, r in enumerate(rows)])
+            write_csv(os.path.join(root, "ceval", split, f"{subject}_{split}.csv"),
+                      ["id", "question", "A", "B", "C", "D", "answer", "explanation"],
+                      [(i, *r, *(["解析"] if len(r) == 6 else [])) for i, r in enumerate(rows)])
     paths["ceval"] = os.path.join(root, "ceval", "val")
     for subject, splits in CMMLU.items():  # an unnamed index column first
         for split, rows in splits.items():
-            _csv(os.path.join(root, "cmmlu", split, f"{subject}.csv"), ["", "Question", "A", "B", "C", "D", "Answer"],
-                 [(i, *r) for i, r in enumerate(rows)])
+            write_csv(os.path.join(root, "cmmlu", split, f"{subject}.csv"),
+                      ["", "Question", "A", "B", "C", "D", "Answer"], [(i, *r) for i, r in enumerate(rows)])
     paths["cmmlu"] = os.path.join(root, "cmmlu", "test")
-    _jsonl(os.path.join(root, "gsm8k", "train.jsonl"), [{"question": q, "answer": a} for q, a in GSM8K_TRAIN])
-    _jsonl(os.path.join(root, "gsm8k", "test.jsonl"), [{"question": q, "answer": a} for q, a in GSM8K_TEST])
-    paths["gsm8k"] = os.path.join(root, "gsm8k")
+    paths["gsm8k"] = write_gsm8k(root, GSM8K_TRAIN, GSM8K_TEST)
     for subtask, examples in BBH.items():
         os.makedirs(os.path.join(root, "bbh"), exist_ok=True)
         with open(os.path.join(root, "bbh", f"{subtask}.json"), "w") as f:
             json.dump({"canary": "BENCHMARK DATA", "examples": examples}, f)
     paths["bbh"] = os.path.join(root, "bbh")
     for subset, rows in AGIEVAL.items():
-        _jsonl(os.path.join(root, "agieval", f"{subset}.jsonl"), rows)
+        write_jsonl(os.path.join(root, "agieval", f"{subset}.jsonl"), rows)
     paths["agieval"] = os.path.join(root, "agieval")
-    _jsonl(os.path.join(root, "humaneval", "HumanEval.jsonl"), humaneval_problems())
+    write_jsonl(os.path.join(root, "humaneval", "HumanEval.jsonl"), humaneval_problems())
     paths["human_eval"] = os.path.join(root, "humaneval", "HumanEval.jsonl")
     return paths
-
-
-def _yaml(path, text):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def _group(path, name, tasks, metrics):
-    aggregate = "".join(f"  - metric: {m}\n    aggregation: mean\n    weight_by_size: true\n" for m in metrics)
-    _yaml(path, f"group: {name}\ntask:\n" + "".join(f"  - {t}\n" for t in tasks) +
-          f"aggregate_metric_list:\n{aggregate}metadata:\n  version: 1\n")
 
 
 def write_lm_eval_tasks(root, include):
@@ -254,21 +222,7 @@ def write_lm_eval_tasks(root, include):
     lm = os.path.join(root, "lm_eval_data")
     names = {}
     # MMLU: lm-eval reads cais/mmlu's fields (question, subject, choices, answer index); 5-shot from dev
-    tasks = []
-    for subject, splits in MMLU.items():
-        files = {}
-        for split, rows in splits.items():
-            files[split] = os.path.join(lm, "mmlu", f"{subject}_{split}.jsonl")
-            _jsonl(files[split], [{"question": q, "subject": subject, "choices": [a, b, c, d],
-                                   "answer": "ABCD".index(ans)} for q, a, b, c, d, ans in rows])
-        task = f"local_mmlu_{subject}"
-        _yaml(os.path.join(include, f"{task}.yaml"),
-              f"include: {LM_EVAL_TASKS}/mmlu/default/mmlu_{subject}.yaml\ntask: {task}\ntag: []\n"
-              f"dataset_path: json\ndataset_name: null\ndataset_kwargs:\n  data_files:\n"
-              f"    test: {files['test']}\n    dev: {files['dev']}\nnum_fewshot: 5\n")
-        tasks.append(task)
-    _group(os.path.join(include, "local_mmlu.yaml"), "local_mmlu", tasks, ["acc"])
-    names["mmlu"] = ["local_mmlu", *tasks]
+    names["mmlu"] = write_lm_eval_mmlu(include, lm, MMLU, num_fewshot=5)
     # C-Eval (0-shot) and CMMLU (2-shot): the same CSV files we read
     for ours, stock, splits_of, shots, data in (("ceval", "ceval/ceval-valid_{s}.yaml", ("val", "dev"), 0, CEVAL),
                                                 ("cmmlu", "cmmlu/cmmlu_{s}.yaml", ("test", "dev"), 2, CMMLU)):
@@ -277,56 +231,53 @@ def write_lm_eval_tasks(root, include):
             split_files = {sp: os.path.join(root, ours, sp, f"{subject}_{sp}.csv" if ours == "ceval" else
                                             f"{subject}.csv") for sp in splits_of}
             task = f"local_{ours}_{subject}"
-            _yaml(os.path.join(include, f"{task}.yaml"),
-                  f"include: {LM_EVAL_TASKS}/{stock.format(s=subject)}\ntask: {task}\ndataset_path: csv\n"
-                  f"dataset_name: null\ndataset_kwargs:\n  data_files:\n" +
-                  "".join(f"    {sp}: {p}\n" for sp, p in split_files.items()) + f"num_fewshot: {shots}\n")
+            write_yaml(os.path.join(include, f"{task}.yaml"),
+                       f"include: {LM_EVAL_TASKS}/{stock.format(s=subject)}\ntask: {task}\ndataset_path: csv\n"
+                       f"dataset_name: null\ndataset_kwargs:\n  data_files:\n" +
+                       "".join(f"    {sp}: {p}\n" for sp, p in split_files.items()) + f"num_fewshot: {shots}\n")
             tasks.append(task)
-        _group(os.path.join(include, f"local_{ours}.yaml"), f"local_{ours}", tasks, ["acc", "acc_norm"])
+        write_group(os.path.join(include, f"local_{ours}.yaml"), f"local_{ours}", tasks, ["acc", "acc_norm"])
         names[ours] = [f"local_{ours}", *tasks]
     gen = GEN_TOKENS
-    _yaml(os.path.join(include, "local_gsm8k.yaml"),
-          f"include: {LM_EVAL_TASKS}/gsm8k/gsm8k.yaml\ntask: local_gsm8k\ntag: []\ndataset_path: json\n"
-          f"dataset_name: null\ndataset_kwargs:\n  data_files:\n    train: {root}/gsm8k/train.jsonl\n"
-          f"    test: {root}/gsm8k/test.jsonl\ngeneration_kwargs:\n  until:\n    - \"Question:\"\n    - \"</s>\"\n"
-          f"    - \"<|im_end|>\"\n  do_sample: false\n  temperature: 0.0\n  max_gen_toks: {gen['gsm8k']}\n")
-    names["gsm8k"] = ["local_gsm8k"]
+    names["gsm8k"] = [write_lm_eval_gsm8k(include, os.path.join(root, "gsm8k"), gen["gsm8k"])]
     tasks = []
     for subtask in BBH:
         task = f"local_bbh_{subtask}"
-        _yaml(os.path.join(include, f"{task}.yaml"),
-              f"include: {LM_EVAL_TASKS}/bbh/fewshot/{subtask}.yaml\ntask: {task}\ndataset_path: json\n"
-              f"dataset_name: null\ndataset_kwargs:\n  data_files:\n    test: {root}/bbh/{subtask}.json\n"
-              f"  field: examples\ngeneration_kwargs:\n  until:\n    - \"</s>\"\n    - \"Q\"\n    - \"\\n\\n\"\n"
-              f"  do_sample: false\n  temperature: 0.0\n  max_gen_toks: {gen['bbh']}\n")
+        write_yaml(os.path.join(include, f"{task}.yaml"),
+                   f"include: {LM_EVAL_TASKS}/bbh/fewshot/{subtask}.yaml\ntask: {task}\ndataset_path: json\n"
+                   f"dataset_name: null\ndataset_kwargs:\n  data_files:\n    test: {root}/bbh/{subtask}.json\n"
+                   f"  field: examples\ngeneration_kwargs:\n  until:\n    - \"</s>\"\n    - \"Q\"\n    - \"\\n\\n\"\n"
+                   f"  do_sample: false\n  temperature: 0.0\n  max_gen_toks: {gen['bbh']}\n")
         tasks.append(task)
-    _group(os.path.join(include, "local_bbh.yaml"), "local_bbh", tasks, ["exact_match"])
+    write_group(os.path.join(include, "local_bbh.yaml"), "local_bbh", tasks, ["exact_match"])
     names["bbh"] = ["local_bbh", *tasks]
     tasks = []
     for subset, rows in AGIEVAL_HAILS.items():
         path = os.path.join(lm, "agieval", f"{subset}.jsonl")
-        _jsonl(path, rows)
+        write_jsonl(path, rows)
         task = f"local_agieval_{subset.replace('-', '_')}"
-        _yaml(os.path.join(include, f"{task}.yaml"),
-              f"include: {LM_EVAL_TASKS}/agieval/{subset}.yaml\ntask: {task}\ndataset_path: json\n"
-              f"dataset_name: null\ndataset_kwargs:\n  data_files:\n    test: {path}\n")
+        write_yaml(os.path.join(include, f"{task}.yaml"),
+                   f"include: {LM_EVAL_TASKS}/agieval/{subset}.yaml\ntask: {task}\ndataset_path: json\n"
+                   f"dataset_name: null\ndataset_kwargs:\n  data_files:\n    test: {path}\n")
         tasks.append(task)
-    _group(os.path.join(include, "local_agieval.yaml"), "local_agieval", tasks, ["acc"])
+    write_group(os.path.join(include, "local_agieval.yaml"), "local_agieval", tasks, ["acc"])
     names["agieval"] = ["local_agieval", *tasks]
     # HumanEval: lm-eval's humaneval.yaml imports `evaluate.load("code_eval")`, which needs the Hub; this task has
     # its prompt, target, generation settings and filter (tests check them against the stock YAML) and no metric
     # that executes code (our sandbox's verdicts are checked separately).
-    _yaml(os.path.join(include, "local_humaneval_utils.py"),
-          "def build_predictions(resps, docs):\n    return [[doc['prompt'] + r for r in resp] "
-          "for resp, doc in zip(resps, docs)]\n\n\ndef no_metric(references, predictions):\n    return 0.0\n")
-    _yaml(os.path.join(include, "local_humaneval.yaml"),
-          f"task: local_humaneval\ndataset_path: json\ndataset_name: null\ndataset_kwargs:\n  data_files:\n"
-          f"    test: {root}/humaneval/HumanEval.jsonl\noutput_type: generate_until\ntest_split: test\n"
-          "doc_to_text: \"{{prompt}}\"\ndoc_to_target: \"{{test}}\\ncheck({{entry_point}})\"\nmetric_list:\n"
-          "  - metric: !function local_humaneval_utils.no_metric\n    aggregation: mean\n    higher_is_better: true\n"
-          "generation_kwargs:\n  until:\n    - \"\\nclass\"\n    - \"\\ndef\"\n    - \"\\n#\"\n    - \"\\nif\"\n"
-          f"    - \"\\nprint\"\n  max_gen_toks: {gen['human_eval']}\n  do_sample: false\nrepeats: 1\nnum_fewshot: 0\n"
-          "filter_list:\n  - name: \"create_test\"\n    filter:\n      - function: \"custom\"\n"
-          "        filter_fn: !function local_humaneval_utils.build_predictions\n")
+    write_yaml(os.path.join(include, "local_humaneval_utils.py"),
+               "def build_predictions(resps, docs):\n    return [[doc['prompt'] + r for r in resp] "
+               "for resp, doc in zip(resps, docs)]\n\n\ndef no_metric(references, predictions):\n    return 0.0\n")
+    write_yaml(os.path.join(include, "local_humaneval.yaml"),
+               f"task: local_humaneval\ndataset_path: json\ndataset_name: null\ndataset_kwargs:\n  data_files:\n"
+               f"    test: {root}/humaneval/HumanEval.jsonl\noutput_type: generate_until\ntest_split: test\n"
+               "doc_to_text: \"{{prompt}}\"\ndoc_to_target: \"{{test}}\\ncheck({{entry_point}})\"\nmetric_list:\n"
+               "  - metric: !function local_humaneval_utils.no_metric\n    aggregation: mean\n"
+               "    higher_is_better: true\n"
+               "generation_kwargs:\n  until:\n    - \"\\nclass\"\n    - \"\\ndef\"\n    - \"\\n#\"\n    - \"\\nif\"\n"
+               f"    - \"\\nprint\"\n  max_gen_toks: {gen['human_eval']}\n  do_sample: false\n"
+               "repeats: 1\nnum_fewshot: 0\n"
+               "filter_list:\n  - name: \"create_test\"\n    filter:\n      - function: \"custom\"\n"
+               "        filter_fn: !function local_humaneval_utils.build_predictions\n")
     names["human_eval"] = ["local_humaneval"]
     return names
