@@ -77,14 +77,10 @@ def _rng_state(device: str) -> dict:
     return state
 
 
-def _saved_rng_device(state: dict) -> str:
-    """The device a checkpoint's RNG state came from; older checkpoints (no tag) saved a "device" generator only on
-    CUDA."""
-    return state.get("device_type") or ("cuda" if "device" in state else "cpu")
-
-
 def _check_rng_device(root: str, state: dict, device: str) -> None:
-    saved = _saved_rng_device(state)
+    # Every RNG state safe_load accepts carries its tag: checkpoints written before the tag (numpy arrays in "np")
+    # are refused there, before this check.
+    saved = state["device_type"]
     if saved != device:
         raise CheckpointError(
             f"--load {root}: its RNG state was saved on {saved} and this run is on {device}, whose random generators "
