@@ -17,6 +17,13 @@ Two groups of patches exist:
   Engine's or Apex's FusedAdam where they import, torch's AdamW otherwise) and offers no argument to choose it. The
   training run chooses the implementation itself (``aquila_npu.training.adam``) and this patch makes megatron-core use
   it.
+* ``cpu_inference_linears_on_onednn()``: megatron-core's tensor-parallel linears (the model's four per layer and the
+  output layer GPTModel builds itself) compute through autograd functions and torch's BLAS; on the CPU, outside
+  autograd, their fp32 products go to oneDNN instead (``aquila_npu.device.onednn``: twice the speed here).
+* ``import_megatron_core()``: megatron-core decorates its fusion functions with ``torch.compile`` when its modules
+  are imported (``megatron.core.jit.jit_fuser``); each decoration imports torch's compiler stack (dynamo, inductor:
+  0.9 s of a 1.8 s import) although compilation only happens at a decorated function's first call. The commands
+  import megatron-core through this function, which defers the decoration itself to that first call.
 * ``provide_fused_rope(fn)``: megatron-core applies rotary embeddings with its own code, or, for a config with
   ``apply_rope_fusion=True``, with the function in its fused-RoPE slot (Transformer Engine's on CUDA). A backend with
   a fused RoPE kernel (``torch_npu.npu_rotary_mul``) sets ``apply_rope_fusion`` and its function goes into the slot.
@@ -350,3 +357,82 @@ def provide_fused_rope(fn: Callable) -> None:
 
     _set(rope_utils, "fused_apply_rotary_pos_emb", fused_apply_rotary_pos_emb)
     _groups.add("rope")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CPU inference linears
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _onednn_forward_impl(original: Callable) -> Callable:
+    from aquila_npu.device import onednn
+
+    @functools.wraps(original)
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        # megatron-core passes every argument by keyword; the input is gathered inside the original only with
+        # sequence parallelism, which this route leaves to it.
+        if not args and not kwargs.get("sequence_parallel") and onednn.takes(input, weight):
+            return onednn.linear(input, weight, kwargs.get("bias"))
+        return original(self, input, weight, *args, **kwargs)
+
+    return _forward_impl
+
+
+def cpu_inference_linears_on_onednn() -> None:
+    """Route the fp32 products of megatron-core's ``ColumnParallelLinear`` / ``RowParallelLinear`` that run outside
+    autograd on the CPU to oneDNN (``aquila_npu.device.onednn``); with autograd, on other devices, in other dtypes
+    and with sequence parallelism they run megatron-core's own code. Their ``_forward_impl`` is the seam (the method
+    both classes call for the matrix product, after their own tensor-parallel input handling and before the output
+    gather / reduce); the output layer GPTModel builds itself is a ``ColumnParallelLinear`` too, so one patch serves
+    every linear of the model. Idempotent; nothing happens where torch has no oneDNN."""
+    from aquila_npu.device import onednn
+    from megatron.core.tensor_parallel import layers
+
+    if "onednn-linear" in _groups or not onednn.available():
+        return
+    for cls in (layers.ColumnParallelLinear, layers.RowParallelLinear):
+        _set(cls, "_forward_impl", _onednn_forward_impl(cls._forward_impl))
+    _groups.add("onednn-linear")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# megatron-core's import-time torch.compile decorations
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _compile_on_first_call(compile_fn: Callable) -> Callable:
+    """A stand-in for ``torch.compile`` whose result calls ``compile_fn(fn, **options)`` at its first call (what
+    ``torch.compile`` does itself, minus importing the compiler when the decoration is made)."""
+
+    def deferred_compile(model: Any = None, **options: Any) -> Any:
+        if model is None:  # the decorator-factory form: @torch.compile(**options)
+            return lambda fn: deferred_compile(fn, **options)
+        compiled = None
+
+        @functools.wraps(model)
+        def call(*args, **kwargs):
+            nonlocal compiled
+            if compiled is None:
+                compiled = compile_fn(model, **options)
+            return compiled(*args, **kwargs)
+
+        # torch.compile's own wrappers carry the original the same way; adapt_megatron_to_npu unwraps by it.
+        call._torchdynamo_orig_callable = model
+        return call
+
+    return deferred_compile
+
+
+def import_megatron_core() -> None:
+    """Import megatron-core with its ``jit_fuser`` (``torch.compile``) decorations deferred to each function's first
+    call: ``torch.compile`` is replaced while ``megatron.core.jit`` is imported (which binds it as ``jit_fuser``,
+    read by every module that decorates, then and later) and restored at once. Nothing changes once megatron-core
+    is imported, nor anywhere else. The commands call this before their first megatron-core import."""
+    if "megatron.core" in sys.modules:
+        return
+    real = torch.compile
+    torch.compile = _compile_on_first_call(real)
+    try:
+        import megatron.core  # noqa: F401 - the package imports megatron.core.jit and its first decorated modules
+    finally:
+        torch.compile = real

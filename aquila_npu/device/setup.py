@@ -100,6 +100,7 @@ def setup(device: Optional[str] = None, fused: FusedOps = FusedOps(), *, distrib
         torch_device = torch.device("cuda", local_rank)
     else:
         patches.redirect_cuda_to_cpu()
+        patches.cpu_inference_linears_on_onednn()
         torch_device = torch.device("cpu")
     patches.grad_norm_without_host_syncs()
     if backend.rope_fn() is not None:
