@@ -43,7 +43,9 @@ def phases(load: str, tokenizer: str) -> dict:
 
     import torch  # noqa: F401
     mark("import torch")
-    import megatron.core  # noqa: F401
+    from aquila_npu.device.patches import import_megatron_core
+
+    import_megatron_core()  # as the command imports it
     mark("import megatron.core")
     from aquila_npu.cli import generate as cli
     from aquila_npu.cli import inference_args
@@ -87,7 +89,9 @@ print(tok.decode(out[0, ids["input_ids"].shape[1]:]))
 
 def wall(cmd, env) -> float:
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # From a neutral folder: ``python -m`` puts the working directory first on the path, ahead of PYTHONPATH, so
+    # run from a checkout it would import that checkout whatever --baseline names.
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=os.path.sep)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")

@@ -104,3 +104,59 @@ def test_notice_filter_hides_exactly_the_four_texts_from_megatron_core():
         assert any(line.endswith("DeprecationWarning: " + text) for line in shown), text
     assert any(line.endswith("another megatron warning") for line in shown)
     assert len(shown) == 3 * len(MEGATRON_FALLBACK_NOTICES) + 1, shown
+
+
+def test_generate_does_not_import_torchs_compiler(assets):
+    """megatron-core's torch.compile decorations wait for first use (patches.import_megatron_core): a generate run
+    never imports dynamo or inductor (it did: 0.9 s of its start-up)."""
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "aquila_npu.generate", "--load", assets[1, 1],
+                        "--tokenizer-name-or-path", assets["hf"], "--prompt", "kalo mi", "--max-new-tokens", "2",
+                        "--device", "cpu"], env=child_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    names = imported_modules(r.stderr)
+    assert "megatron.core.jit" in names and "megatron.core.fusions.fused_bias_swiglu" in names
+    assert not {n for n in names if n.startswith(("torch._dynamo", "torch._inductor"))}
+
+
+def test_deferred_compile_compiles_at_first_call_as_torch_compile_would():
+    from aquila_npu.device import patches
+
+    calls = []
+
+    def fake_compile(fn, **options):
+        calls.append((fn, options))
+        return lambda *a, **k: ("compiled", fn(*a, **k))
+
+    deferred = patches._compile_on_first_call(fake_compile)
+
+    def f(x, y=1):
+        return x + y
+
+    g = deferred(f)
+    h = deferred(dynamic=False)(f)  # the decorator-factory form
+    assert calls == [] and g.__name__ == "f"
+    assert g(1, y=2) == ("compiled", 3) and g(2) == ("compiled", 3)
+    assert h(0) == ("compiled", 1)
+    assert calls == [(f, {}), (f, {"dynamic": False})]  # once per decorated function, with its options
+    assert patches._npu_counterpart(g) is f  # the NPU adaptation unwraps it as it unwraps torch.compile's wrappers
+
+
+IMPORT_CHECK = r"""
+import sys, torch
+real = torch.compile
+from aquila_npu.device.patches import import_megatron_core
+import_megatron_core()
+import megatron.core.jit as jit
+from megatron.core.fusions import fused_bias_swiglu
+assert torch.compile is real
+assert jit.jit_fuser is not real
+assert fused_bias_swiglu.bias_swiglu._torchdynamo_orig_callable.__name__ == "bias_swiglu"
+assert not [n for n in sys.modules if n.startswith(("torch._dynamo", "torch._inductor"))]
+print("ok")
+"""
+
+
+def test_import_megatron_core_restores_torch_compile():
+    r = subprocess.run([sys.executable, "-c", IMPORT_CHECK], env=child_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

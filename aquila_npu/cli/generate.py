@@ -157,6 +157,9 @@ def run(argv: Optional[List[str]] = None) -> int:
     check_output_file("--output", args.output)
     options = inference_args.model_options(args)
     sampling = sampling_params(args)
+    from aquila_npu.device.patches import import_megatron_core
+
+    import_megatron_core()  # before anything else imports it: its torch.compile decorations wait for first use
     from aquila_npu.inference.generation import TextGenerator
     from aquila_npu.inference.session import Session, gather, shard
 
