@@ -26,6 +26,11 @@ BENCH_SHAPES: Dict[str, ModelSpec] = {s.name: s for s in [
     ModelSpec("smollm-135m", hidden_size=576, intermediate_size=1536, num_layers=30, num_attention_heads=9,
               num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
               pad_token_id=0, torch_dtype="float32", source="benchmark shape"),
+    # A 160M Llama shape whose 12 heads split over two tensor-parallel ranks (the 135M shape's 9 do not): 12 layers,
+    # hidden 768, 12 heads (no GQA), FFN 3072, vocabulary 32000.
+    ModelSpec("llama-160m", hidden_size=768, intermediate_size=3072, num_layers=12, num_attention_heads=12,
+              num_key_value_heads=12, vocab_size=32000, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+              pad_token_id=0, torch_dtype="float32", source="benchmark shape"),
 ]}
 
 
