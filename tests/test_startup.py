@@ -49,6 +49,26 @@ def test_help_and_input_errors_import_neither_torch_nor_megatron(args):
         assert "--load /no/such/checkpoint: no such directory" in errors[0]
 
 
+@pytest.mark.parametrize("args", [["--help"],
+                                  ["--task", "boolq", "--task-data-path", "/no/such/boolq", "--load", "/no/ckpt",
+                                   "--tokenizer-name-or-path", "/no/tok"]], ids=["help", "bad-data"])
+def test_evaluate_help_and_data_errors_import_neither_torch_nor_megatron(args):
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "aquila_npu.evaluate", *args],
+                       env=child_env(), capture_output=True, text=True, timeout=300)
+    names = imported_modules(r.stderr)
+    # the task modules were loaded (importlib's imports are not listed by -X importtime; humaneval's own are)
+    assert "aquila_npu.cli.evaluate" in names and "aquila_npu.evaluation.sandbox" in names
+    heavy = sorted(n for n in names if n.split(".")[0] in ("torch", "megatron", "transformers"))
+    assert not heavy, heavy[:10]
+    if args[0] == "--help":
+        assert r.returncode == 0 and "--task-data-path" in r.stdout
+    else:
+        assert r.returncode == 2
+        errors = [line for line in r.stderr.splitlines() if not line.startswith("import time:")]
+        assert_one_line_error("\n".join(errors))
+        assert "/no/such/boolq" in errors[0]
+
+
 def test_generate_prints_no_megatron_notices_and_names_its_modules(assets):
     env = child_env()
     del env["PYTHONWARNINGS"]  # child_env() quiets warnings; a user's shell has Python's default filters

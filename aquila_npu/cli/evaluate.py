@@ -26,12 +26,7 @@ from aquila_npu.cli.common import check_output_file, check_positive, inert_note,
 from aquila_npu.data.templates import TEMPLATES
 from aquila_npu.errors import UsageError
 from aquila_npu.evaluation import report
-from aquila_npu.evaluation.run import evaluate, write_records
-from aquila_npu.evaluation.runner import ModelRunner
-from aquila_npu.evaluation.scoring import Scorer
 from aquila_npu.evaluation.tasks import EvalOptions, get_task, load_tasks, summarize, task_names
-from aquila_npu.inference.generation import TextGenerator
-from aquila_npu.inference.session import Session
 
 PROG = "python -m aquila_npu.evaluate"
 
@@ -124,6 +119,16 @@ def run(argv: Optional[List[str]] = None) -> int:
     paths = data_paths(args.task_data_path, len(names))
     tasks = [get_task(n, options(args)) for n in names]  # bad option values: one line, before any model
     docs = [task.load(path, args.limit) for task, path in zip(tasks, paths)]  # data errors: before any model
+    # torch and megatron-core only now (--help and input errors answer without them)
+    from aquila_npu.device.patches import import_megatron_core
+
+    import_megatron_core()  # before anything else imports it: its torch.compile decorations wait for first use
+    from aquila_npu.evaluation.run import evaluate, write_records
+    from aquila_npu.evaluation.runner import ModelRunner
+    from aquila_npu.evaluation.scoring import Scorer
+    from aquila_npu.inference.generation import TextGenerator
+    from aquila_npu.inference.session import Session
+
     session = Session.start(inference_args.model_options(args))
     loaded, progress = session.loaded, session.is_rank0 and not args.no_progress
     scorer = Scorer(loaded.model, session.tokenizer, vocab_size=loaded.vocab_size, max_length=session.max_length,

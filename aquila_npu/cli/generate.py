@@ -102,7 +102,7 @@ def sampling_params(args: argparse.Namespace):
                                      ("--top-p", args.top_p)) if v is not None]
     if args.greedy and sampling_flags:
         raise UsageError(f"--greedy cannot be combined with {', '.join(sampling_flags)}")
-    from aquila_npu.inference.sampling import SamplingParams
+    from aquila_npu.inference.options import SamplingParams
 
     try:
         if not sampling_flags:

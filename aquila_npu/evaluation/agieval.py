@@ -30,7 +30,6 @@ from aquila_npu.evaluation import data
 from aquila_npu.evaluation.exams import subject_of
 from aquila_npu.evaluation.protocols import (argmax, choice_loglikelihoods, lm_eval_generate, modellink_generate,
                                              multiple_choice_metrics)
-from aquila_npu.evaluation.runner import ModelRunner
 from aquila_npu.evaluation.tasks import Task, register
 
 PROMPTS = os.path.join(os.path.dirname(__file__), "prompts")
@@ -153,6 +152,8 @@ class AGIEval(Task):
 
     def score(self, docs: Sequence[dict], runner, scoring: Optional[str] = None) -> List[dict]:
         scoring = self.checked_scoring(scoring)
+        from aquila_npu.evaluation.runner import ModelRunner  # torch and megatron-core: only once a model runs
+
         runner = ModelRunner.of(runner)
         records: List[Optional[dict]] = [None] * len(docs)
         if scoring == "modellink":

@@ -17,7 +17,6 @@ from typing import List, Optional, Sequence
 
 from aquila_npu.errors import DataError, UsageError
 from aquila_npu.evaluation.data import first_per_file, read_jsonl
-from aquila_npu.evaluation.runner import ModelRunner
 from aquila_npu.evaluation.tasks import Task, register
 
 PROMPT = "{passage}\nQuestion: {question}?\nAnswer:"
@@ -74,6 +73,8 @@ class BoolQ(Task):
 
     def score(self, docs: Sequence[dict], scorer, scoring: Optional[str] = None) -> List[dict]:
         scoring = self.scoring if scoring is None else self.aliases.get(scoring, scoring)
+        from aquila_npu.evaluation.runner import ModelRunner  # torch and megatron-core: only once a model runs
+
         scorer = ModelRunner.of(scorer)
         prompts = [prompt(d) for d in docs]
         if scoring == "loglikelihood":

@@ -26,7 +26,6 @@ from aquila_npu.errors import DataError, UsageError
 from aquila_npu.evaluation import data
 from aquila_npu.evaluation.protocols import (choice_loglikelihoods, modellink_generate, multiple_choice_metrics,
                                              argmax)
-from aquila_npu.evaluation.runner import ModelRunner
 from aquila_npu.evaluation.tasks import Task
 
 LETTERS = ("A", "B", "C", "D")
@@ -183,6 +182,8 @@ class ExamTask(Task):
     # ---------------------------------------------------------------- scoring
     def score(self, docs: Sequence[dict], runner, scoring: Optional[str] = None) -> List[dict]:
         scoring = self.checked_scoring(scoring)
+        from aquila_npu.evaluation.runner import ModelRunner  # torch and megatron-core: only once a model runs
+
         runner = ModelRunner.of(runner)
         prompts = [self.prompt(d) for d in docs]
         records = []

@@ -26,15 +26,16 @@ import os
 import re
 import zlib
 from dataclasses import replace
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 from aquila_npu.errors import DataError, MissingDependency, UsageError
 from aquila_npu.evaluation import data, sandbox
 from aquila_npu.evaluation.protocols import eos_text, lm_eval_context_ids, modellink_prompt_ids
-from aquila_npu.evaluation.runner import ModelRunner
-from aquila_npu.inference.session import reporting_rank
 from aquila_npu.evaluation.tasks import Task, register
-from aquila_npu.inference.sampling import SamplingParams
+from aquila_npu.inference.options import SamplingParams
+
+if TYPE_CHECKING:  # annotations only: the runner imports torch and megatron-core
+    from aquila_npu.evaluation.runner import ModelRunner
 
 LM_EVAL_UNTIL = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 LM_EVAL_MAX_GEN_TOKS = 1024
@@ -155,6 +156,8 @@ class HumanEval(Task):
 
     def score(self, docs: Sequence[dict], runner, scoring: Optional[str] = None) -> List[dict]:
         scoring = self.checked_scoring(scoring)
+        from aquila_npu.evaluation.runner import ModelRunner  # torch and megatron-core: only once a model runs
+
         runner = ModelRunner.of(runner)
         modellink = scoring == "modellink"
         completions = self._generate(runner, docs, modellink)
@@ -165,6 +168,8 @@ class HumanEval(Task):
                     programs.append(modellink_program(d["task"]["prompt"] + "    " + c.text.lstrip(), d["task"]))
                 else:
                     programs.append(lm_eval_program(c.text, d["task"]))
+        from aquila_npu.inference.session import reporting_rank
+
         if reporting_rank():  # one process per model replica runs the programs
             limits = sandbox.Limits(timeout=self.options.timeout or (MODELLINK_TIMEOUT if modellink else
                                                                      LM_EVAL_TIMEOUT))

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import re
 import string
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from aquila_npu.errors import UsageError
-from aquila_npu.evaluation.runner import Completion, ModelRunner
 from aquila_npu.evaluation.tasks import Task
-from aquila_npu.inference.sampling import SamplingParams
+from aquila_npu.inference.options import SamplingParams
+
+if TYPE_CHECKING:  # annotations only: the runner imports torch and megatron-core
+    from aquila_npu.evaluation.runner import Completion, ModelRunner
 
 INVALID = "[invalid]"  # lm-eval's RegexFilter fallback
 
@@ -153,6 +155,8 @@ class GenerationTask(Task):
 
     def score(self, docs: Sequence[dict], runner, scoring: Optional[str] = None) -> List[dict]:
         scoring = self.checked_scoring(scoring)
+        from aquila_npu.evaluation.runner import ModelRunner  # torch and megatron-core: only once a model runs
+
         runner = ModelRunner.of(runner)
         prompts = [d["prompt"] for d in docs]
         if scoring == "lm-eval":

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from aquila_npu.evaluation.scoring import _progress
 from aquila_npu.inference.generation import TextGenerator
-from aquila_npu.inference.sampling import SamplingParams
+from aquila_npu.inference.options import SamplingParams
 
 
 @dataclass

@@ -2,31 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """``greedy``: argmax. Otherwise logits / temperature, keep the top_k (0 = all), then the smallest set of tokens
-    whose probability reaches top_p (1.0 = all), and draw one (Hugging Face's order of the three warpers)."""
-
-    greedy: bool = True
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 1234
-
-    def __post_init__(self):
-        if self.temperature <= 0:
-            raise ValueError(f"temperature {self.temperature} must be > 0 (use greedy decoding for 0)")
-        if self.top_k < 0:
-            raise ValueError(f"top_k {self.top_k} must be >= 0")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p {self.top_p} must be in (0, 1]")
+from aquila_npu.inference.options import SamplingParams  # noqa: F401 - its home is inference.options
 
 
 def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:
