@@ -23,8 +23,9 @@ class SelfAttention(mcore_attention.SelfAttention):
     def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb,
                                         rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
                                         sequence_len_offset=None, **kwargs):
+        # `any(e is None ...)`, not `None in rotary_pos_emb`: that compares tensors with None (20 us, every layer)
         plain = (inference_context is None or not inference_context.is_static_batching() or self.config.flash_decode
-                 or not isinstance(rotary_pos_emb, tuple) or None in rotary_pos_emb)
+                 or not isinstance(rotary_pos_emb, tuple) or any(e is None for e in rotary_pos_emb))
         if plain:
             return super()._adjust_key_value_for_inference(inference_context, query, key, value, rotary_pos_emb,
                                                            rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin,
