@@ -30,43 +30,37 @@ def imported_modules(importtime_stderr: str):
     return names
 
 
-@pytest.mark.parametrize("args", [["--help"],
-                                  ["--load", "/no/such/checkpoint", "--tokenizer-name-or-path", "/no/tok",
-                                   "--prompt", "hi"]], ids=["help", "bad-load"])
-def test_help_and_input_errors_import_neither_torch_nor_megatron(args):
-    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "aquila_npu.generate", *args],
+# (command, arguments, what stdout or the error line must hold, modules that prove the command's own imports were
+# listed: -X importtime does not list importlib's imports, so for evaluate's task modules one of their own imports)
+QUICK_ANSWERS = {
+    "generate-help": ("generate", ["--help"], "--max-new-tokens", ["aquila_npu.cli.generate"]),
+    "generate-bad-load": ("generate", ["--load", "/no/such/checkpoint", "--tokenizer-name-or-path", "/no/tok",
+                                       "--prompt", "hi"], "--load /no/such/checkpoint: no such directory",
+                          ["aquila_npu.cli.generate"]),
+    "evaluate-help": ("evaluate", ["--help"], "--task-data-path", ["aquila_npu.cli.evaluate",
+                                                                   "aquila_npu.evaluation.sandbox"]),
+    "evaluate-bad-data": ("evaluate", ["--task", "boolq", "--task-data-path", "/no/such/boolq", "--load", "/no/ckpt",
+                                       "--tokenizer-name-or-path", "/no/tok"], "/no/such/boolq",
+                          ["aquila_npu.cli.evaluate", "aquila_npu.evaluation.sandbox"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(QUICK_ANSWERS))
+def test_help_and_input_errors_import_neither_torch_nor_megatron(case):
+    command, args, expected, own = QUICK_ANSWERS[case]
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", f"aquila_npu.{command}", *args],
                        env=child_env(), capture_output=True, text=True, timeout=300)
     names = imported_modules(r.stderr)
-    assert "aquila_npu.cli.generate" in names  # the parse of importtime's lines works
+    assert set(own) <= names  # the parse of importtime's lines works
     heavy = sorted(n for n in names if n.split(".")[0] in ("torch", "megatron", "transformers"))
     assert not heavy, heavy[:10]
     if args[0] == "--help":
-        assert r.returncode == 0 and "--max-new-tokens" in r.stdout
+        assert r.returncode == 0 and expected in r.stdout
     else:
         assert r.returncode == 2
         errors = [line for line in r.stderr.splitlines() if not line.startswith("import time:")]
         assert_one_line_error("\n".join(errors))
-        assert "--load /no/such/checkpoint: no such directory" in errors[0]
-
-
-@pytest.mark.parametrize("args", [["--help"],
-                                  ["--task", "boolq", "--task-data-path", "/no/such/boolq", "--load", "/no/ckpt",
-                                   "--tokenizer-name-or-path", "/no/tok"]], ids=["help", "bad-data"])
-def test_evaluate_help_and_data_errors_import_neither_torch_nor_megatron(args):
-    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "aquila_npu.evaluate", *args],
-                       env=child_env(), capture_output=True, text=True, timeout=300)
-    names = imported_modules(r.stderr)
-    # the task modules were loaded (importlib's imports are not listed by -X importtime; humaneval's own are)
-    assert "aquila_npu.cli.evaluate" in names and "aquila_npu.evaluation.sandbox" in names
-    heavy = sorted(n for n in names if n.split(".")[0] in ("torch", "megatron", "transformers"))
-    assert not heavy, heavy[:10]
-    if args[0] == "--help":
-        assert r.returncode == 0 and "--task-data-path" in r.stdout
-    else:
-        assert r.returncode == 2
-        errors = [line for line in r.stderr.splitlines() if not line.startswith("import time:")]
-        assert_one_line_error("\n".join(errors))
-        assert "/no/such/boolq" in errors[0]
+        assert expected in errors[0]
 
 
 def test_generate_prints_no_megatron_notices_and_names_its_modules(assets):
