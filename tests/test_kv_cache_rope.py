@@ -27,6 +27,11 @@ def _model(backend, attention_class, monkeypatch, state=None):
     return model
 
 
+def _cache_layout(shape, batch):
+    return (len(shape) == 4 and shape[0] > 1 and shape[1] == batch and shape[3] == TINY.head_dim
+            and shape[2] in (TINY.num_attention_heads, TINY.num_key_value_heads))
+
+
 def _decode(model, tokens):
     """Logits of a prefill over the first PROMPT positions, then of each decoding step (one position each); and the
     shapes of the RoPE-sized element-wise ops each decoding step ran."""
@@ -42,10 +47,11 @@ def _decode(model, tokens):
             logits.append(wrapper.run_one_forward_step({"tokens": tokens[:, end - 1:end],
                                                         "position_ids": positions[:, end - 1:end],
                                                         "attention_mask": None}))
-        # [s, b, groups, head_dim] keys: RoPE over s > 1 cached positions
+        # RoPE over cached keys: operands in megatron-core's [s, b, heads or groups, head_dim] layout with s > 1
+        # (attention's own tensors are [b, heads, ...]: torch 2.6's SDPA math path multiplies those)
         long_ops += [(e.key, shapes) for e in prof.key_averages(group_by_input_shape=True)
                      if e.key in ("aten::mul", "aten::add", "aten::cat")
-                     for shapes in [e.input_shapes] if any(len(s) == 4 and s[0] > 1 for s in shapes if s)]
+                     for shapes in [e.input_shapes] if any(_cache_layout(s, b) for s in shapes if s)]
     return logits, long_ops
 
 

@@ -122,14 +122,15 @@ def test_notice_filter_hides_exactly_the_four_texts_from_megatron_core():
 
 def test_generate_does_not_import_torchs_compiler(assets):
     """megatron-core's torch.compile decorations wait for first use (patches.import_megatron_core): a generate run
-    never imports dynamo or inductor (it did: 0.9 s of its start-up)."""
+    never imports inductor's compile_fx, which each decoration imported (with dynamo: 0.9 s of its start-up). On
+    torch 2.6, DTensor's own imports bring dynamo; newer torch imports neither."""
     r = subprocess.run([sys.executable, "-X", "importtime", "-m", "aquila_npu.generate", "--load", assets[1, 1],
                         "--tokenizer-name-or-path", assets["hf"], "--prompt", "kalo mi", "--max-new-tokens", "2",
                         "--device", "cpu"], env=child_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     names = imported_modules(r.stderr)
     assert "megatron.core.jit" in names and "megatron.core.fusions.fused_bias_swiglu" in names
-    assert not {n for n in names if n.startswith(("torch._dynamo", "torch._inductor"))}
+    assert "torch._inductor.compile_fx" not in names
 
 
 def test_deferred_compile_compiles_at_first_call_as_torch_compile_would():
@@ -165,7 +166,7 @@ from megatron.core.fusions import fused_bias_swiglu
 assert torch.compile is real
 assert jit.jit_fuser is not real
 assert fused_bias_swiglu.bias_swiglu._torchdynamo_orig_callable.__name__ == "bias_swiglu"
-assert not [n for n in sys.modules if n.startswith(("torch._dynamo", "torch._inductor"))]
+assert "torch._inductor.compile_fx" not in sys.modules
 print("ok")
 """
 
