@@ -111,7 +111,9 @@ def main():
     p.add_argument("--out", default=None, help="also write the result as JSON here")
     p.add_argument("--phases-worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
-    tokenizer = a.tokenizer or a.hf_dir
+    # absolute: the commands run from a neutral folder (``wall``)
+    a.load, a.hf_dir = os.path.abspath(a.load), os.path.abspath(a.hf_dir)
+    tokenizer = os.path.abspath(a.tokenizer or a.hf_dir)
     if a.phases_worker:
         print("RESULT " + json.dumps(phases(a.load, tokenizer)))
         return

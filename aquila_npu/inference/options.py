@@ -1,6 +1,6 @@
-"""What the inference commands' model flags resolve to (``ModelOptions``, ``SamplingParams``) and the checks of their input that need
-no model. Importing this module imports neither torch nor megatron-core: ``--help`` and input errors of generate and
-evaluate come before either is imported (``aquila_npu.inference.session`` loads the model)."""
+"""What the inference commands' flags resolve to (``ModelOptions``, ``SamplingParams``) and the checks of their input
+that need no model. Importing this module imports neither torch nor megatron-core: ``--help`` and input errors of
+generate and evaluate come before either is imported (``aquila_npu.inference.session`` loads the model)."""
 
 from __future__ import annotations
 

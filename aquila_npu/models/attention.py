@@ -9,7 +9,7 @@ needs the CUDA flash-attn package, the dynamic context flash-attn >= 2.7.3.
 
 Here each key is rotated once, when it enters the cache, with megatron-core's own function and the same cos/sin of
 its position, so the cache holds exactly what megatron-core would compute again at every step (element-wise
-operations: bit for bit the same attention inputs, tests/test_generate.py). Only the static-batch inference path
+operations: bit for bit the same attention inputs, tests/test_kv_cache_rope.py). Only the static-batch inference path
 changes; training and every other path run megatron-core's code. Parameters and their names are megatron-core's.
 """
 

@@ -27,8 +27,7 @@ metric_list:
 def write_boolq_task(folder, name: str, files: Sequence[str]) -> str:
     """Write ``folder/name.yaml``, the BoolQ task ``name`` over ``files``; returns its path."""
     path = os.path.join(folder, f"{name}.yaml")
-    with open(path, "w") as f:
-        f.write(BOOLQ_YAML.format(name=name, files=json.dumps(list(map(str, files)))))
+    write_yaml(path, BOOLQ_YAML.format(name=name, files=json.dumps(list(map(str, files)))))
     return path
 
 
