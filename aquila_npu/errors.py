@@ -1,15 +1,42 @@
-"""The one family of errors a user can fix: bad flags, files, checkpoints, data, devices.
+"""The one family of errors a command ends with in one line (``AquilaError``): what a user can fix (``UserError``:
+bad flags, files, checkpoints, data, devices, versions; exit status 2, argparse's own status for bad flags) and a
+check that ran and found a problem (``CheckFailed``: a selfcheck mismatch, a failed benchmark run, a demo below its
+accuracy; exit status 1).
 
-Every command runs through ``aquila_npu.cli.common.run_cli``, which turns any ``UserError`` into one line
-``<prog>: error: <message>`` on stderr and exit status 2 (argparse's own status for bad flags). The message names the
-flag or the file. Anything else is a bug and keeps its traceback.
+Every command runs through ``aquila_npu.cli.common.run_cli``, which turns any ``AquilaError`` into one line
+``<prog>: <label>: <message>`` on stderr and its ``exit_status``. The message names the flag or the file. Anything
+else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 
-class UserError(Exception):
+class AquilaError(Exception):
+    """An end a command reports in one line."""
+
+    exit_status = 1
+    label = "error"
+
+
+class UserError(AquilaError):
     """Input the user can fix; the message names the flag or file and says what to do."""
+
+    exit_status = 2
+
+
+class CheckFailed(AquilaError):
+    """A check that ran to the end and found a problem (the message says which and where the details are)."""
+
+    exit_status = 1
+    label = "check failed"
+
+
+class BenchmarkFailed(CheckFailed):
+    """A benchmark or check process exited with an error (the message names its log)."""
+
+
+class UnsupportedVersion(UserError):
+    """torch, torch_npu, megatron-core or peft outside the versions this release supports (aquila_npu.compat)."""
 
 
 class UsageError(UserError):
@@ -59,3 +86,7 @@ class ResultError(UserError):
 
 class MissingDependency(UserError):
     """An optional package a flag needs is not installed (the message names it and the pip command)."""
+
+
+class StaleReference(UserError):
+    """A shipped reference (the selfcheck's CPU losses) made from other inputs than the code uses now."""

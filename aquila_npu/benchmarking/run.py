@@ -8,31 +8,22 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 from aquila_npu.benchmarking import environment
 from aquila_npu.device.backends import FusedOps
-from aquila_npu.errors import FusedKernelUnavailable
+from aquila_npu.errors import BenchmarkFailed, FusedKernelUnavailable
 from aquila_npu.flops import training_flops_per_token
 from aquila_npu.models import arch_flags
+from aquila_npu.launch import launch_command, run_logged
 from aquila_npu.models.registry import ModelSpec, get_model_spec, padded_vocab_size
-from aquila_npu.ports import free_port
 
 SCHEMA = "aquila_npu.benchmark/1"
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FORMULA = "6 * [L * (2*h*h*(1 + g/a) + 2*s*h + 3*h*f) + h*V] per token (aquila_npu.flops, docs/benchmark.md)"
-
-
-class BenchmarkError(RuntimeError):
-    """A run that could not be measured (the training process failed, or logged nothing to measure)."""
 
 
 @dataclass
@@ -87,46 +78,6 @@ def pretrain_argv(s: Settings, spec: ModelSpec, fused: bool, metrics_file: str) 
     return [str(a) for a in argv] + list(s.extra)
 
 
-def launch_command(nproc: int, argv: List[str], module: str = "aquila_npu.pretrain") -> List[str]:
-    """``python -m module argv``, under torchrun for several processes."""
-    if nproc == 1:
-        return [sys.executable, "-m", module, *argv]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-            str(free_port()), "-m", module, *argv]
-
-
-def run_logged(cmd: List[str], log_path: str, timeout: Optional[float], echo=None) -> int:
-    """Run a (training) process in its own process group, its output to ``log_path``; ``echo`` gets its iteration
-    lines as they come. Past ``timeout`` seconds the group (torchrun and its workers) is killed."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
-    with open(log_path, "w") as log:
-        log.write("$ " + shlex.join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                bufsize=1, start_new_session=True)
-
-        def copy():
-            for line in proc.stdout:
-                log.write(line)
-                if echo and line.startswith(" iteration"):
-                    echo(line.rstrip())
-
-        reader = threading.Thread(target=copy, daemon=True)
-        reader.start()
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise BenchmarkError(f"the run passed --timeout {timeout:g}s and was stopped; log: "
-                                 f"{log_path}") from None
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            reader.join(timeout=10)
-        return rc
-
-
 def _tail(path: str, lines: int = 40) -> str:
     with open(path) as f:
         return "".join(f.readlines()[-lines:])
@@ -174,7 +125,7 @@ def aggregate(records: List[dict], *, warmup: int, tokens_per_step: int, world: 
     """Median step time of the iterations after ``warmup`` and the figures that follow from it."""
     measured = [r for r in records if r["iteration"] > warmup]
     if not measured:
-        raise BenchmarkError(f"no iteration after the {warmup} warm-up iterations was logged")
+        raise BenchmarkFailed(f"no iteration after the {warmup} warm-up iterations was logged")
     times = [r["step_time_s"] for r in measured]
     step = statistics.median(times)
     tokens = tokens_per_step / step / world
@@ -195,7 +146,7 @@ def measure(s: Settings, spec: ModelSpec, fused: bool, workdir: str, echo=print,
     cmd = launch_command(s.nproc, pretrain_argv(s, spec, fused, metrics))
     rc = run_logged(cmd, log_path, s.timeout, echo)
     if rc != 0:
-        raise BenchmarkError(f"the {tag} training run exited with status {rc}:\n$ {shlex.join(cmd)}\n"
+        raise BenchmarkFailed(f"the {tag} training run exited with status {rc}:\n$ {shlex.join(cmd)}\n"
                              f"{_tail(log_path)}(full log: {log_path})")
     records = read_metrics(metrics) if os.path.exists(metrics) else []
     gbs = records[0]["global_batch_size"] if records else 0

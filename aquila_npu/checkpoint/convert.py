@@ -19,7 +19,7 @@ from aquila_npu.errors import CheckpointError
 from aquila_npu.models import arch_flags
 from aquila_npu.models.dtypes import parse_dtype
 from aquila_npu.outputs.atomic import AtomicDir
-from aquila_npu.testing import faults
+from aquila_npu.outputs import crash
 from aquila_npu.weights.mapping import Layout, hf_names, hf_rank_to_mcore, hf_shapes
 
 ITERATION = 1  # what converted checkpoints carry, as ModelLink's converter
@@ -84,14 +84,14 @@ def to_megatron(reader, save_dir: str, tp: int, pp: int, make_vocab_size_divisib
     progress = _Progress(_model_bytes(reader.spec, dtype), f"-> megatron tp{tp}-pp{pp}")
     try:
         with AtomicDir(save_dir, "the Megatron checkpoint", _model_bytes(reader.spec, dtype)) as tmp:
-            faults.point("before-data")
+            crash.point("before-data")
             for stage in range(pp):
                 for rank in range(tp):
                     shard = hf_rank_to_mcore(reader.get, layout, stage, rank, cast=cast)
                     megatron_io.save_rank(tmp, ITERATION, layout, stage, rank, shard, dtype)
                     del shard
                     reader.release()
-                    faults.point("mid-file", os.path.join(tmp, megatron_io.rank_dir(ITERATION, rank, stage, pp),
+                    crash.point("mid-file", os.path.join(tmp, megatron_io.rank_dir(ITERATION, rank, stage, pp),
                                                           "model_optim_rng.pt"))
             megatron_io.write_tracker(tmp, ITERATION)
     finally:
@@ -111,7 +111,7 @@ def to_huggingface(reader, save_dir: str, hf_dir_for_files: Optional[str] = None
     progress = _Progress(_model_bytes(spec, dtype), "-> huggingface")
     try:
         with AtomicDir(save_dir, "the Hugging Face model", _model_bytes(spec, dtype)) as tmp:
-            faults.point("before-data")
+            crash.point("before-data")
             writer = hf_io.HFWriter(tmp, hf_shapes(spec), dtype, max_shard_bytes)
             try:
                 for name in hf_names(spec):  # layer by layer: the reader maps each source stage once
@@ -123,7 +123,7 @@ def to_huggingface(reader, save_dir: str, hf_dir_for_files: Optional[str] = None
                 writer.abort()
                 raise
             writer.close()
-            faults.point("mid-file", os.path.join(tmp, writer.files[0]))
+            crash.point("mid-file", os.path.join(tmp, writer.files[0]))
             reader.release()
             hf_io.write_config(spec, tmp, dtype, base_cfg)
             if hf_dir_for_files:

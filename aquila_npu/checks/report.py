@@ -15,9 +15,10 @@ import tempfile
 import time
 from typing import Callable, Dict, List, Optional
 
+from aquila_npu.errors import BenchmarkFailed
+
 CHECKS = ("ops", "collectives", "logits", "training", "benchmark")
 SCHEMA = "aquila_npu.selfcheck/1"
-LOGITS_MAX_TP = 4  # the logits check's model (aquila_npu.testing.tiny_hf.TINY) has 4 key/value heads
 
 
 def device_count(device: str) -> int:
@@ -40,13 +41,13 @@ def _read(path: str) -> dict:
 
 
 def _launch(tag: str, module: str, nproc: int, argv: List[str], workdir: str, timeout: Optional[float]) -> None:
-    from aquila_npu.benchmarking.run import BenchmarkError, launch_command, run_logged
+    from aquila_npu.launch import launch_command, run_logged
 
     log = os.path.join(workdir, f"{tag}.log")
     if run_logged(launch_command(nproc, [str(a) for a in argv], module=module), log, timeout) != 0:
         with open(log) as f:
             tail = "".join(f.readlines()[-15:])
-        raise BenchmarkError(f"exited with an error; log: {log}\n{tail}")
+        raise BenchmarkFailed(f"exited with an error; log: {log}\n{tail}")
 
 
 def check_ops(device: str, nproc: int, dtype: str, workdir: str, timeout, comm_size_mb) -> dict:
@@ -77,7 +78,11 @@ def check_collectives(device: str, nproc: int, dtype: str, workdir: str, timeout
 
 
 def check_logits(device: str, nproc: int, dtype: str, workdir: str, timeout, comm_size_mb) -> dict:
-    tp = max(t for t in (1, 2, 4) if t <= min(nproc, LOGITS_MAX_TP) and nproc % t == 0)
+    from aquila_npu.checks import logits
+    from aquila_npu.models.registry import get_model_spec
+
+    groups = get_model_spec(logits.MODEL).num_key_value_heads  # tp splits the model's key/value heads
+    tp = max(t for t in (1, 2, 4, 8) if t <= nproc and nproc % t == 0 and groups % t == 0)
     out = os.path.join(workdir, "logits.json")
     _launch("logits", "aquila_npu.selfcheck", tp, ["--tp", tp, "--device", device, "--dtype", dtype, "--out", out],
             workdir, timeout)

@@ -16,29 +16,20 @@ Details, the FLOP formula and the peak table: docs/benchmark.md.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import os
-import re
 import sys
-import time
 from typing import List, Optional
 
-from aquila_npu.benchmarking import compare
-from aquila_npu.benchmarking.plot import plot
-from aquila_npu.benchmarking.run import BenchmarkError, Settings, run_benchmark
-from aquila_npu.cli.common import add_device_argument, run_cli
-from aquila_npu.device.backends import FusedOps
-from aquila_npu.device.setup import resolve as resolve_device
-from aquila_npu.errors import MissingDependency, UsageError
+from aquila_npu.benchmarking.switches import SWITCHES
+from aquila_npu.cli.common import Parser, add_device_argument, run_cli
+from aquila_npu.device.fused import FusedOps
+from aquila_npu.errors import UsageError
 from aquila_npu.models.registry import MODELS
 
 PROG = "python -m aquila_npu.benchmark"
-SWITCHES = {name.replace("_", "-"): name for name in FusedOps.SWITCHES}  # --fused-switches names -> FusedOps fields
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         usage=f"{PROG} [options] [-- aquila_npu.pretrain flags]  |  {PROG} --compare A.json B.json ... [--plot P]",
         description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n", 2)[2],
@@ -98,92 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-def _default_output(result: dict) -> str:
-    st = result["settings"]
-    name = f"{_slug(result['label'])}-{st['architecture']['name']}-seq{st['seq_length']}-" \
-           f"{time.strftime('%Y%m%d-%H%M%S')}.json"
-    return os.path.join("benchmarks", "results", name)
-
-
-def _settings(a: argparse.Namespace, extra: List[str]) -> Settings:
-    if a.model.lower() not in MODELS:
-        raise UsageError(f"--model {a.model}: unknown model; known: {', '.join(sorted(MODELS))}")
-    for flag in ("num_layers", "seq_length", "micro_batch_size", "global_batch_size", "tp", "pp", "nproc", "iters"):
-        value = getattr(a, flag)
-        if value is not None and value < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
-    if a.warmup < 0:
-        raise UsageError("--warmup must be >= 0")
-    nproc = a.nproc or a.tp * a.pp
-    if nproc % (a.tp * a.pp):
-        raise UsageError(f"--nproc {nproc} is not a multiple of --tp {a.tp} x --pp {a.pp}")
-    switches = [s.strip() for s in a.fused_switches.split(",") if s.strip()]
-    unknown = [s for s in switches if s not in SWITCHES]
-    if unknown or not switches:
-        raise UsageError(f"--fused-switches {a.fused_switches}: choose from {', '.join(SWITCHES)}")
-    device = resolve_device(a.device)
-    dtype = a.dtype if a.dtype != "auto" else ("fp32" if device == "cpu" else "bf16")
-    return Settings(model=a.model.lower(), num_layers=a.num_layers, seq_length=a.seq_length,
-                    micro_batch_size=a.micro_batch_size, global_batch_size=a.global_batch_size, tp=a.tp, pp=a.pp,
-                    nproc=nproc, dtype=dtype, device=device, warmup=a.warmup, iters=a.iters,
-                    fused_switches=[SWITCHES[s] for s in switches], peak_tflops=a.device_peak_tflops,
-                    extra=extra, timeout=a.timeout)
-
-
-def _compare(a: argparse.Namespace) -> int:
-    results = [compare.load(path) for path in a.compare]
-    print(compare.table(results, a.compare))
-    if a.plot:
-        print(f"wrote {plot(results, a.plot)}")
-    return 0
-
-
-def _main(argv: Optional[List[str]] = None) -> int:
+def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """The flags, and those after ``--`` (for aquila_npu.pretrain) as ``pretrain_flags``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: List[str] = []
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
-    a = build_parser().parse_args(argv)
-    if a.compare:
-        if extra:
-            raise UsageError("flags after -- are for a run, not for --compare")
-        return _compare(a)
-    if a.plot and importlib.util.find_spec("matplotlib") is None:  # before spending device time
-        raise MissingDependency("--plot needs the matplotlib package, which is not installed: pip install matplotlib")
-    s = _settings(a, extra)
-    try:
-        result = run_benchmark(s, fused_mode=a.fused, log_dir=a.log_dir, label=a.label)
-    except BenchmarkError as e:  # a measured run failed: its own error, not bad input (exit status 1)
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    out = a.output or _default_output(result)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
-    print()
-    print(compare.table([result]))
-    fv = result["fused_vs_unfused"]
-    if fv is not None:
-        print(f"\nfused / unfused throughput: {fv['throughput_ratio']:.2f}x" if fv["available"] else
-              f"\nfused / unfused: not measured (no fused kernels on {s.device}; see the note above)")
-    ov = result.get("overlap_on_vs_off")
-    if ov is not None:
-        print(f"communication overlap on / off throughput: {ov['throughput_ratio']:.2f}x" if ov["available"] else
-              f"communication overlap on / off: not measured ({ov['reason']})")
-    print(f"\nwrote {out}")
-    if a.plot:
-        print(f"wrote {plot([result], a.plot)}")
-    return 0
+    args = build_parser().parse_args(argv)
+    if args.compare and extra:
+        raise UsageError("flags after -- are for a run, not for --compare")
+    args.pretrain_flags = extra
+    return args
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return run_cli(PROG, _main, argv)
+    return run_cli(PROG, parse, "aquila_npu.benchmarking.command:run", argv)
 
 
 if __name__ == "__main__":

@@ -22,18 +22,19 @@ import sys
 from typing import List, Optional
 
 from aquila_npu.cli import inference_args
-from aquila_npu.cli.common import check_output_file, check_positive, inert_note, print0, run_cli
+from aquila_npu.cli.common import Parser, run_cli
 from aquila_npu.data.templates import TEMPLATES
 from aquila_npu.errors import UsageError
-from aquila_npu.evaluation import report
-from aquila_npu.evaluation.tasks import EvalOptions, get_task, load_tasks, summarize, task_names
+from aquila_npu.evaluation.tasks import load_tasks
+from aquila_npu.flags import check_positive
+from aquila_npu.outputs.files import check_target
 
 PROG = "python -m aquila_npu.evaluate"
 
 
 def build_parser() -> argparse.ArgumentParser:
     tasks = load_tasks()
-    p = argparse.ArgumentParser(prog=PROG, description="Evaluate an Aquila2 Megatron checkpoint on benchmarks.",
+    p = Parser(prog=PROG, description="Evaluate an Aquila2 Megatron checkpoint on benchmarks.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     inference_args.add_arguments(p)
     t = p.add_argument_group("tasks and data (ModelLink's flags)")
@@ -87,77 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def data_paths(spec: Optional[str], n: int) -> List[Optional[str]]:
-    """--task-data-path for ``n`` tasks: one entry per task (an empty one: the task's default)."""
-    if spec is None:
-        return [None] * n
-    parts = [part.strip() or None for part in spec.split(",")]
-    if len(parts) != n:
-        raise UsageError(f"--task-data-path {spec}: {len(parts)} path(s) for {n} task(s); give one per task, "
-                         "comma-separated in --task's order")
-    return parts
-
-
-def options(args: argparse.Namespace) -> EvalOptions:
-    return EvalOptions(scoring=args.scoring, max_new_tokens=args.max_new_tokens, num_fewshot=args.num_fewshot,
-                       max_eval_samples=args.max_eval_samples, batch_size=args.evaluation_batch_size,
-                       eval_language=args.eval_language, prompt_type=args.prompt_type,
-                       instruction_template=args.instruction_template, no_chat_template=args.no_chat_template,
-                       num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                       timeout=args.execution_timeout)
-
-
-def run(argv: Optional[List[str]] = None) -> int:
+def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    names = task_names(args.task)
     check_positive(args, "limit")
-    check_output_file("--output", args.output)
-    if args.output and len(names) > 1:
-        raise UsageError(f"--output {args.output}: {len(names)} tasks; use --output-dir DIR (one file per task)")
-    if args.output_dir and not os.path.isdir(args.output_dir):
-        raise UsageError(f"--output-dir {args.output_dir}: no such folder")
-    paths = data_paths(args.task_data_path, len(names))
-    tasks = [get_task(n, options(args)) for n in names]  # bad option values: one line, before any model
-    docs = [task.load(path, args.limit) for task, path in zip(tasks, paths)]  # data errors: before any model
-    # torch and megatron-core only now (--help and input errors answer without them)
-    from aquila_npu.device.patches import import_megatron_core
-
-    import_megatron_core()  # before anything else imports it: its torch.compile decorations wait for first use
-    from aquila_npu.evaluation.run import evaluate, write_records
-    from aquila_npu.evaluation.runner import ModelRunner
-    from aquila_npu.evaluation.scoring import Scorer
-    from aquila_npu.inference.generation import TextGenerator
-    from aquila_npu.inference.session import Session
-
-    session = Session.start(inference_args.model_options(args))
-    loaded, progress = session.loaded, session.is_rank0 and not args.no_progress
-    scorer = Scorer(loaded.model, session.tokenizer, vocab_size=loaded.vocab_size, max_length=session.max_length,
-                    batch_size=args.micro_batch_size or 8, device=session.device.torch_device,
-                    pad_id=session.pad_id(), progress=progress)
-    generator = TextGenerator.from_loaded(loaded, session.device.torch_device, max_sequence_length=session.max_length)
-    runner = ModelRunner(scorer, generator, batch_size=args.evaluation_batch_size, progress=progress)
-    print0(f"{PROG}: {', '.join(f'{t.name} ({len(d)} rows, scoring {t.scoring})' for t, d in zip(tasks, docs))}; "
-           f"{session.describe()} ({session.device.backend.describe()})" + inert_note(args, inference_args.INERT))
-    for task, task_docs, path in zip(tasks, docs, paths):
-        scorer.desc = f"{task.name} ({task.scoring})"
-        records = evaluate(task, task_docs, runner)
-        summary = report.summarize(task, records, task.scoring)
-        if not session.is_rank0:
-            continue
-        print(report.format_table(summary, task.metric_names(task.scoring)), flush=True)
-        counts = summarize(records)
-        print(f"{task.name} ({task.scoring}): accuracy {counts['accuracy']:.4f} "
-              f"({counts['correct']}/{counts['total']} correct)", flush=True)
-        out = args.output or (os.path.join(args.output_dir, f"{task.name}.json") if args.output_dir else None)
-        if out:
-            write_records(out, task, summary, records, data=path, load=loaded.load_dir, **counts)
-            print(f"{PROG}: wrote {out}", flush=True)
-    return 0
+    if args.output:
+        check_target("--output", args.output)
+    if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UsageError(f"--output-dir {args.output_dir}: is a file, not a folder")
+    return args
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """The command: ``run`` with input errors as one line and exit status 2."""
-    return run_cli(PROG, run, argv)
+    """The command: flags, then ``aquila_npu.evaluation.command.evaluate``."""
+    return run_cli(PROG, parse, "aquila_npu.evaluation.command:evaluate", argv)
 
 
 if __name__ == "__main__":

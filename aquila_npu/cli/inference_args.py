@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from aquila_npu.cli.common import add_device_argument, add_inert_arguments, check_positive
+from aquila_npu.cli.common import add_device_argument
 from aquila_npu.device.fused import FusedOps
-from aquila_npu.errors import UsageError
-from aquila_npu.inference.options import ModelOptions, check_load_dir
+from aquila_npu.flags import add_inert_arguments
 from aquila_npu.models import arch_flags
 
 INERT = ("--swiglu", "--disable-bias-linear", "--exit-on-missing-checkpoint", "--no-load-optim", "--no-load-rng",
@@ -46,23 +45,3 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     FusedOps.add_arguments(p)
     arch_flags.add_arguments(p, "architecture (optional; read from the checkpoint, and checked against it when given)")
     add_inert_arguments(p, INERT)
-
-
-def model_options(args: argparse.Namespace) -> ModelOptions:
-    check_positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
-                   "seq_length")
-    flags = arch_flags.given(args)
-    arch_flags.validate(flags)
-    if args.use_mc2:
-        raise UsageError("--use-mc2 fuses the communication of sequence-parallel training into its matmuls; generation "
-                         "and evaluation have no sequence parallelism: drop --use-mc2")
-    check_load_dir(args.load)
-    dtype = None
-    if args.fp16 or args.bf16:  # torch only now: input errors above come before it is imported
-        from aquila_npu.models.dtypes import DTYPES
-
-        dtype = DTYPES["fp16" if args.fp16 else "bf16"]
-    return ModelOptions(load=args.load, tokenizer=args.tokenizer_name_or_path, use_fast=not args.tokenizer_not_use_fast,
-                        tokenizer_type=args.tokenizer_type, tp=args.tensor_model_parallel_size,
-                        pp=args.pipeline_model_parallel_size, device=args.device, params_dtype=dtype,
-                        fused=FusedOps.from_args(args), architecture=flags, seq_length=args.seq_length)

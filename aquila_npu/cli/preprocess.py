@@ -12,8 +12,11 @@ megatron-core indexed datasets, with ModelLink's flags. The work: ``aquila_npu.d
 import argparse
 import sys
 
-from aquila_npu.cli.common import run_cli
-from aquila_npu.data.preprocess import PROG, run
+from aquila_npu.cli.common import Parser, run_cli
+from aquila_npu.data.preprocess import PROG
+from aquila_npu.flags import add_inert_arguments
+
+INERT = ("--dataset-impl",)
 
 
 def build_parser():
@@ -21,7 +24,7 @@ def build_parser():
     from aquila_npu.data.templates import TEMPLATES
     from aquila_npu.data.tokenizer import TOKENIZER_TYPES
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Tokenize parquet / json / jsonl documents into megatron-core indexed datasets (.bin/.idx) for "
                     "Aquila2 pretraining or instruction tuning. Flags and output names follow ModelLink.",
@@ -70,8 +73,6 @@ def build_parser():
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", required=True,
                    help="path prefix of the output files (its directory is created if missing)")
-    g.add_argument("--dataset-impl", default="mmap", choices=["mmap"],
-                   help="accepted for ModelLink compatibility; megatron-core's mmap format is the only one")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1,
                    help="number of tokenizing processes (default 1: tokenize in this process); each uses one "
@@ -81,17 +82,17 @@ def build_parser():
                         "(default 100)")
     g.add_argument("--chunk-size", type=int, default=256,
                    help="documents sent to a worker at a time (default 256)")
+    add_inert_arguments(p, INERT)
     return p
 
 
-def _main(argv=None) -> int:
-    run(build_parser().parse_args(argv))
-    return 0
+def parse(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:
     """Command-line entry point; returns the exit status (0, or 2 for bad input)."""
-    return run_cli(PROG, _main, argv)
+    return run_cli(PROG, parse, "aquila_npu.data.preprocess:command", argv)
 
 
 if __name__ == "__main__":

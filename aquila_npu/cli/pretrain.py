@@ -9,16 +9,17 @@ import os
 import sys
 from typing import List, Optional
 
-from aquila_npu.cli.common import add_device_argument, add_inert_arguments, check_positive, run_cli
-from aquila_npu.device.backends import FusedOps
+from aquila_npu.cli.common import Parser, add_device_argument, run_cli
+from aquila_npu.device.fused import FusedOps
 from aquila_npu.errors import UsageError
+from aquila_npu.flags import add_inert_arguments, check_positive
 from aquila_npu.lora import settings as lora_settings
 from aquila_npu.models import arch_flags
 from aquila_npu.models.registry import MODELS
 
 PROG = "aquila_npu.pretrain"
 INERT = ("--swiglu", "--disable-bias-linear", "--attention-softmax-in-fp32", "--no-masked-softmax-fusion",
-         "--no-gradient-accumulation-fusion", "--exit-signal-handler")
+         "--no-gradient-accumulation-fusion", "--exit-signal-handler", "--lora-ckpt-filter")
 
 
 def _model(p):
@@ -134,7 +135,7 @@ def _logging(p):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=PROG,
         description="Pretrain or fine-tune Aquila2 on megatron-core (tensor, pipeline and data parallel) on Ascend "
                     "NPUs, NVIDIA GPUs or CPUs. Flags follow Megatron-LM / ModelLink.")
@@ -147,13 +148,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Parse and check the flags that can be checked without the device or a checkpoint."""
-    p = parser()
-    args = p.parse_args(argv)
-    try:
-        validate(args)
-    except UsageError as e:
-        p.error(str(e))
+    """Parse and check the flags that can be checked without the device or a checkpoint (a ``UsageError``)."""
+    args = parser().parse_args(argv)
+    validate(args)
     return args
 
 
@@ -210,14 +207,8 @@ def _check_split(split: str) -> None:
                          "zero (e.g. 969,30,1)")
 
 
-def _main(argv: Optional[List[str]] = None) -> int:
-    from aquila_npu.training.run import run  # megatron-core's training stack: only once the flags parsed
-
-    return run(parse(argv))
-
-
 def main(argv: Optional[List[str]] = None) -> int:
-    return run_cli(PROG, _main, argv)
+    return run_cli(PROG, parse, "aquila_npu.jobs.pretrain:run", argv)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 
+from aquila_npu.compat.megatron_core import DatasetConfigKeys, build_datasets
 from aquila_npu.errors import DataError
 from aquila_npu.data.handlers import IGNORE_INDEX
 from aquila_npu.data.tokenizer import MCoreTokenizer
@@ -79,21 +80,7 @@ def _split_sizes(train_valid_test_num_samples, weights, split):
 def _build(cls, config, sizes, is_built_on_rank):
     if is_built_on_rank is None:
         is_built_on_rank = _always
-    builder = BlendedMegatronDatasetBuilder(cls, sizes, is_built_on_rank, config)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return tuple(builder.build())
-    # megatron-core 0.16.1's BlendedDataset calls torch.distributed.get_rank() unguarded when it writes its index
-    # cache (blended_dataset.py, _build_indices), which raises without a process group: answer rank 0 meanwhile.
-    get_rank = torch.distributed.get_rank
-    torch.distributed.get_rank = _rank_zero
-    try:
-        return tuple(builder.build())
-    finally:
-        torch.distributed.get_rank = get_rank
-
-
-def _rank_zero(group=None):
-    return 0
+    return build_datasets(BlendedMegatronDatasetBuilder(cls, sizes, is_built_on_rank, config))
 
 
 def _always():
@@ -200,9 +187,11 @@ class InstructionDatasetConfig(BlendedMegatronDatasetConfig):
     create_attention_mask: bool = False
 
 
-class InstructionDataset(MegatronDataset):
+class InstructionDataset(DatasetConfigKeys, MegatronDataset):
     """Instruction samples (``instruction_sample``) in a seeded random order, repeated over epochs up to
     ``num_samples`` (one epoch when None). Built by megatron-core's ``BlendedMegatronDatasetBuilder``."""
+
+    EXTRA_CONFIG_KEYS = ("pad_id", "create_attention_mask")  # they change the samples, so they name the cache
 
     def __init__(self, dataset, dataset_path, indices, num_samples, index_split, config):
         super().__init__(dataset, dataset_path, indices, num_samples, index_split, config)
@@ -221,10 +210,6 @@ class InstructionDataset(MegatronDataset):
     @staticmethod
     def build_low_level_dataset(dataset_path, config):
         return PackedInstructionData(instruction_prefix(dataset_path), mmap=config.mmap_bin_files)
-
-    @staticmethod
-    def _key_config_attributes():
-        return MegatronDataset._key_config_attributes() + ["pad_id", "create_attention_mask"]
 
     def __len__(self):
         return len(self.order)

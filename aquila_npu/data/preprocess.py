@@ -12,6 +12,7 @@ import time
 from collections import deque
 
 from aquila_npu.errors import DataError
+from aquila_npu.flags import inert_note
 
 PROG = "preprocess_data.py"  # how progress lines name the tool
 _handler = None  # the worker process's handler (inherited through fork, or built by _init_worker)
@@ -97,6 +98,12 @@ def _results(handler, spec, rows, workers, chunk_size, log_interval):
         gc.unfreeze()
 
 
+def command(args) -> int:
+    """``tools/preprocess_data.py``'s library call: ``run``, exit status 0."""
+    run(args)
+    return 0
+
+
 def run(args):
     """Preprocess as ``args`` (parsed flags) say; returns the output prefixes. Raises DataError for bad input."""
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
@@ -141,7 +148,7 @@ def _run(args):
     prefixes = {name: (f"{base}_{name}", tokens) for name in handler.outputs}
     print(f"{PROG}: {len(files)} input file(s), {args.handler_name}"
           f"{' (' + spec.prompt_type + ' template)' if args.handler_name != PRETRAIN else ''}, "
-          f"{args.workers} worker(s)", file=sys.stderr, flush=True)
+          f"{args.workers} worker(s){inert_note(args)}", file=sys.stderr, flush=True)
     progress = Progress(args.log_interval)
     with IndexedDatasetsWriter(prefixes, base) as writer:
         rows = iter_rows(files, handler.columns)

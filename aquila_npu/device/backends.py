@@ -101,7 +101,7 @@ class NpuBackend(TorchBackend):
         return npu_modules.npu_rope if self.fused.rotary else None
 
     def config_overrides(self) -> dict:
-        # Fused RoPE through megatron-core's own fused slot (aquila_npu.device.patches.provide_fused_rope).
+        # Fused RoPE through megatron-core's own fused slot (aquila_npu.compat.megatron_core.provide_fused_rope).
         return {**super().config_overrides(), "apply_rope_fusion": self.fused.rotary}
 
 

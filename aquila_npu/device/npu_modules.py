@@ -1,7 +1,7 @@
 """Modules built on Ascend's fused kernels (torch_npu). Same parameters as the plain modules they replace.
 
 ``torch_npu`` is imported when a module is built or called, never when this file is imported, so the npu backend's
-code can be exercised on a CPU with the emulator in ``aquila_npu.testing.npu_emulator``. Every kernel argument used
+code can be exercised on a CPU with the tests' emulator of the torch_npu ops. Every kernel argument used
 here exists in the oldest torch_npu we support (2.6.0); tests/test_npu_emulator.py checks that against its wheel.
 Doc lines cited below are torch_npu 2.13.0's ``torch_npu/_op_plugin_docs.py``.
 """
@@ -18,10 +18,12 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.tensor_parallel.mappings import reduce_scatter_to_sequence_parallel_region
 from torch import Tensor
 
+from aquila_npu.compat import torch as compat_torch
+from aquila_npu.compat.megatron_core import LinearProductSeam
+from aquila_npu.device.npu_limits import COMPRESSED_MASK
 from aquila_npu.device.torch_modules import RMSNorm, SDPAAttention
 from aquila_npu.errors import FusedKernelUnavailable, UsageError
 
-COMPRESSED_MASK = 2048  # the side of the compressed causal mask of sparse modes 2 and 3 (docs 1643-1644, 8214)
 
 
 def torch_npu():
@@ -154,7 +156,7 @@ def hccl_comm_name(group) -> str:
     """The name torch_npu's MC2 kernels take for ``group`` (their ``hcom``): its HCCL communicator's, asked with
     this rank's global rank (docs 10240)."""
     rank = torch.distributed.get_global_rank(group, torch.distributed.get_rank(group))
-    return group._get_backend(torch.device("npu")).get_hccl_comm_name(rank)
+    return compat_torch.hccl_comm_name(group, rank)
 
 
 def check_mc2(config, tp: int, inner_sizes) -> None:
@@ -236,7 +238,7 @@ class _Mc2:
         return self._hcom
 
 
-class Mc2ColumnParallelLinear(_Mc2, ColumnParallelLinear):
+class Mc2ColumnParallelLinear(_Mc2, LinearProductSeam, ColumnParallelLinear):
     """--use-mc2: megatron-core's column-parallel linear whose sequence-parallel all-gather runs inside the matmul
     kernel (``torch_npu.npu_all_gather_base_mm``). Same parameters; a bias is added after the kernel (10193)."""
 
@@ -244,10 +246,9 @@ class Mc2ColumnParallelLinear(_Mc2, ColumnParallelLinear):
         super().__init__(input_size, output_size, **kwargs)
         check_mc2(self.config, self.tp_group.size(), (input_size,))
 
-    def _forward_impl(self, input, weight, *args, bias=None, sequence_parallel=False, **kwargs):
+    def linear_product(self, original, input, weight, *args, bias=None, sequence_parallel=False, **kwargs):
         if not sequence_parallel:  # expert layers only; check_mc2 refused a model without sequence parallelism
-            return super()._forward_impl(input, weight, *args, bias=bias, sequence_parallel=sequence_parallel,
-                                         **kwargs)
+            return original(input, weight, *args, bias=bias, sequence_parallel=sequence_parallel, **kwargs)
         out = _AllGatherMatmul.apply(input, weight, self.tp_group, self.hcom())
         return out if bias is None else out + bias
 

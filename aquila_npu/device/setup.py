@@ -15,7 +15,10 @@ from typing import Optional
 
 import torch
 
-from aquila_npu.device import DEVICES, DIST_BACKENDS, patches
+from aquila_npu.compat import megatron_core as compat_mcore
+from aquila_npu.compat import torch as compat_torch
+from aquila_npu.compat import versions
+from aquila_npu.device import DEVICES, DIST_BACKENDS
 from aquila_npu.device.backends import FusedOps, TorchBackend, make_backend
 from aquila_npu.errors import DeviceUnavailable, UsageError
 from aquila_npu.ports import free_port
@@ -79,32 +82,28 @@ def init_distributed(dist_backend: str, timeout_minutes: int = 30) -> None:
                                              init_method=f"tcp://127.0.0.1:{free_port()}")
 
 
-def setup(device: Optional[str] = None, fused: FusedOps = FusedOps(), *, distributed: bool = True,
-          kernels: Optional[str] = None) -> Device:
-    """Select the device and prepare torch / megatron-core for it. Call once, before building models.
-
-    ``kernels`` picks the backend's modules independently of where tensors live; only tests use it (npu kernels
-    from the emulator on a CPU).
-    """
+def setup(device: Optional[str] = None, fused: FusedOps = FusedOps(), *, distributed: bool = True) -> Device:
+    """Select the device and prepare torch / megatron-core for it (``aquila_npu.compat``: what each device needs
+    changed in them). Call once, before building models."""
+    versions.require("torch", "megatron-core")
     name = resolve(device)
-    backend = make_backend(kernels or name, fused)  # raises on a fused switch the device cannot provide
+    backend = make_backend(name, fused)  # raises on a fused switch the device cannot provide
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if name == "npu":
-        importlib.import_module("torch_npu")
-        importlib.import_module("torch_npu.contrib.transfer_to_npu")  # torch.cuda -> torch.npu, nccl -> hccl
-        patches.adapt_megatron_to_npu()
+        compat_torch.import_torch_npu()  # with transfer_to_npu: torch.cuda -> torch.npu, nccl -> hccl
+        compat_mcore.adapt_to_npu()
         torch.npu.set_device(local_rank)
         torch_device = torch.device("npu", local_rank)
     elif name == "cuda":
         torch.cuda.set_device(local_rank)
         torch_device = torch.device("cuda", local_rank)
     else:
-        patches.redirect_cuda_to_cpu()
-        patches.cpu_inference_linears_on_onednn()
+        compat_mcore.redirect_cuda_to_cpu()
+        compat_mcore.cpu_inference_linears_on_onednn()
         torch_device = torch.device("cpu")
-    patches.grad_norm_without_host_syncs()
+    compat_mcore.grad_norm_without_host_syncs()
     if backend.rope_fn() is not None:
-        patches.provide_fused_rope(backend.rope_fn())
+        compat_mcore.provide_fused_rope(backend.rope_fn())
     if distributed:
         init_distributed(DIST_BACKENDS[name])
     return Device(name=name, backend=backend, dist_backend=DIST_BACKENDS[name], torch_device=torch_device)

@@ -17,6 +17,7 @@ from typing import List, Sequence
 
 from aquila_npu.evaluation.runner import ModelRunner
 from aquila_npu.inference.session import gather, shard
+from aquila_npu.outputs.files import atomic_file
 
 
 def evaluate(task, docs: Sequence[dict], runner) -> List[dict]:
@@ -29,6 +30,6 @@ def evaluate(task, docs: Sequence[dict], runner) -> List[dict]:
 
 def write_records(path: str, task, summary: dict, records: Sequence[dict], **meta) -> None:
     """The per-task JSON file: what was run, the summary, and every record."""
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_file(path, f"the {task.name} results") as f:
         json.dump({"task": task.name, "scoring": task.scoring, **meta, "summary": summary, "records": list(records)},
                   f, ensure_ascii=False, indent=1)

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Mapping, Optional
 
 from aquila_npu.device.fused import FusedOps
 from aquila_npu.errors import UsageError
+from aquila_npu.flags import check_positive
+from aquila_npu.models import arch_flags
 
 if TYPE_CHECKING:  # annotations only
     import torch
@@ -57,3 +59,24 @@ def check_load_dir(path: str) -> None:
     if not os.path.isdir(path):
         raise UsageError(f"--load {path}: no such directory (convert a Hugging Face model first with "
                          "tools/checkpoint/convert_ckpt.py)")
+
+
+def model_options(args) -> ModelOptions:
+    """The inference commands' model flags (``aquila_npu.cli.inference_args``) resolved and checked."""
+    check_positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
+                   "seq_length")
+    flags = arch_flags.given(args)
+    arch_flags.validate(flags)
+    if args.use_mc2:
+        raise UsageError("--use-mc2 fuses the communication of sequence-parallel training into its matmuls; generation "
+                         "and evaluation have no sequence parallelism: drop --use-mc2")
+    check_load_dir(args.load)
+    dtype = None
+    if args.fp16 or args.bf16:  # torch only now: input errors above come before it is imported
+        from aquila_npu.models.dtypes import DTYPES
+
+        dtype = DTYPES["fp16" if args.fp16 else "bf16"]
+    return ModelOptions(load=args.load, tokenizer=args.tokenizer_name_or_path, use_fast=not args.tokenizer_not_use_fast,
+                        tokenizer_type=args.tokenizer_type, tp=args.tensor_model_parallel_size,
+                        pp=args.pipeline_model_parallel_size, device=args.device, params_dtype=dtype,
+                        fused=FusedOps.from_args(args), architecture=flags, seq_length=args.seq_length)

@@ -5,18 +5,10 @@ peft's ``inject_adapter_in_model`` wraps every targeted ``linear_qkv`` / ``linea
 ``linear_fc2`` and freezes everything else, giving MindSpeed-LLM's parameter names
 (``...linear_qkv.base_layer.weight``, ``...linear_qkv.lora_A.default.weight``, ``...lora_B.default.weight``).
 
-peft's megatron-core layer, ``peft.tuners.lora.tp_layer.LoraParallelLinear``, does the tensor parallelism we want:
-on a ColumnParallelLinear (qkv, fc1) A is a whole ``nn.Linear`` on every rank and B a ColumnParallelLinear split by
-output; on a RowParallelLinear (proj, fc2) A is a RowParallelLinear split by input and B a whole ``nn.Linear``;
-adapters in fp32 whatever the base dtype; scaling alpha / r. As shipped in peft 0.21.2 its megatron-core path does
-not run, so ``MegatronLoraLinear`` subclasses it and is registered through peft's custom-layer API
-(``LoraConfig._register_custom_module``) instead of peft's ``dispatch_megatron``:
-
-1. ``dispatch_megatron`` reads ``kwargs["fan_in_fan_out"]``, which ``LoraModel`` no longer passes (KeyError);
-2. ``update_layer`` never sets ``lora_bias[adapter]``, which ``reset_lora_parameters`` reads (KeyError; peft PR 2621);
-3. ``forward`` passes megatron-core's ``(output, bias)`` tuples on as tensors (TypeError);
-4. peft moves adapters to the base layer's dtype (bf16) and its later fp32 upcast (``cast_adapter_dtype``) replaces the
-   Parameter objects, dropping megatron-core's tensor-parallel attributes: we move adapters to the device only.
+The layer is peft's megatron-core ``LoraParallelLinear`` with the fixes peft 0.21.2 needs
+(``aquila_npu.compat.peft.MegatronLoraLinear``): on a ColumnParallelLinear (qkv, fc1) A is a whole ``nn.Linear`` on
+every rank and B a ColumnParallelLinear split by output; on a RowParallelLinear (proj, fc2) A is a RowParallelLinear
+split by input and B a whole ``nn.Linear``; adapters in fp32 whatever the base dtype; scaling alpha / r.
 
 Sequence parallelism: the whole (replicated) adapter matrices see only this rank's slice of the sequence (column: A
 reads the sequence-split input, B all-gathers; row: A reduce-scatters, B reads the slice), so their gradients are
@@ -37,67 +29,22 @@ import math
 from typing import Iterator, Tuple
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state
 from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora.tp_layer import LoraParallelLinear
 
+from aquila_npu.compat.peft import MegatronLoraLinear, lora_config
 from aquila_npu.lora.settings import LoraSettings
 from aquila_npu.weights.mapping import LORA_ADAPTER, LORA_PAIRS, TABLE, Layout, lora_target, rank_slice
-
-
-class MegatronLoraLinear(LoraParallelLinear):
-    """peft's LoraParallelLinear with the four fixes above (module docstring)."""
-
-    def __init__(self, base_layer, adapter_name, config: LoraConfig, **kwargs):
-        super().__init__(base_layer, adapter_name, config, backend=tensor_parallel,
-                         megatron_config=config.megatron_config, **kwargs)
-
-    def update_layer(self, adapter_name, *args, **kwargs):
-        self.lora_bias[adapter_name] = False  # fix 2
-        super().update_layer(adapter_name, *args, **kwargs)
-        megatron_config = kwargs["megatron_config"]
-        whole = self.lora_B[adapter_name] if self.is_parallel_a else self.lora_A[adapter_name]
-        setattr(whole.weight, "sequence_parallel", bool(megatron_config.sequence_parallel))
-
-    def _move_adapter_to_device_of_base_layer(self, adapter_name, device=None):  # fix 4
-        device = device or self.get_base_layer().weight.device
-        for layers in (self.lora_A, self.lora_B):
-            if adapter_name in layers:
-                layers[adapter_name].to(device)
-
-    def forward(self, x: torch.Tensor, *args, **kwargs):  # fix 3
-        self._check_forward_args(x, *args, **kwargs)
-        if self.disable_adapters and self.merged:
-            self.unmerge()
-        result, bias = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters or self.merged:
-            return result, bias
-        dtype = result.dtype
-        for name in self.active_adapters:
-            if name not in self.lora_A:
-                continue
-            a, b = self.lora_A[name], self.lora_B[name]
-            h = _output(a(self.lora_dropout[name](self._cast_input_dtype(x, a.weight.dtype))))
-            result = result + _output(b(h)) * self.scaling[name]
-        return result.to(dtype), bias
-
-
-def _output(y):
-    """A megatron-core linear returns (output, bias); an nn.Linear the output."""
-    return y[0] if isinstance(y, tuple) else y
 
 
 def peft_config(settings: LoraSettings, config) -> LoraConfig:
     """peft's LoraConfig for a megatron-core model with TransformerConfig ``config`` (copied: peft sets the copy's
     params_dtype to fp32 for the adapters)."""
-    lc = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                    target_modules=list(settings.targets), bias="none",
-                    rank_pattern={t: settings.rank(t) for t, _ in settings.ranks},
-                    alpha_pattern={t: settings.alpha_of(t) for t, _ in settings.ranks},
-                    megatron_config=copy.copy(config), megatron_core="megatron.core")
-    lc._register_custom_module({tensor_parallel.ColumnParallelLinear: MegatronLoraLinear,
-                                tensor_parallel.RowParallelLinear: MegatronLoraLinear})
-    return lc
+    return lora_config(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                       target_modules=list(settings.targets), bias="none",
+                       rank_pattern={t: settings.rank(t) for t, _ in settings.ranks},
+                       alpha_pattern={t: settings.alpha_of(t) for t, _ in settings.ranks},
+                       megatron_config=copy.copy(config), megatron_core="megatron.core")
 
 
 def lora_modules(stage: torch.nn.Module) -> Iterator[Tuple[str, MegatronLoraLinear]]:

@@ -15,8 +15,9 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Tuple
 
+from aquila_npu.compat import versions
 from aquila_npu.errors import UsageError
-from aquila_npu.weights.mapping import LORA_TARGETS
+from aquila_npu.weights.table import LORA_TARGETS
 
 DEFAULT_R = 16  # MindSpeed-LLM's defaults
 DEFAULT_ALPHA = 32.0
@@ -78,14 +79,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-load", default=None,
                    help="an adapter checkpoint (saved by a LoRA run, or converted from a Hugging Face PEFT adapter) "
                         "to resume (or, with --finetune, to continue from at iteration 0)")
-    g.add_argument("--lora-ckpt-filter", action="store_true",
-                   help="accepted for MindSpeed-LLM scripts: checkpoints of LoRA runs always hold the adapters only")
 
 
 def resolve(args: argparse.Namespace, saved: Optional[LoraSettings] = None) -> Optional[LoraSettings]:
     """The run's settings from the flags and the --lora-load adapter's own (``saved``); None when LoRA is off.
 
-    Flags that are given must agree with a saved adapter; flags not given take its values (then the defaults)."""
+    Flags that are given must agree with a saved adapter; flags not given take its values (then the defaults). With
+    LoRA on, peft must be a supported version (aquila_npu.compat.versions)."""
+    settings = _resolve(args, saved)
+    if settings is not None:
+        versions.require("peft")
+    return settings
+
+
+def _resolve(args: argparse.Namespace, saved: Optional[LoraSettings]) -> Optional[LoraSettings]:
     targets = tuple(args.lora_target_modules or ())
     if not targets and saved is None:
         for flag in ("lora_r", "lora_alpha", "lora_dropout"):

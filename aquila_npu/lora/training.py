@@ -1,11 +1,11 @@
-"""LoRA in a training run: the calls ``aquila_npu.training.run`` makes when LoRA is on.
+"""LoRA in a training run, as a model transform of ``aquila_npu.training`` (``training.transforms``):
 
-    settings = training.settings(args)                                   # None: LoRA off
-    model = layers.apply_lora(build_model(...), cfg, settings, layout, pp_rank, args.seed)   # before DDP
-    iteration, consumed, what = training.load(args, base_info, model=ddp, optimizer=..., scheduler=...,
-                                              layout=..., params_dtype=dtype)   # base --load, adapter --lora-load
-    print(training.describe(ddp, optimizer, settings))                   # trainable parameters, optimizer state
-    training.save(args, settings, save_dir, iteration, model=ddp, ...)   # adapters only, atomically
+    transform = training.transform(args)              # None: LoRA off (flags checked against --lora-load first)
+    aquila_npu.training.run.run(args, transform)      # the run calls the transform's methods:
+        apply(stage, ...)                             # adapters on the built stage, before DDP (layers.apply_lora)
+        load(args, base_info, model=ddp, ...)         # the --load base (weights only), then --lora-load's adapter
+        describe(ddp, optimizer)                      # trainable parameters, optimizer state
+        save(args, save_dir, iteration, model=ddp, ...)   # adapters only, atomically
 
 The base is frozen: it has no gradient and megatron-core's DDP and optimizer skip it, so it has no optimizer state.
 """
@@ -26,6 +26,33 @@ from aquila_npu.lora.settings import LoraSettings
 from aquila_npu.lora.state import Adapters, BaseWeights, optimizer_state_bytes, parameter_counts
 from aquila_npu.training import checkpointing
 from aquila_npu.weights.mapping import Layout
+
+
+def transform(args: argparse.Namespace) -> Optional["LoraTransform"]:
+    """The run's LoRA transform, None when LoRA is off (the flags checked first)."""
+    s = settings(args)
+    return None if s is None else LoraTransform(s)
+
+
+class LoraTransform:
+    """LoRA as a model transform of a training run (``aquila_npu.training.transforms.ModelTransform``)."""
+
+    def __init__(self, lora: LoraSettings):
+        self.settings = lora
+
+    def apply(self, stage, config, layout: Layout, pp_rank: int, seed: int):
+        from aquila_npu.lora.layers import apply_lora  # peft (and transformers): only LoRA runs import them
+
+        return apply_lora(stage, config, self.settings, layout, pp_rank, seed)
+
+    def load(self, args, checkpoint, **kw) -> Tuple[int, int, str]:
+        return load(args, checkpoint, **kw)
+
+    def save(self, args, save_dir, iteration: int, **kw) -> None:
+        save(args, self.settings, save_dir, iteration, **kw)
+
+    def describe(self, model, optimizer) -> str:
+        return describe(model, optimizer, self.settings)
 
 
 def settings(args: argparse.Namespace) -> Optional[LoraSettings]:

@@ -121,6 +121,17 @@ MODELS: Dict[str, ModelSpec] = {
         ModelSpec("aquila2-small", hidden_size=256, intermediate_size=688, num_layers=4, num_attention_heads=8,
                   num_key_value_heads=2, vocab_size=100008, max_position_embeddings=512, torch_dtype="float32",
                   source="debug: real vocab, 7B-like proportions"),
+        # The selfcheck's logits model and the tests' tiny Hugging Face model: 4 key/value groups (tp up to 4), a
+        # vocabulary that needs padding for --make-vocab-size-divisible-by 8 at any tp.
+        ModelSpec("aquila2-tiny-gqa", hidden_size=64, intermediate_size=96, num_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4, vocab_size=1003, max_position_embeddings=128, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0, torch_dtype="float32",
+                  source="debug: the logits check of aquila_npu.selfcheck and the tests (tp up to 4)"),
+        # The selfcheck's training model: 8 key/value heads, so tensor parallelism over 1, 2, 4 or 8 devices.
+        ModelSpec("aquila2-tiny-tp8", hidden_size=256, intermediate_size=512, num_layers=2, num_attention_heads=8,
+                  num_key_value_heads=8, vocab_size=1000, max_position_embeddings=128, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0, torch_dtype="float32",
+                  source="debug: the training check of aquila_npu.selfcheck --report (tp up to 8)"),
     ]
 }
 

@@ -23,7 +23,7 @@ from typing import Optional
 
 from aquila_npu.errors import OutputError
 from aquila_npu.outputs import owner
-from aquila_npu.testing import faults
+from aquila_npu.outputs import crash
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -80,11 +80,11 @@ def replace_dir(src: str, dst: str, aside: str) -> None:
         os.rename(src, dst)
         return
     if _exchange(src, dst):  # src now holds the old copy
-        faults.point("between-renames")
+        crash.point("between-renames")
         shutil.rmtree(src)
         return
     os.rename(dst, aside)
-    faults.point("between-renames")
+    crash.point("between-renames")
     os.rename(src, dst)
     shutil.rmtree(aside)
 
@@ -120,7 +120,7 @@ class AtomicDir:
     def __exit__(self, exc_type, exc, tb):
         try:
             if exc_type is None:
-                faults.point("before-rename")
+                crash.point("before-rename")
                 aside = os.path.join(os.path.dirname(self.target), owner.debris_name(self.name, "old"))
                 try:
                     with writing(self.target, self.what):

@@ -1,30 +1,20 @@
-"""Tiny random Hugging Face LLaMA models shaped like Aquila2 (GQA, untied, no bias) for tests."""
+"""Tiny random Hugging Face LLaMA models shaped like Aquila2 (GQA, untied, no bias) for tests: the registry's
+``aquila2-tiny-gqa`` (``TINY``) with the seeded weights of ``aquila_npu.weights.seeded``."""
 
 from __future__ import annotations
 
 import torch
 
-from aquila_npu.models.registry import ModelSpec
+from aquila_npu.models.registry import ModelSpec, get_model_spec
+from aquila_npu.weights import seeded
 
-# GQA (8 heads, 4 key/value groups: tp up to 4), a vocab that needs padding for --make-vocab-size-divisible-by 8 at any tp.
-TINY = ModelSpec("tiny-gqa", hidden_size=64, intermediate_size=96, num_layers=4, num_attention_heads=8,
-                 num_key_value_heads=4, vocab_size=1003, max_position_embeddings=128, rms_norm_eps=1e-5,
-                 bos_token_id=1, eos_token_id=2, pad_token_id=0, torch_dtype="float32", source="test")
+TINY = get_model_spec("aquila2-tiny-gqa")
 
 
 def tiny_llama(spec: ModelSpec = TINY, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A deterministic random ``transformers.LlamaForCausalLM`` of the given shape (same weights for the same seed)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(**{k: v for k, v in spec.to_hf_config().items() if k not in ("architectures", "model_type")})
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # make norms non-trivial so a mapping mistake there shows
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-    return model.to(dtype)
+    """A deterministic random ``transformers.LlamaForCausalLM`` of the given shape (same weights for the same seed;
+    norm weights not all ones, so a mapping mistake there shows)."""
+    return seeded.hf_model(spec, seed, dtype)
 
 
 def tiny_peft(target_modules, r: int = 4, lora_alpha: float = 8, seed: int = 1, share_fused_a: bool = False,

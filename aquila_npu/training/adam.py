@@ -19,8 +19,8 @@ first step. We always use torch's AdamW, with the implementation each device has
 * ``cpu``: ``torch.optim.AdamW`` (torch's single-tensor loop: the reference implementation).
 
 All three keep torch AdamW's state (``exp_avg``, ``exp_avg_sq``, ``step`` per parameter), so a checkpoint's optimizer
-state means the same on every device. ``patches.use_adam`` makes megatron-core build this optimizer and treat it as
-the torch optimizer it is.
+state means the same on every device. ``aquila_npu.compat.megatron_core.use_adam`` makes megatron-core build this
+optimizer and treat it as the torch optimizer it is.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aquila_npu.device import patches
+from aquila_npu.compat.megatron_core import use_adam
 
 FUSED_ON = ("npu", "cuda")  # devices whose torch (torch_npu) registers the fused AdamW kernel we use
 
@@ -57,5 +57,5 @@ def get_megatron_optimizer(config, model_chunks, device: str):
     """megatron-core's optimizer (its mixed-precision / distributed wrappers) around ``for_device(device)``."""
     from megatron.core.optimizer import get_megatron_optimizer as mcore_get_megatron_optimizer
 
-    patches.use_adam(for_device(device))
+    use_adam(for_device(device))
     return mcore_get_megatron_optimizer(config, model_chunks)

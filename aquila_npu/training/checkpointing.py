@@ -31,11 +31,12 @@ from megatron.core import tensor_parallel
 from aquila_npu.checkpoint import megatron_io, safe_load
 from aquila_npu.checkpoint.load_model import relayout_command
 from aquila_npu.checkpoint.megatron_io import CheckpointInfo
+from aquila_npu.compat.megatron_core import load_distributed_optimizer_state
 from aquila_npu.errors import CheckpointError, OutputError, UserError
 from aquila_npu.outputs import owner
 from aquila_npu.outputs.atomic import replace_dir, writing
 from aquila_npu.parallel import agreed
-from aquila_npu.testing import faults
+from aquila_npu.outputs import crash
 from aquila_npu.weights.load import load_stage_state
 from aquila_npu.weights.mapping import Layout
 
@@ -180,17 +181,17 @@ def save(target: SaveDir, iteration: int, *, model, optimizer, scheduler, layout
                      "training_args": vars(args), "distributed_optimizer": use_distributed_optimizer,
                      "data_parallel_size": ps.get_data_parallel_world_size()}
             megatron_io.save_rank(staging, iteration, layout, pp, tp, sd, params_dtype, extra)
-            faults.point("mid-file", os.path.join(rank_dir, "model_optim_rng.pt"))
+            crash.point("mid-file", os.path.join(rank_dir, "model_optim_rng.pt"))
 
     def publish():
         nonlocal placed
-        faults.point("before-rename")
+        crash.point("before-rename")
         existed = os.path.lexists(final)
         with writing(final, "the checkpoint"):
             replace_dir(os.path.join(staging, name), final,
                         os.path.join(root, owner.debris_name(name, "old", target.owner)))
         placed = not existed
-        faults.point("before-tracker")
+        crash.point("before-tracker")
         tmp = os.path.join(root, owner.debris_name(megatron_io.TRACKER, "tmp", target.owner))
         with writing(os.path.join(root, megatron_io.TRACKER), "the tracker file"):
             with open(tmp, "w") as f:
@@ -211,7 +212,7 @@ def save(target: SaveDir, iteration: int, *, model, optimizer, scheduler, layout
                     _remove(final)
             raise OutputError(f"{e}; the partial checkpoint was removed, {_saved_iteration(root)}") from None
         if step is fresh:
-            faults.point("before-data")
+            crash.point("before-data")
 
 
 def load(info: CheckpointInfo, *, model, optimizer, scheduler, layout: Layout, params_dtype: torch.dtype,
@@ -251,17 +252,7 @@ def load(info: CheckpointInfo, *, model, optimizer, scheduler, layout: Layout, p
                                       "use the same number of processes, or --no-load-optim")
             states = agreed(lambda: safe_load.load(path))
             for opt, state in zip(_shards(optimizer), states):
-                # Without Apex/TE, megatron-core 0.16's DistributedOptimizer.load_state_dict gives every parameter's
-                # Adam state one shared 'step' tensor, which each parameter's update then increments: un-share it
-                # (the saved per-parameter steps are copied in next).
-                for st in opt.optimizer.state.values():
-                    if isinstance(st.get("step"), torch.Tensor):
-                        st["step"] = st["step"].clone()
-                # Loading state is no computation: megatron-core copies the saved main params in place, and for fp32
-                # parameters its main params are views of the parameters (leaves that require grad), which autograd
-                # refuses to modify in place outside no_grad.
-                with torch.no_grad():
-                    opt.load_parameter_state_from_dp_reshardable(state)
+                load_distributed_optimizer_state(opt, state)
         scheduler.load_state_dict(ck["opt_param_scheduler"])
         what.append("optimizer and scheduler")
     if not no_load_rng and "rng_state" in ck:

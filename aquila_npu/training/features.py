@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from aquila_npu.device import patches
+from aquila_npu.compat.megatron_core import l2_norm_on_device
 from aquila_npu.device.torch_modules import CoreAttentionBase
 from aquila_npu.flops import DevicePeak
 
@@ -12,8 +12,8 @@ def _grad_norm_kernel() -> str:
     from megatron.core import utils as mcore_utils
     from megatron.core.optimizer import clip_grads
 
-    if clip_grads.l2_norm_impl is patches.l2_norm_on_device:
-        return "on the device (aquila_npu.device.patches.l2_norm_on_device)"
+    if clip_grads.l2_norm_impl is l2_norm_on_device:
+        return "on the device (aquila_npu.compat.megatron_core.l2_norm_on_device)"
     if clip_grads.l2_norm_impl is mcore_utils.local_multi_tensor_l2_norm:
         return "megatron-core's fallback (one host sync per gradient tensor)"
     return "Transformer Engine / Apex multi-tensor kernel"

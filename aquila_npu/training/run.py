@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from typing import Optional
 
 import torch
 
@@ -12,6 +13,7 @@ from aquila_npu.checkpoint.megatron_io import CheckpointInfo
 from aquila_npu.device.setup import setup
 from aquila_npu.errors import CheckpointError, UsageError
 from aquila_npu.flops import device_peak, training_flops_per_token
+from aquila_npu.flags import inert_note
 from aquila_npu.models.config import transformer_config
 from aquila_npu.models.dtypes import dtype_name
 from aquila_npu.models.gpt import build_model
@@ -24,7 +26,7 @@ from aquila_npu.training.param_gather import ParamGatherHooks
 from aquila_npu.training.report import Reporter, device_memory
 from aquila_npu.training.step import eval_step, train_step
 from aquila_npu.training.stopping import StopConditions
-from aquila_npu.lora import training as lora_training
+from aquila_npu.training.transforms import ModelTransform
 
 
 def _print0(*a):
@@ -46,8 +48,8 @@ def _load_tokenizer(args):
     return MCoreTokenizer.from_pretrained(args.tokenizer_name_or_path, use_fast=not args.tokenizer_not_use_fast)
 
 
-def build(args, cfg: RunConfig, dev, lora=None):
-    """(DDP-wrapped model stage, optimizer, scheduler, transformer config)."""
+def build(args, cfg: RunConfig, dev, transform: Optional[ModelTransform] = None):
+    """(DDP-wrapped model stage, optimizer, scheduler)."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -69,10 +71,8 @@ def build(args, cfg: RunConfig, dev, lora=None):
     model = build_model(spec, tcfg, dev.backend, padded_vocab=layout.padded_vocab, pre_process=pp_rank == 0,
                         post_process=pp_rank == layout.pp - 1, pp_rank=pp_rank, parallel_output=True,
                         max_sequence_length=spec.max_position_embeddings)
-    if lora is not None:  # adapters on the frozen base, before DDP and the optimizer see the parameters
-        from aquila_npu.lora.layers import apply_lora  # peft (and transformers): only LoRA runs import them
-
-        model = apply_lora(model, tcfg, lora, layout, pp_rank, args.seed)
+    if transform is not None:  # (LoRA: adapters on the frozen base) before DDP and the optimizer see the parameters
+        model = transform.apply(model, tcfg, layout, pp_rank, args.seed)
     model.to(dev.torch_device)
     ddp = DistributedDataParallel(config=tcfg, module=model, ddp_config=ddp_config(args))
     optimizer = adam.get_megatron_optimizer(
@@ -138,14 +138,14 @@ def datasets(args, cfg: RunConfig, tokenizer):
     return train, valid if n_valid else None
 
 
-def run(args) -> int:
-    """Train as the parsed flags say (``aquila_npu.cli.pretrain``); every input error before any work."""
+def run(args, transform: Optional[ModelTransform] = None) -> int:
+    """Train as the parsed flags say (``aquila_npu.cli.pretrain``), the model changed by ``transform`` (LoRA; given by
+    ``aquila_npu.jobs.pretrain``, which also checks its inputs first); every input error before any work."""
     if args.load and args.save and os.path.realpath(args.load) == os.path.realpath(args.save):
         owner.restore_aside(args.save, say=_print_first)  # a checkpoint a killed run left moved aside, before reading
     checkpoint = CheckpointInfo.find(args.load)  # read once; rank 0's file is loaded from it again below
     if args.load and checkpoint is None and (args.finetune or args.exit_on_missing_checkpoint):
         raise CheckpointError(f"--load {args.load}: no checkpoint there (no latest_checkpointed_iteration.txt)")
-    lora = lora_training.settings(args)  # None: LoRA off
     tokenizer = _load_tokenizer(args)
     cfg = resolve(args, checkpoint, tokenizer.vocab_size if tokenizer is not None else None,
                   int(os.environ.get("WORLD_SIZE", "1")))
@@ -156,26 +156,26 @@ def run(args) -> int:
     dev = setup(args.device, cfg.fused)
     save_dir = checkpointing.SaveDir.claim(args.save, args.no_shared_storage) if args.save else None
     try:
-        return _train(args, cfg, dev, checkpoint, tokenizer, lora, save_dir)
+        return _train(args, cfg, dev, checkpoint, tokenizer, transform, save_dir)
     finally:
         if save_dir is not None:
             save_dir.release()
 
 
-def _train(args, cfg: RunConfig, dev, checkpoint, tokenizer, lora, save_dir) -> int:
+def _train(args, cfg: RunConfig, dev, checkpoint, tokenizer, transform: Optional[ModelTransform], save_dir) -> int:
     from megatron.core import parallel_state as ps
 
     world, dp = torch.distributed.get_world_size(), cfg.data_parallel_size
     initialize_model_parallel(cfg.tp, cfg.pp, args.seed)
-    model, optimizer, scheduler = build(args, cfg, dev, lora)
+    model, optimizer, scheduler = build(args, cfg, dev, transform)
     param_gather = ParamGatherHooks(model, args.overlap_param_gather)
     iteration, consumed = 0, 0
-    if lora is not None:  # the --load base (weights only), then the --lora-load adapter
-        iteration, consumed, what = lora_training.load(args, checkpoint, model=model, optimizer=optimizer,
-                                                       scheduler=scheduler, layout=cfg.layout,
-                                                       params_dtype=cfg.params_dtype, device=dev.name)
+    if transform is not None:  # (LoRA: the --load base, weights only, then the --lora-load adapter)
+        iteration, consumed, what = transform.load(args, checkpoint, model=model, optimizer=optimizer,
+                                                   scheduler=scheduler, layout=cfg.layout,
+                                                   params_dtype=cfg.params_dtype, device=dev.name)
         _print0(f"loaded {what}; continuing at iteration {iteration}")
-        _print0(lora_training.describe(model, optimizer, lora))  # collective: every rank computes it
+        _print0(transform.describe(model, optimizer))  # collective: every rank computes it
     elif checkpoint is not None:
         iteration, consumed, what = checkpointing.load(
             checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, layout=cfg.layout,
@@ -188,7 +188,8 @@ def _train(args, cfg: RunConfig, dev, checkpoint, tokenizer, lora, save_dir) -> 
     _print0(f"aquila_npu.pretrain: {cfg.spec.name} on {dev.name} (kernels {dev.kernels}: {dev.backend.describe()}), "
             f"tp{cfg.tp} pp{cfg.pp} dp{dp}, {dtype_name(cfg.params_dtype)}, seq {cfg.seq_length}, global batch {cfg.global_batch_size} = "
             f"{cfg.num_microbatches} micro-batches x {cfg.micro_batch_size} x dp{dp}, "
-            f"{cfg.spec.num_parameters():,} parameters, optimizer {adam.for_device(dev.name).describe()}")
+            f"{cfg.spec.num_parameters():,} parameters, optimizer {adam.for_device(dev.name).describe()}"
+            + inert_note(args))
     dp_rank = ps.get_data_parallel_rank()
     train_ds, valid_ds = datasets(args, cfg, tokenizer)
     train_iter = batches.micro_batches(train_ds, consumed_samples=consumed, micro_batch_size=args.micro_batch_size,
@@ -241,7 +242,7 @@ def _train(args, cfg: RunConfig, dev, checkpoint, tokenizer, lora, save_dir) -> 
                 reporter.log_eval(iteration, sum(losses) / len(losses))
             if save_dir is not None and args.save_interval and iteration % args.save_interval == 0:
                 with param_gather.gathered():
-                    _save(args, cfg, dev, save_dir, lora, iteration, model, optimizer, scheduler, consumed)
+                    _save(args, cfg, dev, save_dir, transform, iteration, model, optimizer, scheduler, consumed)
                 last_saved = iteration
             why = stop.check()  # every rank, every iteration: SIGTERM / SIGINT, --exit-duration-in-mins
             if why is None and args.exit_interval and iteration % args.exit_interval == 0:
@@ -252,18 +253,18 @@ def _train(args, cfg: RunConfig, dev, checkpoint, tokenizer, lora, save_dir) -> 
                 break
         if save_dir is not None and last_saved != iteration:
             with param_gather.gathered():
-                _save(args, cfg, dev, save_dir, lora, iteration, model, optimizer, scheduler, consumed)
+                _save(args, cfg, dev, save_dir, transform, iteration, model, optimizer, scheduler, consumed)
     finally:
         stop.restore()
         reporter.close()
     return 0
 
 
-def _save(args, cfg: RunConfig, dev, save_dir, lora, iteration, model, optimizer, scheduler, consumed):
+def _save(args, cfg: RunConfig, dev, save_dir, transform, iteration, model, optimizer, scheduler, consumed):
     t = time.perf_counter()
-    if lora is not None:  # the adapters and their optimizer state only
-        lora_training.save(args, lora, save_dir, iteration, model=model, optimizer=optimizer, scheduler=scheduler,
-                           layout=cfg.layout, consumed_samples=consumed, device=dev.name)
+    if transform is not None:  # (LoRA: the adapters and their optimizer state only)
+        transform.save(args, save_dir, iteration, model=model, optimizer=optimizer, scheduler=scheduler,
+                       layout=cfg.layout, consumed_samples=consumed, device=dev.name)
     else:
         checkpointing.save(save_dir, iteration, model=model, optimizer=optimizer, scheduler=scheduler,
                            layout=cfg.layout, params_dtype=cfg.params_dtype, consumed_samples=consumed, args=args,

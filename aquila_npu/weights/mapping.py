@@ -30,38 +30,11 @@ import torch
 from torch import Tensor
 
 from aquila_npu.errors import LayoutError
+from aquila_npu.weights.table import (BASE_LAYER, IGNORED_HF_SUFFIXES, LORA_ADAPTER, LORA_PAIRS,  # noqa: F401
+                                      LORA_TARGETS, PEFT_PREFIX, TABLE, Row, lora_checkpoint_key, lora_model_key,
+                                      lora_target)
 from aquila_npu.models.registry import padded_vocab_size
 from aquila_npu.models.registry import ModelSpec
-
-
-@dataclass(frozen=True)
-class Row:
-    mcore: str  # megatron-core name; "{i}" is the layer index
-    hf: Tuple[str, ...]  # HF names; "{i}" is the layer index
-    kind: str  # replicated / column / row / vocab / qkv / swiglu
-    where: str  # first (stage 0) / last (last stage) / layer
-
-
-TABLE: Tuple[Row, ...] = (
-    Row("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab", "first"),
-    Row("decoder.layers.{i}.input_layernorm.weight", ("model.layers.{i}.input_layernorm.weight",), "replicated",
-        "layer"),
-    Row("decoder.layers.{i}.self_attention.linear_qkv.weight",
-        ("model.layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.k_proj.weight",
-         "model.layers.{i}.self_attn.v_proj.weight"), "qkv", "layer"),
-    Row("decoder.layers.{i}.self_attention.linear_proj.weight", ("model.layers.{i}.self_attn.o_proj.weight",), "row",
-        "layer"),
-    Row("decoder.layers.{i}.pre_mlp_layernorm.weight", ("model.layers.{i}.post_attention_layernorm.weight",),
-        "replicated", "layer"),
-    Row("decoder.layers.{i}.mlp.linear_fc1.weight",
-        ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"), "swiglu", "layer"),
-    Row("decoder.layers.{i}.mlp.linear_fc2.weight", ("model.layers.{i}.mlp.down_proj.weight",), "row", "layer"),
-    Row("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated", "last"),
-    Row("output_layer.weight", ("lm_head.weight",), "vocab", "last"),
-)
-
-# HF keys that carry no weights of the model (old Aquila .bin checkpoints hold rotary buffers).
-IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 @dataclass(frozen=True)
@@ -260,37 +233,6 @@ def mcore_param_names(layout: Layout, pp_rank: int) -> List[str]:
     return [_fmt(row.mcore, local) for row, _, local in layout.stage_rows(pp_rank)]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# LoRA adapters: rows derived from TABLE
-# ----------------------------------------------------------------------------------------------------------------
-
-LORA_ADAPTER = "default"  # peft's adapter name, part of the megatron-core keys (MindSpeed-LLM's checkpoint layout)
-PEFT_PREFIX = "base_model.model."  # peft's saved adapter keys: base_model.model.<HF module>.lora_A.weight
-BASE_LAYER = "base_layer"  # peft's wrapped linear inside a LoRA layer
-
-
-def lora_target(row: Row) -> Optional[str]:
-    """The megatron-core linear a row is the weight of (``linear_qkv``, ...), None for norms and embeddings."""
-    return row.mcore.split(".")[-2] if row.where == "layer" and row.kind != "replicated" else None
-
-
-LORA_TARGETS: Tuple[str, ...] = tuple(t for t in map(lora_target, TABLE) if t)
-
-
-def _lora_pair(row: Row) -> Tuple[Row, Row]:
-    pair = []
-    for which, kind in (("A", "row" if row.kind == "row" else "shared"),
-                        ("B", "replicated" if row.kind == "row" else row.kind)):
-        pair.append(Row(row.mcore.replace(".weight", f".lora_{which}.{LORA_ADAPTER}.weight"),
-                        tuple(PEFT_PREFIX + h.replace(".weight", f".lora_{which}.weight") for h in row.hf),
-                        kind, row.where))
-    return pair[0], pair[1]
-
-
-# target -> (row of its LoRA A, row of its LoRA B)
-LORA_PAIRS: Dict[str, Tuple[Row, Row]] = {lora_target(r): _lora_pair(r) for r in TABLE if lora_target(r)}
-
-
 def lora_rows(targets=LORA_TARGETS) -> Tuple[Row, ...]:
     """Two rows per targeted linear: its LoRA A ([r, in]) then B ([out, r]).
 
@@ -303,17 +245,3 @@ def lora_rows(targets=LORA_TARGETS) -> Tuple[Row, ...]:
     if unknown:
         raise LayoutError(f"LoRA target(s) {', '.join(unknown)}: choose from {' '.join(LORA_TARGETS)}")
     return tuple(r for t in LORA_TARGETS if t in targets for r in LORA_PAIRS[t])
-
-
-def lora_model_key(key: str, targets) -> str:
-    """A base-checkpoint key as named in a model whose ``targets`` linears carry adapters
-    (``...linear_qkv.weight`` -> ``...linear_qkv.base_layer.weight``); other keys unchanged."""
-    parts = key.split(".")
-    if len(parts) >= 2 and parts[-2] in targets:
-        return ".".join(parts[:-1] + [BASE_LAYER, parts[-1]])
-    return key
-
-
-def lora_checkpoint_key(key: str) -> str:
-    """The inverse of ``lora_model_key``: the base checkpoint's name of a model key."""
-    return key.replace(f".{BASE_LAYER}.", ".")

@@ -1,7 +1,11 @@
-"""Test-only fault injection: the writers of checkpoints, conversions and datasets call ``point(name)`` at named
-steps; it does nothing unless the environment variable ``AQUILA_FAULT`` names that step, and then the process dies
-at once by SIGKILL, as from ``kill -9`` or a node failure (no cleanup, no ``finally``). Tests use it to prove that a
-crash at each step leaves a complete earlier output and debris the next run removes (tests/test_faults.py).
+"""Crash points: the hook through which tests prove that a crash leaves no half-written output.
+
+Every writer of training checkpoints (``training.checkpointing.save``), conversions (``checkpoint.convert``) and
+directory replacements (``outputs.atomic``) calls ``point(name)`` at the named steps below. It does nothing unless the
+environment variable ``AQUILA_FAULT`` names that step; then the process dies at once by SIGKILL, as from ``kill -9``
+or a node failure (no cleanup, no ``finally``). tests/test_faults.py switches each point on in a child process and
+checks that an earlier complete output survives and that the next run removes the debris. Never set ``AQUILA_FAULT``
+outside tests. A new writer gets the same points, and tests/test_faults.py a case for each.
 
 Steps (``POINTS``): ``before-data`` (staging directory made, nothing written), ``mid-file`` (the first file cut to
 half its length, as a write cut short), ``before-rename`` (all files written, not yet in place), ``between-renames``

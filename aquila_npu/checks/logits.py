@@ -1,0 +1,93 @@
+"""The logits check: our megatron-core model against Hugging Face transformers' ``LlamaForCausalLM`` on the same
+tokens, on this device, in any tensor/pipeline layout (``torchrun``), fused kernels on an NPU.
+
+Without ``--load`` every rank builds the registry's ``aquila2-tiny-gqa`` from the seeded weights of
+``aquila_npu.weights.seeded`` (the same on every rank, whatever transformers' initialisation), loads its stage
+through the weight-mapping table and compares; with ``--load CKPT --hf-dir HF`` a converted checkpoint against the
+Hugging Face model it came from. The last pipeline stage (TP rank 0) prints max |ours - HF|, writes the result to
+``--out`` and ends the command with ``CheckFailed`` (exit status 1) when it is out of tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from aquila_npu.errors import CheckFailed, UsageError
+from aquila_npu.outputs.files import write_json
+
+MODEL = "aquila2-tiny-gqa"
+SEED = 0
+TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 2e-2}
+
+
+def run(args) -> int:
+    """``python -m aquila_npu.selfcheck`` without ``--report``: flags ``tp``, ``pp``, ``device``, ``dtype``, ``load``,
+    ``hf_dir``, ``out``."""
+    if bool(args.load) != bool(args.hf_dir):
+        raise UsageError("--load and --hf-dir go together")
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from aquila_npu.checkpoint.load_model import build_stage, check_parallel_sizes, load_model_for_inference
+    from aquila_npu.checkpoint.megatron_io import CheckpointInfo
+    from aquila_npu.device.fused import FusedOps
+    from aquila_npu.device.setup import resolve, setup
+    from aquila_npu.inference.forward import forward_logits
+    from aquila_npu.models.dtypes import DTYPES
+    from aquila_npu.models.registry import get_model_spec
+    from aquila_npu.parallel import initialize_model_parallel
+    from aquila_npu.weights import seeded
+    from aquila_npu.weights.mapping import Layout, hf_stage_to_mcore
+
+    dtype_name = args.dtype or "fp32"
+    info = CheckpointInfo.read(args.load) if args.load else None
+    if info is not None:
+        check_parallel_sizes(info, args.tp, args.pp)
+    torch.set_num_threads(1)
+    dtype = DTYPES[dtype_name]
+    fused = FusedOps.all() if resolve(args.device) == "npu" else FusedOps()  # Ascend's kernels where they are
+    if args.load:
+        # Before setup(): transformers' from_pretrained builds non-persistent buffers (rotary inv_freq) wrongly under
+        # the CPU redirection of torch.cuda / tensor factories.
+        from transformers import AutoModelForCausalLM
+
+        hf_reference = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=dtype).eval()
+    dev = setup(args.device, fused)
+    if info is not None:
+        loaded = load_model_for_inference(info, dev, params_dtype=dtype)
+        model, spec = loaded.model, loaded.spec
+        hf = hf_reference.to(dev.torch_device)
+    else:
+        initialize_model_parallel(args.tp, args.pp)
+        pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
+        spec = get_model_spec(MODEL)
+        hf = seeded.hf_model(spec, SEED, dtype).to(dev.torch_device)
+        layout = Layout(spec, args.tp, args.pp, make_vocab_size_divisible_by=8)
+        shard = hf_stage_to_mcore(hf.state_dict().__getitem__, layout, pp_rank)[tp_rank]
+        model, _ = build_stage(spec, layout, dev, shard, params_dtype=dtype, pp_rank=pp_rank)
+    torch.manual_seed(1)
+    tokens = torch.randint(3, spec.vocab_size, (2, 24), device=dev.torch_device)
+    logits = forward_logits(model, tokens)
+    if logits is None or ps.get_tensor_model_parallel_rank() != 0:
+        return 0
+    with torch.no_grad():
+        ref = hf(tokens).logits.float()
+    ours = logits.float()[..., : spec.vocab_size]
+    npu = sys.modules.get("torch_npu")  # the tests' emulated torch_npu counts its op calls
+    result = {"max_abs_diff": (ours - ref).abs().max().item(), "ref_abs_max": ref.abs().max().item(),
+              "padded_vocab": logits.shape[-1],
+              "argmax_agree": (ours.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+              "tp": args.tp, "pp": args.pp, "kernels": dev.kernels, "dtype": dtype_name,
+              "emulated_npu_calls": dict(getattr(npu, "calls", {})) if npu is not None else {},
+              "tolerance": TOLERANCE[dtype_name]}
+    result["ok"] = ok = result["max_abs_diff"] < result["tolerance"]
+    if args.out:
+        write_json(args.out, result, "the selfcheck result")
+    print(f"aquila_npu selfcheck on {dev.name} (kernels {dev.kernels}), tp{args.tp}-pp{args.pp} {dtype_name}: "
+          f"max |logits - HF| = {result['max_abs_diff']:.3g} -> {'OK' if ok else 'MISMATCH'}", flush=True)
+    print(json.dumps(result), flush=True)
+    if not ok:
+        raise CheckFailed(f"max |logits - HF| = {result['max_abs_diff']:.3g} is above the {dtype_name} tolerance "
+                          f"{result['tolerance']:g} (tp{args.tp}-pp{args.pp} on {dev.name})")
+    return 0

@@ -1,6 +1,0 @@
-"""Loader for the fake transfer_to_npu (tests only; see aquila_npu.testing.npu_emulator.transfer_to_npu)."""
-import torch_npu  # noqa: F401  (as the real module: the runtime first)
-
-from aquila_npu.testing import npu_emulator
-
-npu_emulator.transfer_to_npu()
