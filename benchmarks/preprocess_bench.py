@@ -58,7 +58,7 @@ def make_corpus(path, n, fmt, seed=0):
 
 
 def make_tokenizer(path, corpus_sample):
-    from aquila_npu.testing.tiny_tokenizer import train_tokenizer
+    from aquila_npu.data.bpe import train_tokenizer
 
     return train_tokenizer(path, corpus_sample, vocab_size=8000)
 

@@ -43,7 +43,7 @@ def phases(load: str, tokenizer: str) -> dict:
 
     import torch  # noqa: F401
     mark("import torch")
-    from aquila_npu.device.patches import import_megatron_core
+    from aquila_npu.compat.torch import import_megatron_core
 
     import_megatron_core()  # as the command imports it
     mark("import megatron.core")

@@ -17,7 +17,7 @@ def shared_data():
 def cpu_device():
     """This process as a one-rank CPU (gloo) run with megatron-core's tp1-pp1 state, torn down after the module:
     nothing is left for later tests (HF from_pretrained breaks under the CPU redirection)."""
-    from aquila_npu.device import patches
+    from aquila_npu.compat import journal
     from aquila_npu.device.setup import setup
     from aquila_npu.parallel import destroy_model_parallel, initialize_model_parallel
 
@@ -26,4 +26,4 @@ def cpu_device():
     yield dev
     destroy_model_parallel()
     torch.distributed.destroy_process_group()
-    patches.undo_all()
+    journal.undo_all()

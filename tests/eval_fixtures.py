@@ -159,7 +159,7 @@ def build_model_assets(root, layouts=((1, 1), (2, 2))):
     2048 positions saved with it, and Megatron conversions: {"hf": dir, (tp, pp): dir}."""
     from aquila_npu.checkpoint.convert import to_megatron
     from aquila_npu.checkpoint.hf_io import HFReader
-    from aquila_npu.testing.tiny_tokenizer import train_tokenizer
+    from aquila_npu.data.bpe import train_tokenizer
 
     rng = random.Random(0)
     corpus = []

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from aquila_npu import launch
 from aquila_npu.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,9 +37,9 @@ def child_env(**extra) -> dict:
 
 
 def fake_npu_env(**extra) -> dict:
-    """``child_env()`` in which ``import torch_npu`` is the fake NPU runtime (``aquila_npu.testing.npu_emulator``):
+    """``child_env()`` in which ``import torch_npu`` is the fake NPU runtime (``aquila_npu.testing.npu.runtime``):
     ``--device npu`` runs on the CPU. ``extra`` on top."""
-    from aquila_npu.testing.npu_emulator import fake_runtime_path
+    from aquila_npu.testing.npu.runtime import fake_runtime_path
 
     env = child_env(**extra)
     env["PYTHONPATH"] = os.pathsep.join([fake_runtime_path(), env["PYTHONPATH"]])
@@ -55,9 +56,8 @@ def torchrun(script: str, nproc: int, args, timeout: int = 600, env=None,
              check: bool = True) -> subprocess.CompletedProcess:
     """Run a worker under torchrun on the CPU (gloo), one thread per process, in ``env`` (default ``child_env()``);
     fails the test on a non-zero exit unless ``check`` is False."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           str(free_port()),
-           *(script.split() if script.startswith("-m ") else [str(ROOT / script)]), *map(str, args)]
+    cmd = [*launch.torchrun(nproc), *(script.split() if script.startswith("-m ") else [str(ROOT / script)]),
+           *map(str, args)]
     proc = subprocess.run(cmd, env=env or child_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
@@ -82,8 +82,10 @@ def torch_npu_wheel(version="2.13.0"):
 # megatron-core and the commands (no threads: forking the pytest process itself deadlocks once an earlier test left
 # gloo or other threads behind). A tiny training run then takes about a second instead of an interpreter start.
 FORKSERVER_PRELOAD = ["torch", "megatron.core", "aquila_npu.training.run", "aquila_npu.cli.pretrain",
-                      "aquila_npu.cli.convert", "aquila_npu.cli.preprocess", "aquila_npu.cli.generate",
-                      "aquila_npu.cli.evaluate", "helpers"]
+                      "aquila_npu.jobs.pretrain", "aquila_npu.lora.training", "aquila_npu.cli.convert",
+                      "aquila_npu.jobs.convert", "aquila_npu.cli.preprocess", "aquila_npu.data.preprocess",
+                      "aquila_npu.cli.generate", "aquila_npu.inference.command", "aquila_npu.cli.evaluate",
+                      "aquila_npu.evaluation.command", "helpers"]
 
 
 def _forkserver():
@@ -255,7 +257,7 @@ def build_assets(root, layouts=((1, 1), (2, 2))):
     from aquila_npu.checkpoint.convert import to_megatron
     from aquila_npu.checkpoint.hf_io import HFReader
     from aquila_npu.testing.tiny_hf import TINY, tiny_llama
-    from aquila_npu.testing.tiny_tokenizer import train_tokenizer
+    from aquila_npu.data.bpe import train_tokenizer
 
     rng = random.Random(0)
     corpus = []
@@ -301,7 +303,7 @@ ROWS = [
 
 def train_data_tokenizer(path):
     """A small BPE tokenizer over the data tests' documents."""
-    from aquila_npu.testing.tiny_tokenizer import train_tokenizer
+    from aquila_npu.data.bpe import train_tokenizer
 
     corpus = TEXTS + [r[k] for r in ROWS for k in ("instruction", "input", "output")] + [ALPACA_SYSTEM, AQUILA_SYSTEM]
     return train_tokenizer(str(path), corpus * 5, vocab_size=500)
@@ -341,7 +343,7 @@ def build_training_assets(d):
     from aquila_npu.checkpoint.convert import to_megatron
     from aquila_npu.checkpoint.hf_io import HFReader
     from aquila_npu.testing.tiny_hf import tiny_llama
-    from aquila_npu.testing.tiny_tokenizer import train_tokenizer
+    from aquila_npu.data.bpe import train_tokenizer
 
     corpus = [f"{r['instruction']} {r['output']}" for r in instruction_rows()] * 20
     corpus += [ALPACA_SYSTEM + "\n\n### Instruction:\n\n### Response:\n"] * 50  # the prompt template: few tokens

@@ -3,13 +3,14 @@
 import pytest
 import torch
 
-from aquila_npu.device import patches
+from aquila_npu.compat import journal
+from aquila_npu.compat import megatron_core as compat_mcore
 from aquila_npu.device.backends import CpuBackend, CudaBackend, FusedOps, NpuBackend, have_transformer_engine
 from aquila_npu.device.setup import resolve, setup
 from aquila_npu.errors import DeviceUnavailable, FusedKernelUnavailable, UsageError
 from aquila_npu.models.config import transformer_config
 from aquila_npu.models.gpt import build_model
-from aquila_npu.testing import npu_emulator
+from aquila_npu.testing.npu import ops as npu_ops
 from aquila_npu.testing.tiny_hf import TINY
 from aquila_npu.weights.mapping import Layout, mcore_param_names
 
@@ -22,9 +23,9 @@ def _state_shapes(backend):
 
 def test_state_dict_identical_for_cpu_npu_cuda(cpu_device):
     cpu, _ = _state_shapes(CpuBackend())
-    with npu_emulator.installed():
+    with npu_ops.installed():
         npu_backend = NpuBackend(FusedOps.all())
-        patches.provide_fused_rope(npu_backend.rope_fn())  # what setup() does for this backend
+        compat_mcore.provide_fused_rope(npu_backend.rope_fn())  # what setup() does for this backend
         npu, npu_model = _state_shapes(npu_backend)
     cuda_fused = FusedOps(swiglu=True) if not have_transformer_engine() else FusedOps.all()
     cuda, _ = _state_shapes(CudaBackend(cuda_fused))
@@ -71,32 +72,32 @@ def test_fused_ops_from_modellink_args():
 
 def test_patches_are_opt_in_and_undoable():
     """The cpu redirection and the fused-RoPE slot install and uninstall cleanly; megatron-core sees CUDA type names."""
-    patches.undo_all()
+    journal.undo_all()
     from megatron.core.models.common.embeddings import rope_utils
 
     original = rope_utils.fused_apply_rotary_pos_emb
     assert torch.randn(2).type() == "torch.FloatTensor"
-    patches.redirect_cuda_to_cpu()
-    patches.provide_fused_rope(lambda t, f: t)
+    compat_mcore.redirect_cuda_to_cpu()
+    compat_mcore.provide_fused_rope(lambda t, f: t)
     try:
-        assert patches.applied() == {"cpu", "rope"}
+        assert journal.applied() == {"cpu", "rope"}
         assert torch.randn(2).type() == "torch.cuda.FloatTensor"
         assert torch.randn(2).type(torch.float64).dtype == torch.float64
         assert torch.zeros(3, device="cuda").device.type == "cpu"
         assert rope_utils.fused_apply_rotary_pos_emb is not original
     finally:
-        patches.undo_all()
+        journal.undo_all()
     assert rope_utils.fused_apply_rotary_pos_emb is original
     assert torch.randn(2).type() == "torch.FloatTensor"
     with pytest.raises((RuntimeError, AssertionError)):
         torch.zeros(1, device="cuda")
-    patches.redirect_cuda_to_cpu()  # leave the process as the other tests expect it
+    compat_mcore.redirect_cuda_to_cpu()  # leave the process as the other tests expect it
 
 
 def test_fused_rope_slot_serves_only_configs_that_ask_for_fusion():
     from megatron.core.transformer import attention
 
-    patches.provide_fused_rope(lambda t, f: t * 0 + 7)
+    compat_mcore.provide_fused_rope(lambda t, f: t * 0 + 7)
     try:
         t, freqs = torch.randn(5, 1, 2, 8), torch.randn(5, 1, 1, 8)
         plain = attention.apply_rotary_pos_emb(t, freqs, config=transformer_config(TINY))
@@ -104,8 +105,8 @@ def test_fused_rope_slot_serves_only_configs_that_ask_for_fusion():
         fused = transformer_config(TINY, apply_rope_fusion=True)  # what NpuBackend.config_overrides() sets
         assert (attention.apply_rotary_pos_emb(t, freqs, config=fused) == 7).all()
     finally:
-        patches.undo_all()
-        patches.redirect_cuda_to_cpu()
-    with npu_emulator.installed():
+        journal.undo_all()
+        compat_mcore.redirect_cuda_to_cpu()
+    with npu_ops.installed():
         from aquila_npu.device.npu_modules import npu_rope
         assert torch.allclose(npu_rope(t, freqs), plain, atol=1e-6)

@@ -9,7 +9,7 @@ from helpers import ROOT, run_module
 
 
 def test_held_out_questions_never_appear_in_training(tmp_path):
-    from aquila_npu.cli.demo import make_data
+    from aquila_npu.jobs.demo import make_data
 
     train, dev = make_data(tmp_path, n_train=2000, n_eval=200)
     by_passage = {}

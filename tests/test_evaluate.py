@@ -173,27 +173,32 @@ def test_help_documents_every_flag():
     assert_help_documents_every_flag(build_parser())
 
 
-def test_task_registry_is_extensible():
+DUMMY_TASK = """
+from aquila_npu.evaluation import tasks
+
+
+class Dummy(tasks.Task):
+    name = "dummy-test-task"
+
+    def load(self, path, limit=None):
+        return [{"file": path, "line": 1}]
+
+    def score(self, docs, scorer, scoring):
+        return [{"file": d["file"], "line": d["line"], "correct": True} for d in docs]
+"""
+
+
+def test_task_registry_is_extensible(tmp_path, monkeypatch):
+    """A task is a Task subclass in a module listed once in TASK_MODULES."""
     from aquila_npu.evaluation import tasks
 
     assert "boolq" in tasks.load_tasks()
     assert tasks.get_task("BoolQ").scorings == ("loglikelihood", "first-token")
-
-    @tasks.register
-    class Dummy(tasks.Task):
-        name = "dummy-test-task"
-
-        def load(self, path, limit=None):
-            return [{"file": path, "line": 1}]
-
-        def score(self, docs, scorer, scoring):
-            return [{"file": d["file"], "line": d["line"], "correct": True} for d in docs]
-
-    try:
-        t = tasks.get_task("dummy-test-task")
-        assert tasks.summarize(t.score(t.load("x"), None, "loglikelihood"))["accuracy"] == 1.0
-    finally:
-        del tasks.TASKS["dummy-test-task"]
+    (tmp_path / "dummy_task_module.py").write_text(DUMMY_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(tasks, "TASK_MODULES", tasks.TASK_MODULES + ("dummy_task_module",))
+    t = tasks.get_task("dummy-test-task")
+    assert tasks.summarize(t.score(t.load("x"), None, "loglikelihood"))["accuracy"] == 1.0
 
 
 def test_real_boolq_dev_and_tokenizer(shared_data):

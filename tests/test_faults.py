@@ -35,7 +35,7 @@ from aquila_npu.cli.preprocess import main as preprocess_main
 from aquila_npu.cli.pretrain import main as pretrain_main
 from aquila_npu.outputs import owner
 from aquila_npu.ports import free_port
-from aquila_npu.testing import faults
+from aquila_npu.outputs import crash as faults
 from aquila_npu.testing.trees import digest, hidden
 from aquila_npu.testing.tiny_hf import tiny_llama
 from aquila_npu.weights.mapping import hf_names
@@ -470,15 +470,15 @@ def _truncate(prefix, ext):
 @pytest.mark.parametrize("case", list(BAD_DATA))
 def test_bad_training_data_is_one_line_before_any_work(dataset, tokenizer, tmp_path, capsys, case):
     make, needle = BAD_DATA[case]
-    from aquila_npu.device import patches
+    from aquila_npu.compat import journal
 
     prefix = make(dataset, str(tmp_path))
-    patches.undo_all()
+    journal.undo_all()
     rc, err = call_main(pretrain_main, [*TRAIN[:2], "--data-path", prefix, "--tokenizer-name-or-path", tokenizer,
                                         "--train-iters", 1, "--seq-length", 16], capsys)
     assert rc == 2 and needle in err, err
     assert "aquila_npu.pretrain: error: --data-path" in err
-    assert not patches.applied()  # refused before any work: the device was never set up
+    assert not journal.applied()  # refused before any work: the device was never set up
 
 
 def test_good_training_data_passes_the_checks(dataset, tokenizer):

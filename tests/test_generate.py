@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from aquila_npu.testing.tiny_hf import TINY, tiny_llama
-from helpers import (ROOT, assert_help_documents_every_flag, build_assets, call_main, child_env, stub_torchrun_argv,
-                     torchrun)
+from helpers import (ROOT, assert_help_documents_every_flag, build_assets, call_main, fake_npu_env,
+                     stub_torchrun_argv, torchrun)
 
 PROMPTS = ["kalo mi taren", "北京是中国的首都，今天天气很好", "ber fy ost ung dar el quin vex po shu ta"]
 N_NEW = 20
@@ -91,16 +91,15 @@ NPU_WORKER = """
 import json, sys, torch
 from aquila_npu.checkpoint.load_model import load_model_for_inference
 from aquila_npu.checkpoint.megatron_io import CheckpointInfo
-from aquila_npu.device.backends import FusedOps
+from aquila_npu.device.fused import FusedOps
 from aquila_npu.device.setup import setup
 from aquila_npu.inference.generation import TextGenerator
-from aquila_npu.testing import npu_emulator
 load, prompts, n, dtype = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), getattr(torch, sys.argv[4])
-with npu_emulator.installed() as fake:
-    dev = setup("cpu", FusedOps.all(), kernels="npu")
-    loaded = load_model_for_inference(CheckpointInfo.read(load), dev, params_dtype=dtype)
-    gen = TextGenerator.from_loaded(loaded, dev.torch_device)
-    print(json.dumps({"ids": [g.token_ids for g in gen.generate(prompts, n)], "calls": dict(fake.calls)}))
+dev = setup("npu", FusedOps.all())  # the fake torch_npu runtime (fake_npu_env): Ascend's kernels, emulated
+loaded = load_model_for_inference(CheckpointInfo.read(load), dev, params_dtype=dtype)
+gen = TextGenerator.from_loaded(loaded, dev.torch_device)
+ids = [g.token_ids for g in gen.generate(prompts, n)]
+print(json.dumps({"ids": ids, "calls": dict(sys.modules["torch_npu"].calls)}))
 """
 # Head dim 16 (TINY's is 8): npu_fused_infer_attention_score needs a multiple of 16 in float16/bfloat16
 # (torch_npu _op_plugin_docs.py:8210).
@@ -109,7 +108,7 @@ SPEC16 = TINY.replace(hidden_size=128)
 
 def _npu_generate(load, tok, dtype):
     proc = subprocess.run([sys.executable, "-c", NPU_WORKER, load, json.dumps([tok.encode(p) for p in PROMPTS]),
-                           str(N_NEW), dtype], env=child_env(), capture_output=True, text=True, timeout=300)
+                           str(N_NEW), dtype], env=fake_npu_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

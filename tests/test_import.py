@@ -1,4 +1,4 @@
-"""Importing aquila_npu has no side effects: no torch_npu, no patches."""
+"""Importing aquila_npu has no side effects: no torch_npu, nothing of another library changed."""
 
 import subprocess
 import sys
@@ -10,16 +10,17 @@ import sys, torch
 orig = (torch.cuda.current_device, torch.Tensor.type, torch.empty)
 import aquila_npu
 import aquila_npu.device.setup, aquila_npu.device.backends, aquila_npu.device.npu_modules
-import aquila_npu.device.torch_modules, aquila_npu.device.patches
+import aquila_npu.device.torch_modules, aquila_npu.compat.journal, aquila_npu.compat.torch
+import aquila_npu.compat.megatron_core, aquila_npu.compat.peft, aquila_npu.compat.versions
 import aquila_npu.models.registry, aquila_npu.models.config, aquila_npu.models.gpt
 import aquila_npu.weights.mapping, aquila_npu.weights.load, aquila_npu.inference.forward
-import aquila_npu.testing.npu_emulator
+import aquila_npu.testing.npu.ops, aquila_npu.testing.npu.runtime, aquila_npu.testing.npu.transfer_to_npu
 import aquila_npu.lora.layers, aquila_npu.lora.convert, aquila_npu.lora.training
 from megatron.core.transformer import attention
 assert 'torch_npu' not in sys.modules, 'torch_npu was imported'
 assert (torch.cuda.current_device, torch.Tensor.type, torch.empty) == orig, 'torch was patched on import'
 assert attention.apply_rotary_pos_emb.__module__.startswith('megatron'), 'megatron-core was patched on import'
-assert not aquila_npu.device.patches.applied()
+assert not aquila_npu.compat.journal.applied()
 print('clean')
 """
 

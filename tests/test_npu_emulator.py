@@ -29,12 +29,13 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from aquila_npu.testing import npu_emulator as emu
+from aquila_npu.device.torch_modules import shared_causal_mask
+from aquila_npu.testing.npu import ops as emu
 from helpers import ROOT, fake_npu_env, torch_npu_wheel, torchrun
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}
 DTYPES = [torch.float32, torch.bfloat16]
-EMULATOR_SRC = ROOT / "aquila_npu" / "testing" / "npu_emulator.py"
+EMULATOR_SRC = ROOT / "aquila_npu" / "testing" / "npu" / "ops.py"
 MODULES_SRC = ROOT / "aquila_npu" / "device" / "npu_modules.py"
 
 
@@ -560,7 +561,6 @@ def _reference(q, k, v, masked):
 def test_flash_attention_training_causal_sparse_mode_and_one_cached_mask(cpu_device, s, mode):
     """Up to 2048 tokens sparse_mode 0 with an [S, S] mask, beyond sparse_mode 2 with the compressed 2048x2048 mask:
     one mask per (size, device), shared across calls; gradients flow."""
-    from aquila_npu.device import npu_modules
 
     q, k, v = (t.requires_grad_() for t in _qkv(s, s, torch.float32, n=2, ng=1))
     seen = []
@@ -571,7 +571,7 @@ def test_flash_attention_training_causal_sparse_mode_and_one_cached_mask(cpu_dev
         out = module(q, k, v, None)
         module(q, k, v, None)
     assert [kw["sparse_mode"] for kw in seen] == [mode, mode]
-    assert seen[0]["atten_mask"] is seen[1]["atten_mask"] is npu_modules.cached_causal_mask(min(s, 2048), q.device)
+    assert seen[0]["atten_mask"] is seen[1]["atten_mask"] is shared_causal_mask(min(s, 2048), min(s, 2048), q.device)
     assert (out - _reference(q, k, v, torch.ones(s, s, dtype=torch.bool).triu(1))).abs().max() <= 1e-4
     out.sum().backward()
     assert q.grad is not None and k.grad is not None
@@ -702,7 +702,7 @@ def test_hccl_comm_name_asks_the_groups_npu_backend_with_the_global_rank(monkeyp
 MC2_WORKER = r'''
 import json, sys
 import torch
-from aquila_npu.testing import npu_emulator as emu
+from aquila_npu.testing.npu import ops as emu
 
 out_path = sys.argv[1]
 torch.distributed.init_process_group("gloo")

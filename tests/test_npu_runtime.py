@@ -1,5 +1,5 @@
 """The real ``--device npu`` path, run end to end on the CPU through the fake torch_npu runtime
-(``aquila_npu.testing.npu_emulator``; ``import torch_npu`` resolves to it in child processes, never in pytest's).
+(``aquila_npu.testing.npu``; ``import torch_npu`` resolves to it in child processes, never in pytest's).
 
 What is proven: the API calls and their order (torch_npu and transfer_to_npu against megatron-core's import-time
 bindings, set_device before HCCL, ``Tensor.type()`` names, RNG tracker forks) and the numerics (losses equal the CPU
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from aquila_npu.testing import npu_emulator
+from aquila_npu.testing.npu import runtime as npu_runtime
+from aquila_npu.testing.npu import transfer_to_npu as npu_transfer
 from helpers import (assert_one_line_error, build_assets, child_env, fake_npu_env, torch_npu_wheel, torchrun,
                      words)
 
@@ -78,7 +79,7 @@ out["backend"] = torch.distributed.get_backend()
 t = torch.ones(3)
 torch.distributed.all_reduce(t)
 torch.distributed.broadcast(t, 0)
-out["events"] = [e[0] for e in __import__("aquila_npu.testing.npu_emulator").testing.npu_emulator.events]
+out["events"] = [e[0] for e in __import__("aquila_npu.testing.npu.runtime", fromlist=["events"]).events]
 print(json.dumps(out))
 """
 
@@ -88,11 +89,11 @@ def test_fake_runtime_is_torch_npu_on_the_cpu():
 
     r = _python(RUNTIME_WORKER, env=fake_npu_env(PORT=free_port(), PORT2=free_port(),
                                                  AQUILA_FAKE_NPU_DEVICES=8))
-    assert r["version"] == npu_emulator.FAKE_VERSION and r["available"] and r["count"] == 8
+    assert r["version"] == npu_runtime.FAKE_VERSION and r["available"] and r["count"] == 8
     assert (r["npu_type"], r["bf16_type"], r["to"]) == ("torch.npu.FloatTensor", "torch.npu.BFloat16Tensor", "cpu")
     assert r["capability"] is None and r["capability_env"] == [8, 0]  # as torch_npu: None unless configured
     assert "set_device" in r["hccl_before_set_device"] and "8 NPUs" in r["set_device_out_of_range"]
-    assert r["cuda_is_npu"] == [3, npu_emulator.FAKE_DEVICE_NAME, True, "cpu", True]
+    assert r["cuda_is_npu"] == [3, npu_runtime.FAKE_DEVICE_NAME, True, "cpu", True]
     assert r["backend"] == "hccl"  # transfer_to_npu turned nccl into hccl
     assert r["events"] == ["import", "transfer_to_npu", "set_device", "hccl"]
 
@@ -118,20 +119,20 @@ def test_fake_runtime_mirrors_the_wheel():
                          ("TORCH_MODULE_FN_WHITE_LIST", "torch_module_fn_white_list"),
                          ("TORCH_CUDA_FN_WHITE_LIST", "torch_cuda_fn_white_list"),
                          ("DEVICE_KWARGS_LIST", "device_kwargs_list")]:
-        assert list(getattr(npu_emulator, ours)) == lists[theirs], ours
+        assert list(getattr(npu_transfer, ours)) == lists[theirs], ours
     init = ast.parse(_wheel_text("torch_npu/npu/__init__.py"))
     real_all = _wheel_lists(init)["__all__"]
-    assert set(npu_emulator.NPU_API) <= set(real_all), set(npu_emulator.NPU_API) - set(real_all)
+    assert set(npu_runtime.NPU_API) <= set(real_all), set(npu_runtime.NPU_API) - set(real_all)
     defs = {}
     for path in ("__init__.py", "utils.py", "random.py", "memory.py", "streams.py"):
         for node in ast.walk(ast.parse(_wheel_text(f"torch_npu/npu/{path}"))):
-            if isinstance(node, ast.FunctionDef) and node.name in npu_emulator.NPU_API:
+            if isinstance(node, ast.FunctionDef) and node.name in npu_runtime.NPU_API:
                 defs.setdefault(node.name, [a.arg for a in node.args.args])
     import inspect
 
     checked = 0
     for name, params in defs.items():
-        ours = getattr(npu_emulator, name)
+        ours = getattr(npu_runtime, name)
         if inspect.isfunction(ours):
             assert list(inspect.signature(ours).parameters)[:len(params)] == params, name
             checked += 1
@@ -169,15 +170,15 @@ for name, mod in list(sys.modules.items()):
 from megatron.core.tensor_parallel import layers, random
 from megatron.core.transformer import module
 from megatron.core import jit
-from aquila_npu.testing import npu_emulator
+from aquila_npu.testing.npu import runtime as npu_runtime
 print(json.dumps({
     "stale": stale, "compiled": compiled, "jit_fuser_is_noop": jit.jit_fuser is jit.noop_decorator,
     "lazy_call": random._lazy_call is torch.npu._lazy_call, "device_ctx": random.device_ctx_manager is torch.npu.device,
     "float_types": [t is torch.npu.FloatTensor for t in module._FLOAT_TYPES],
     "bf16_types": [t is torch.npu.BFloat16Tensor for t in module._BF16_TYPES],
     "custom_fwd": layers.custom_fwd.keywords, "types": [types_before, torch.zeros(1, dtype=torch.bfloat16).type()],
-    "megatron_before_transfer": [e[1] for e in npu_emulator.events if e[0] == "transfer_to_npu"][0],
-    "events": [e[0] for e in npu_emulator.events]}))
+    "megatron_before_transfer": [e[1] for e in npu_runtime.events if e[0] == "transfer_to_npu"][0],
+    "events": [e[0] for e in npu_runtime.events]}))
 """
 
 
@@ -349,7 +350,7 @@ def test_pretrain_tp2_pp2_on_npu_equals_cpu_resumes_and_serves(assets, tmp_path,
 @pytest.mark.slow
 def test_bf16_distributed_optimizer_on_npu_passes_megatron_type_checks(assets, tmp_path):
     """megatron-core's bf16 optimizers accept only params whose type() is 'torch.cuda.*Tensor'; on NPU it is
-    'torch.npu.*' (adapted by patches.adapt_megatron_to_npu). Plain modules on both devices: the same losses."""
+    'torch.npu.*' (adapted by compat.megatron_core.adapt_to_npu). Plain modules on both devices: the same losses."""
     args = ["--load", assets[1, 1], "--train-iters", 2, "--bf16", "--use-distributed-optimizer",
             "--tokenizer-name-or-path", assets["hf"]]
     cpu = _train(None, 2, tmp_path / "cpu.jsonl", "--device", "cpu", *args)
@@ -390,8 +391,8 @@ def test_selfcheck_report_runs_every_check_on_the_fake_runtime(tmp_path):
                           text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     r = json.loads(out.read_text())
-    assert r["passed"] and r["device_name"] == npu_emulator.FAKE_DEVICE_NAME
-    assert r["software"]["torch_npu"] == npu_emulator.FAKE_VERSION
+    assert r["passed"] and r["device_name"] == npu_runtime.FAKE_DEVICE_NAME
+    assert r["software"]["torch_npu"] == npu_runtime.FAKE_VERSION
     checks = r["checks"]
     assert [checks[c]["status"] for c in ("ops", "collectives", "logits", "training", "resume", "benchmark")] == \
         ["pass"] * 5 + ["done"]
@@ -403,7 +404,7 @@ def test_selfcheck_report_runs_every_check_on_the_fake_runtime(tmp_path):
         [(op, dt) for dt, ops in USES.items() for op in ops]
     assert checks["training"]["tp"] == 2 and checks["training"]["dtype"] == "bf16"
     bench = checks["benchmark"]["result"]
-    assert bench["label"] == npu_emulator.FAKE_DEVICE_NAME and bench["device"]["peak_tflops"] is None  # no MFU
+    assert bench["label"] == npu_runtime.FAKE_DEVICE_NAME and bench["device"]["peak_tflops"] is None  # no MFU
     assert "verdict: every check passed" in proc.stdout
 
 
@@ -418,3 +419,18 @@ def test_shipped_training_reference_is_the_cpu_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     training = json.loads(out.read_text())["checks"]["training"]
     assert training["tp"] == 1 and training["dtype"] == "fp32" and training["max_rel_err"] < 1e-5
+
+
+def test_a_stale_training_reference_is_refused_in_one_line(tmp_path):
+    """The shipped reference records what it was made from; a reference of other inputs (here: other flags) is
+    refused before any check runs, naming what differs and the command that regenerates it."""
+    from aquila_npu.checks import training
+    from aquila_npu.errors import StaleReference
+
+    assert training.load_reference()["inputs"] == training.inputs()  # the shipped one is current
+    stale = json.loads(open(training.REFERENCE).read())
+    stale["inputs"]["flags"] = stale["inputs"]["flags"] + ["--lr", "1"]
+    path = tmp_path / "reference.json"
+    path.write_text(json.dumps(stale))
+    with pytest.raises(StaleReference, match=r"\(flags differ\): regenerate it with python -m aquila_npu.checks.training"):
+        training.load_reference(str(path))

@@ -13,7 +13,8 @@ import torch
 
 from helpers import ROOT, child_env, torchrun
 
-from aquila_npu.device import patches
+from aquila_npu.compat import journal
+from aquila_npu.compat import megatron_core as compat_mcore
 from aquila_npu.training import adam
 
 BROKEN_APEX = ROOT / "tests" / "fixtures" / "apex_without_cuda"
@@ -80,8 +81,8 @@ def test_fused_adamw_trains_as_torch_reference_adamw(cpu_device, use_distributed
         reference, inner_ref = _tiny_run(_ours("cpu"), use_distributed_optimizer, bf16)
         fused, inner_fused = _tiny_run(_ours("npu"), use_distributed_optimizer, bf16)
     finally:
-        patches.undo_all()
-        patches.redirect_cuda_to_cpu()  # what cpu_device installed, for the module's later tests
+        journal.undo_all()
+        compat_mcore.redirect_cuda_to_cpu()  # what cpu_device installed, for the module's later tests
     assert type(inner_ref) is type(inner_fused) is torch.optim.AdamW
     assert not inner_ref.defaults["fused"] and inner_fused.defaults["fused"]
     assert len(set(reference)) == 3  # the weights move
@@ -110,10 +111,10 @@ def test_megatron_with_apex_fused_adam_dies_and_use_adam_fixes_it(cpu_device, mo
         losses, inner = _tiny_run(_ours("cpu"), True, False, steps=2)
         assert type(inner) is torch.optim.AdamW and len(losses) == 2
         assert not distrib_optimizer.HAVE_APEX_OR_TE and not distrib_optimizer.USING_APEX_OPTIMIZER
-        assert "adam" in patches.applied()
+        assert "adam" in journal.applied()
     finally:
-        patches.undo_all()  # before monkeypatch restores megatron-core's real choice
-        patches.redirect_cuda_to_cpu()
+        journal.undo_all()  # before monkeypatch restores megatron-core's real choice
+        compat_mcore.redirect_cuda_to_cpu()
     assert mcore_optimizer.Adam is FusedAdam and distrib_optimizer.USING_APEX_OPTIMIZER
 
 

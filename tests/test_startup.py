@@ -121,7 +121,7 @@ def test_notice_filter_hides_exactly_the_four_texts_from_megatron_core():
 
 
 def test_generate_does_not_import_torchs_compiler(assets):
-    """megatron-core's torch.compile decorations wait for first use (patches.import_megatron_core): a generate run
+    """megatron-core's torch.compile decorations wait for first use (compat.torch.import_megatron_core): a generate run
     never imports inductor's compile_fx, which each decoration imported (with dynamo: 0.9 s of its start-up). On
     torch 2.6, DTensor's own imports bring dynamo; newer torch imports neither."""
     r = subprocess.run([sys.executable, "-X", "importtime", "-m", "aquila_npu.generate", "--load", assets[1, 1],
@@ -134,7 +134,8 @@ def test_generate_does_not_import_torchs_compiler(assets):
 
 
 def test_deferred_compile_compiles_at_first_call_as_torch_compile_would():
-    from aquila_npu.device import patches
+    from aquila_npu.compat import megatron_core as compat_mcore
+    from aquila_npu.compat import torch as compat_torch
 
     calls = []
 
@@ -142,7 +143,7 @@ def test_deferred_compile_compiles_at_first_call_as_torch_compile_would():
         calls.append((fn, options))
         return lambda *a, **k: ("compiled", fn(*a, **k))
 
-    deferred = patches._compile_on_first_call(fake_compile)
+    deferred = compat_torch.compile_on_first_call(fake_compile)
 
     def f(x, y=1):
         return x + y
@@ -153,13 +154,13 @@ def test_deferred_compile_compiles_at_first_call_as_torch_compile_would():
     assert g(1, y=2) == ("compiled", 3) and g(2) == ("compiled", 3)
     assert h(0) == ("compiled", 1)
     assert calls == [(f, {}), (f, {"dynamic": False})]  # once per decorated function, with its options
-    assert patches._npu_counterpart(g) is f  # the NPU adaptation unwraps it as it unwraps torch.compile's wrappers
+    assert compat_mcore.npu_counterpart(g) is f  # the NPU adaptation unwraps it as it unwraps torch.compile's wrappers
 
 
 IMPORT_CHECK = r"""
 import sys, torch
 real = torch.compile
-from aquila_npu.device.patches import import_megatron_core
+from aquila_npu.compat.torch import import_megatron_core
 import_megatron_core()
 import megatron.core.jit as jit
 from megatron.core.fusions import fused_bias_swiglu
@@ -175,3 +176,27 @@ def test_import_megatron_core_restores_torch_compile():
     r = subprocess.run([sys.executable, "-c", IMPORT_CHECK], env=child_env(), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def _commands():
+    """Every command module of aquila_npu.cli (each has ``main``), found on disk: nothing hand-listed."""
+    import pathlib
+
+    folder = pathlib.Path(__file__).resolve().parents[1] / "aquila_npu" / "cli"
+    return sorted(p.stem for p in folder.glob("*.py") if "\ndef main(" in p.read_text())
+
+
+def test_every_command_is_found():
+    assert {"convert", "preprocess", "pretrain", "generate", "evaluate", "benchmark", "selfcheck", "demo"} <= \
+        set(_commands())
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_every_commands_help_imports_neither_torch_nor_megatron(command):
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", f"aquila_npu.cli.{command}", "--help"],
+                       env=child_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "usage:" in r.stdout, r.stderr[-2000:]
+    names = imported_modules(r.stderr)
+    assert "aquila_npu.cli.common" in names  # the parse of importtime's lines works (the command runs as __main__)
+    heavy = sorted(n for n in names if n.split(".")[0] in ("torch", "megatron", "transformers", "peft"))
+    assert not heavy, heavy[:10]

@@ -13,7 +13,8 @@ from helpers import torchrun
 
 from aquila_npu.benchmarking.run import model_spec
 from aquila_npu.checkpoint import megatron_io
-from aquila_npu.device import patches
+from aquila_npu.compat import journal
+from aquila_npu.compat import megatron_core as compat_mcore
 from aquila_npu.device.torch_modules import CoreAttentionBase, SDPAAttention, shared_causal_mask
 from aquila_npu.errors import UsageError
 from aquila_npu.models import arch_flags
@@ -186,7 +187,7 @@ def test_syncs_per_step_do_not_grow_with_layers(cpu_device, monkeypatch):
     """One step of megatron-core's schedule and optimizer: as many host syncs with 2 layers as with 4 (the gradient
     norm's one, megatron-core's token-count check, and the logged loss); megatron-core's own fallback norm kernel
     adds one per gradient tensor, which this test sees."""
-    assert "grad-norm" in patches.applied()  # setup() installed the on-device gradient norm
+    assert "grad-norm" in journal.applied()  # setup() installed the on-device gradient norm
     two, four = (_syncs_per_step(cpu_device, n) for n in (2, 4))
     assert two.calls == four.calls and 0 < two.total <= 4, (two.calls, four.calls)
 
@@ -218,21 +219,21 @@ def test_on_device_grad_norm_is_megatrons_number_and_undoable():
     g = torch.Generator().manual_seed(0)
     tensors = [torch.randn(n, generator=g) * 10.0 ** e for n, e in ((7, -3), (4096, 0), (300, 2), (1, 1))]
     flag = torch.zeros(1, dtype=torch.int)
-    ours, _ = patches.l2_norm_on_device(65536, flag, [tensors], False)
+    ours, _ = compat_mcore.l2_norm_on_device(65536, flag, [tensors], False)
     theirs, _ = local_multi_tensor_l2_norm(65536, flag, [tensors], False)
     assert torch.equal(ours, theirs)
-    installed = "grad-norm" in patches.applied()
-    patches.undo_all()
+    installed = "grad-norm" in journal.applied()
+    journal.undo_all()
     try:
         assert clip_grads.l2_norm_impl is local_multi_tensor_l2_norm
-        patches.grad_norm_without_host_syncs()
-        assert clip_grads.l2_norm_impl is patches.l2_norm_on_device and "grad-norm" in patches.applied()
+        compat_mcore.grad_norm_without_host_syncs()
+        assert clip_grads.l2_norm_impl is compat_mcore.l2_norm_on_device and "grad-norm" in journal.applied()
     finally:
-        patches.undo_all()
+        journal.undo_all()
     assert clip_grads.l2_norm_impl is local_multi_tensor_l2_norm
-    patches.redirect_cuda_to_cpu()  # leave the process as the other tests expect it
+    compat_mcore.redirect_cuda_to_cpu()  # leave the process as the other tests expect it
     if installed:
-        patches.grad_norm_without_host_syncs()
+        compat_mcore.grad_norm_without_host_syncs()
 
 
 # ------------------------------------------------------------------------ 1. overlapped communication (flags)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from aquila_npu.errors import BenchmarkFailed
 from aquila_npu.models.registry import ModelSpec, get_model_spec
+from aquila_npu.outputs.files import write_json
 
 RESULT = "RESULT "
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -40,13 +41,13 @@ def get_shape(name: str) -> ModelSpec:
 
 
 def random_hf_model(spec: ModelSpec, folder: str, tokenizer_dir: Optional[str] = None) -> str:
-    """A random ``LlamaForCausalLM`` of ``spec`` (fixed seed) saved in ``folder`` (kept when it is already there),
-    with the tokenizer files of ``tokenizer_dir``."""
+    """A random ``LlamaForCausalLM`` of ``spec`` (the seeded weights of ``aquila_npu.weights.seeded``) saved in
+    ``folder`` (kept when it is already there), with the tokenizer files of ``tokenizer_dir``."""
     from aquila_npu.checkpoint.hf_io import copy_tokenizer_files
-    from aquila_npu.testing.tiny_hf import tiny_llama
+    from aquila_npu.weights import seeded
 
     if not os.path.isdir(folder):
-        tiny_llama(spec, seed=0).save_pretrained(folder)
+        seeded.hf_model(spec, seed=0).save_pretrained(folder)
         if tokenizer_dir:
             copy_tokenizer_files(tokenizer_dir, folder)
     return folder
@@ -80,8 +81,7 @@ def save_result(path: Optional[str], result: dict) -> None:
     doc = dict(result, machine={"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()},
                software=dict(software("cpu"), transformers=_version("transformers"),
                              lm_eval=_version("lm_eval", "lm-eval")))
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
+    write_json(path, doc, "the benchmark result", indent=1)
     print(f"wrote {path}")
 
 
@@ -89,7 +89,7 @@ def run_worker(cmd: Sequence[str], env: dict) -> dict:
     proc = subprocess.run(list(cmd), env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
     if proc.returncode != 0 or not lines:
-        sys.exit(f"worker failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
+        raise BenchmarkFailed(f"worker failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1][len(RESULT):])
 
 

@@ -9,10 +9,11 @@ Each rank writes ``<out>.rank<R>`` (rank 0 also ``<out>``) as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
+
+from aquila_npu.outputs.files import write_json
 
 
 def main(argv=None) -> int:
@@ -40,8 +41,7 @@ def main(argv=None) -> int:
             result = collectives.run(dev, a.size_mb)
         rank = torch.distributed.get_rank()
         for path in [f"{a.out}.rank{rank}"] + ([a.out] if rank == 0 else []):
-            with open(path, "w") as f:
-                json.dump(result, f)
+            write_json(path, result, f"the {a.check} check's result")
     finally:
         destroy_model_parallel()
         torch.distributed.destroy_process_group()

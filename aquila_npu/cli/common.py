@@ -13,7 +13,6 @@ import argparse
 import atexit
 import gc
 import importlib
-import os
 import sys
 from typing import Callable, List, Optional, Union
 

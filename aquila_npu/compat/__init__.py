@@ -12,8 +12,8 @@ library lives in this package, one module per library, each replacement written 
 
 Nothing here runs on import. ``records()`` lists every record; tests/test_compat.py checks that each target still
 exists with the signature it was written for (an upgrade of megatron-core, peft or torch fails there, in one place),
-and that no module outside this package (and the test machinery in ``aquila_npu.testing``) patches another library
-or uses a private name of one.
+and that no module outside this package (and the tests' fake torch_npu runtime, which imitates torch_npu) patches
+another library or uses a private name of one.
 """
 
 from __future__ import annotations

@@ -91,8 +91,8 @@ RECORDS = (
                 "(self, inference_context, query, key, value, rotary_pos_emb, rotary_pos_cos=None, "
                 "rotary_pos_sin=None, rotary_pos_cos_sin=None, sequence_len_offset=None, *, inference_params=None)"),
     Replacement("megatron.core.transformer.attention:_yarn_get_concentration_factor_from_config", "called",
-                "the mscale megatron-core's forward applies with the rotary embedding, applied the same way to the keys "
-                "RotatedKeyCache rotates", MCORE, "tests/test_kv_cache_rope.py", "(config)"),
+                "the mscale megatron-core's forward applies with the rotary embedding, applied the same way to "
+                "the keys RotatedKeyCache rotates", MCORE, "tests/test_kv_cache_rope.py", "(config)"),
     Replacement("megatron.core.transformer.attention:apply_rotary_pos_emb", "called",
                 "megatron-core's own rotation, for the keys entering the cache (public in rope_utils, used through "
                 "attention's binding so that a fused slot applies too)", MCORE, "tests/test_kv_cache_rope.py",
@@ -316,14 +316,14 @@ def _onednn_forward_impl(original: Callable) -> Callable:
     def _forward_impl(self, input, weight, *args, **kwargs):
         # megatron-core passes every argument by keyword; the input is gathered inside the original only with
         # sequence parallelism, which this route leaves to it.
-        if not args and not kwargs.get("sequence_parallel") and _takes_onednn(input, weight):
+        if not args and not kwargs.get("sequence_parallel") and takes_onednn(input, weight):
             return compat_torch.onednn_linear(input, weight, kwargs.get("bias"))
         return original(self, input, weight, *args, **kwargs)
 
     return _forward_impl
 
 
-def _takes_onednn(input: torch.Tensor, weight: torch.Tensor) -> bool:
+def takes_onednn(input: torch.Tensor, weight: torch.Tensor) -> bool:
     """fp32 CPU tensors outside autograd."""
     return (not torch.is_grad_enabled() and weight.dtype == torch.float32 and input.dtype == torch.float32
             and weight.device.type == "cpu" and input.device.type == "cpu" and weight.dim() == 2)

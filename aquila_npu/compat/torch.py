@@ -51,8 +51,8 @@ RECORDS = (
                 "the CPU they answer for the host (HostEvent, HostStream)", TORCH,
                 "tests/test_backends.py::test_patches_are_opt_in_and_undoable"),
     Replacement("torch:ops.mkldnn._linear_pointwise", "called",
-                "oneDNN's fp32 linear, 2-2.9x MKL's sgemm for these models' shapes on our AMD EPYC CPUs; the op torch's "
-                "own compiler emits for CPU linears (no public eager API reaches it)", TORCH,
+                "oneDNN's fp32 linear, 2-2.9x MKL's sgemm for these models' shapes on our AMD EPYC CPUs; the op "
+                "torch's own compiler emits for CPU linears (no public eager API reaches it)", TORCH,
                 "tests/test_onednn.py"),
     Replacement("torch:_foreach_norm", "called",
                 "the per-tensor norms of torch.nn.utils.clip_grad_norm_, on the device, for the gradient norm without "

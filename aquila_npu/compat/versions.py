@@ -91,17 +91,31 @@ def _megatron_version(text: str) -> Optional[str]:
     return ".".join(parts[k].group(1).strip() for k in ("MAJOR", "MINOR", "PATCH")) + pre
 
 
+def _folders(module: str) -> list:
+    """The folders the import system would load ``module`` (a package) from, found without importing anything (for
+    ``megatron.core`` importlib would import the ``megatron`` namespace package first): the first entry of sys.path
+    that holds it, as the path-based finder searches a namespace package's portions; else what find_spec says."""
+    parts = module.split(".")
+    if len(parts) > 1 and module.split(".")[0] not in sys.modules:
+        for entry in sys.path:
+            folder = os.path.join(entry or os.getcwd(), *parts)
+            if os.path.isfile(os.path.join(folder, "__init__.py")):
+                return [folder]
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return []
+    return list(spec.submodule_search_locations or []) if spec is not None else []
+
+
 def installed(distribution: str) -> Tuple[Optional[str], Optional[str]]:
     """(version, folder) of the package the import system would load for ``distribution``; (None, None) when it is
     not importable."""
     module, filename = PACKAGES[distribution]
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
+    folders = _folders(module)
+    if not folders:
         return None, None
-    for folder in spec.submodule_search_locations:
+    for folder in folders:
         path = os.path.join(folder, filename)
         try:
             with open(path, encoding="utf-8") as f:
@@ -113,9 +127,9 @@ def installed(distribution: str) -> Tuple[Optional[str], Optional[str]]:
         if version:
             return version, folder
     try:
-        return importlib.metadata.version(distribution), spec.submodule_search_locations[0]
+        return importlib.metadata.version(distribution), folders[0]
     except importlib.metadata.PackageNotFoundError:
-        return None, spec.submodule_search_locations[0]
+        return None, folders[0]
 
 
 def _release(version: str) -> str:

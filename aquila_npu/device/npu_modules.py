@@ -21,7 +21,7 @@ from torch import Tensor
 from aquila_npu.compat import torch as compat_torch
 from aquila_npu.compat.megatron_core import LinearProductSeam
 from aquila_npu.device.npu_limits import COMPRESSED_MASK
-from aquila_npu.device.torch_modules import RMSNorm, SDPAAttention
+from aquila_npu.device.torch_modules import RMSNorm, SDPAAttention, shared_causal_mask
 from aquila_npu.errors import FusedKernelUnavailable, UsageError
 
 
@@ -56,15 +56,6 @@ def npu_rope(t: Tensor, freqs: Tensor) -> Tensor:
     # layouts (docs 3550)
     out = torch_npu().npu_rotary_mul(t_rot.contiguous(), cos.contiguous(), sin.contiguous())
     return out if t_pass.shape[-1] == 0 else torch.cat((out, t_pass), dim=-1)
-
-
-@functools.lru_cache(maxsize=8)
-def cached_causal_mask(size: int, device: torch.device) -> Tensor:
-    """The boolean [size, size] causal mask (True above the diagonal = masked), built once per (size, device) and
-    shared by every layer and step; ``COMPRESSED_MASK`` is the compressed mask of sparse modes 2 and 3. Never an
-    inference tensor (the training kernel saves its mask for backward)."""
-    with torch.inference_mode(False):
-        return torch.ones(size, size, dtype=torch.bool, device=device).triu(1)
 
 
 def _full_mask(mask: Tensor, b: int, sq: int, sk: int) -> Tensor:
@@ -125,9 +116,9 @@ class NpuFlashAttention(SDPAAttention):
         sq, b, np_, _ = query.shape
         sk = key.shape[0]
         if implicit_causal and sq > COMPRESSED_MASK:
-            sparse = dict(atten_mask=cached_causal_mask(COMPRESSED_MASK, query.device), sparse_mode=2)
+            sparse = dict(atten_mask=shared_causal_mask(COMPRESSED_MASK, COMPRESSED_MASK, query.device), sparse_mode=2)
         elif implicit_causal:
-            sparse = dict(atten_mask=cached_causal_mask(sq, query.device), sparse_mode=0, pre_tockens=sq,
+            sparse = dict(atten_mask=shared_causal_mask(sq, sq, query.device), sparse_mode=0, pre_tockens=sq,
                           next_tockens=0)
         else:
             sparse = dict(atten_mask=None if mask is None else _full_mask(mask, b, sq, sk), sparse_mode=0)
@@ -142,7 +133,7 @@ class NpuFlashAttention(SDPAAttention):
         q, k, v = (t.transpose(0, 1).contiguous() for t in (query, key, value))  # BSND
         extra = {}
         if implicit_causal and sq > 1:
-            extra = dict(atten_mask=cached_causal_mask(COMPRESSED_MASK, query.device), sparse_mode=3)
+            extra = dict(atten_mask=shared_causal_mask(COMPRESSED_MASK, COMPRESSED_MASK, query.device), sparse_mode=3)
         elif mask is not None:
             extra = dict(atten_mask=_full_mask(mask, b, sq, sk), sparse_mode=0)
         out = torch_npu().npu_fused_infer_attention_score(

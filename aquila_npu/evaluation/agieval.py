@@ -30,7 +30,7 @@ from aquila_npu.evaluation import data
 from aquila_npu.evaluation.exams import subject_of
 from aquila_npu.evaluation.protocols import (argmax, choice_loglikelihoods, lm_eval_generate, modellink_generate,
                                              multiple_choice_metrics)
-from aquila_npu.evaluation.tasks import Task, register
+from aquila_npu.evaluation.tasks import Task
 
 PROMPTS = os.path.join(os.path.dirname(__file__), "prompts")
 # AGIEval's dataset_loader lists.
@@ -92,7 +92,6 @@ def _lm_eval_agieval_utils():
     return module
 
 
-@register
 class AGIEval(Task):
     name = "agieval"
     description = "AGIEval, 21 exam subsets (accuracy)"

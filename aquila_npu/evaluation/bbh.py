@@ -24,7 +24,6 @@ from aquila_npu.errors import DataError, UsageError
 from aquila_npu.evaluation import data
 from aquila_npu.evaluation.exams import subject_of
 from aquila_npu.evaluation.protocols import GenerationTask, exact_match
-from aquila_npu.evaluation.tasks import register
 
 PROMPTS = os.path.join(os.path.dirname(__file__), "prompts")
 LM_EVAL_UNTIL = ("</s>", "Q", "\n\n")
@@ -54,7 +53,6 @@ def modellink_bbh_answer(text: str, subtask: str) -> str:
     return lines[0] if lines else ""
 
 
-@register
 class BBH(GenerationTask):
     name = "bbh"
     description = "BIG-Bench Hard, 27 subtasks, 3-shot generation (exact match)"

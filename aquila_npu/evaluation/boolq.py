@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 
 from aquila_npu.errors import DataError, UsageError
 from aquila_npu.evaluation.data import first_per_file, read_jsonl
-from aquila_npu.evaluation.tasks import Task, register
+from aquila_npu.evaluation.tasks import Task
 
 PROMPT = "{passage}\nQuestion: {question}?\nAnswer:"
 CHOICES = ("no", "yes")  # lm-eval's doc_to_choice order
@@ -54,7 +54,6 @@ def prompt(doc: dict) -> str:
     return PROMPT.format(passage=doc["passage"], question=doc["question"])
 
 
-@register
 class BoolQ(Task):
     name = "boolq"
     description = "BoolQ yes/no reading comprehension (accuracy)"

@@ -17,10 +17,8 @@ from typing import Optional, Sequence, Tuple
 
 from aquila_npu.evaluation.exams import ExamTask, first_capital
 from aquila_npu.evaluation.subjects import CEVAL, ceval_categories
-from aquila_npu.evaluation.tasks import register
 
 
-@register
 class CEval(ExamTask):
     name = "ceval"
     description = "C-Eval, 52 Chinese exam subjects of four-choice questions (accuracy)"

@@ -21,7 +21,6 @@ from typing import Optional, Sequence, Tuple
 
 from aquila_npu.evaluation.exams import ExamTask
 from aquila_npu.evaluation import subjects
-from aquila_npu.evaluation.tasks import register
 
 PATTERNS_FILE = os.path.join(os.path.dirname(__file__), "prompts", "modellink_cmmlu_answer_patterns.json")
 
@@ -47,7 +46,6 @@ def first_option(text: str, options: str = "ABCD") -> str:
     return ""
 
 
-@register
 class CMMLU(ExamTask):
     name = "cmmlu"
     description = "CMMLU, 67 Chinese subjects of four-choice questions (accuracy)"

@@ -27,7 +27,6 @@ from typing import List, Optional, Tuple
 from aquila_npu.errors import DataError, UsageError
 from aquila_npu.evaluation import data
 from aquila_npu.evaluation.protocols import GenerationTask, exact_match, regex_filter
-from aquila_npu.evaluation.tasks import register
 
 PROMPTS = os.path.join(os.path.dirname(__file__), "prompts")
 LM_EVAL_UNTIL = ("Question:", "</s>", "<|im_end|>")
@@ -74,7 +73,6 @@ def find_train(path: str) -> Tuple[Optional[str], List[str]]:
     return next((p for p in looked if os.path.isfile(p)), None), looked
 
 
-@register
 class GSM8K(GenerationTask):
     name = "gsm8k"
     description = "GSM8K grade-school math, generation (exact match)"

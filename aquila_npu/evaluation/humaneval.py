@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 from aquila_npu.errors import DataError, MissingDependency, UsageError
 from aquila_npu.evaluation import data, sandbox
 from aquila_npu.evaluation.protocols import eos_text, lm_eval_context_ids, modellink_prompt_ids
-from aquila_npu.evaluation.tasks import Task, register
+from aquila_npu.evaluation.tasks import Task
 from aquila_npu.inference.options import SamplingParams
 
 if TYPE_CHECKING:  # annotations only: the runner imports torch and megatron-core
@@ -97,7 +97,6 @@ def lm_eval_program(completion: str, task: dict) -> str:
     return task["prompt"] + completion + "\n" + f"{task['test']}\ncheck({task['entry_point']})"
 
 
-@register
 class HumanEval(Task):
     name = "human_eval"
     description = "HumanEval Python completion, judged by running the tests in a sandbox (pass@k)"

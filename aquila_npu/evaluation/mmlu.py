@@ -18,7 +18,6 @@ from typing import Optional, Sequence, Tuple
 
 from aquila_npu.evaluation.exams import ExamTask
 from aquila_npu.evaluation.subjects import mmlu_categories
-from aquila_npu.evaluation.tasks import register
 
 # ModelLink's output_template1 / output_template2 (the character class includes "|").
 ANSWER_PATTERNS = (r".*(?P<answer>[A|B|C|D])\..*", r"(?P<answer>[A|B|C|D])")
@@ -33,7 +32,6 @@ def modellink_mmlu_answer(text: str) -> Optional[str]:
     return None
 
 
-@register
 class MMLU(ExamTask):
     name = "mmlu"
     description = "MMLU, 57 subjects of four-choice questions (accuracy)"

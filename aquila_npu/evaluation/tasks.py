@@ -1,8 +1,9 @@
 """The registry of evaluation tasks. A task reads its documents, builds each prompt as its reference harness does,
 runs them through a ``runner.ModelRunner`` and scores the answers.
 
-Adding a task: subclass ``Task`` in a module of this package, decorate it with ``@register`` and list the module in
-``TASK_MODULES`` below; the evaluate command then finds it.
+Adding a task: subclass ``Task`` (with its ``name``) in a module of this package and list the module in
+``TASK_MODULES`` below, once; the registry finds the task classes defined there, and the evaluate command then finds
+the task. (The list is what keeps ``--help`` fast: only task modules are imported, never the model runner.)
 
 The contract with the command (data-parallel replicas share the documents):
 
@@ -20,13 +21,13 @@ names ``loglikelihood`` and ``first-token`` are the same two.
 from __future__ import annotations
 
 import abc
+import functools
 import importlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 from aquila_npu.errors import UsageError
 
-TASKS: Dict[str, Type["Task"]] = {}
 TASK_MODULES = ("aquila_npu.evaluation.boolq", "aquila_npu.evaluation.mmlu", "aquila_npu.evaluation.ceval",
                 "aquila_npu.evaluation.cmmlu", "aquila_npu.evaluation.gsm8k", "aquila_npu.evaluation.bbh",
                 "aquila_npu.evaluation.agieval", "aquila_npu.evaluation.humaneval")
@@ -122,17 +123,22 @@ def check_options(options: EvalOptions, scoring: str) -> None:
         raise UsageError(f"--execution-timeout {options.timeout} must be > 0")
 
 
-def register(cls: Type[Task]) -> Type[Task]:
-    if not cls.name or cls.name in TASKS:
-        raise ValueError(f"task name {cls.name!r} is empty or already registered")
-    TASKS[cls.name] = cls
-    return cls
+@functools.lru_cache(maxsize=None)
+def _registry(modules: Tuple[str, ...]) -> Dict[str, Type[Task]]:
+    tasks: Dict[str, Type[Task]] = {}
+    for name in modules:
+        module = importlib.import_module(name)
+        for cls in vars(module).values():
+            if isinstance(cls, type) and issubclass(cls, Task) and cls.__module__ == name and cls.name:
+                if cls.name in tasks:
+                    raise ValueError(f"task name {cls.name!r}: {tasks[cls.name].__module__} and {name}")
+                tasks[cls.name] = cls
+    return tasks
 
 
 def load_tasks() -> Dict[str, Type[Task]]:
-    for module in TASK_MODULES:
-        importlib.import_module(module)
-    return TASKS
+    """{name: task class} of every task of ``TASK_MODULES``."""
+    return dict(_registry(tuple(TASK_MODULES)))
 
 
 def get_task(name: str, options: Optional[EvalOptions] = None) -> Task:

@@ -46,7 +46,7 @@ _BY_DEST = {f.dest: f for f in ARCH_FLAGS}
 _IDENTITY = tuple(f.field for f in ARCH_FLAGS) + ("tie_word_embeddings", "rope_scaling_factor")
 
 
-def add_arguments(parser: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:
+def add_arguments(parser: argparse.ArgumentParser, title: str):
     """The architecture group: every flag defaults to None (= not given)."""
     g = parser.add_argument_group(title)
     for f in ARCH_FLAGS:

@@ -15,6 +15,7 @@ from megatron.core import parallel_state as ps
 
 from aquila_npu.checkpoint import megatron_io
 from aquila_npu.cli.pretrain import parse
+from aquila_npu.jobs import pretrain as pretrain_job
 from aquila_npu.lora import training as lora_training
 from aquila_npu.lora.state import is_adapter_key, optimizer_state_bytes, parameter_counts
 from aquila_npu.training import checkpointing, run
@@ -80,7 +81,7 @@ def main(argv):
             mock.patch.object(lora_training, "describe", describe), \
             mock.patch.object(run.checkpointing, "load", load_full), \
             mock.patch.object(run.checkpointing, "save", save_full):
-        rc = run.run(args)
+        rc = pretrain_job.run(args)  # the command's own library call (LoRA as its model transform)
     if report_path and torch.distributed.get_rank() == 0:
         with open(report_path, "w") as f:
             json.dump(report, f)

@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from aquila_npu.errors import MissingDependency
+
 
 def device_memory() -> dict:
     """Peak memory of this process: the accelerator's allocator where there is one, else the host RSS."""
@@ -32,7 +34,7 @@ class Reporter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise SystemExit("--tensorboard-dir needs the tensorboard package: pip install tensorboard") from None
+                raise MissingDependency("--tensorboard-dir needs the tensorboard package: pip install tensorboard") from None
             self.tb = SummaryWriter(log_dir=tensorboard_dir)
 
     def log(self, iteration: int, rec: dict) -> None:

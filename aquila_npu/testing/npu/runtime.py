@@ -1,11 +1,12 @@
 """The fake torch_npu runtime (child processes only).
 
 ``import torch_npu`` resolves here when ``fake_runtime_path()`` is first on PYTHONPATH (a loader package of a few
-lines delegating to ``install_runtime`` / ``transfer_to_npu``). It gives the emulated ops (``aquila_npu.testing.npu.ops``) plus what the real package
-does on import: the device type "npu" (torch's privateuse1 backend renamed), ``torch.npu``, legacy
-``torch.npu.*Tensor`` types, ``Tensor.npu`` / ``Module.npu`` / ``Tensor.is_npu`` and the ``hccl`` process-group
-backend. There is no NPU: "npu" is an alias of the CPU (one memory, every tensor is a CPU tensor), hccl is gloo, the
-NPU generator is the CPU generator. What it proves: the API calls, their order and the numerics; never speed.
+lines delegating to ``install_runtime`` / ``transfer_to_npu``). It gives the emulated ops
+(``aquila_npu.testing.npu.ops``) plus what the real package does on import: the device type "npu" (torch's privateuse1
+backend renamed), ``torch.npu``, legacy ``torch.npu.*Tensor`` types, ``Tensor.npu`` / ``Module.npu`` /
+``Tensor.is_npu`` and the ``hccl`` process-group backend. There is no NPU: "npu" is an alias of the CPU (one memory,
+every tensor is a CPU tensor), hccl is gloo, the NPU generator is the CPU generator. What it proves: the API calls,
+their order and the numerics; never speed.
 
 Strict where the real runtime would fail or misbehave on an Atlas node:
 * the hccl backend refuses to start before ``torch.npu.set_device`` (each rank must own its device before HCCL
