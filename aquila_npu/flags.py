@@ -18,12 +18,13 @@ from aquila_npu.errors import UsageError
 @dataclass(frozen=True)
 class Inert:
     """A flag ModelLink's or MindSpeed-LLM's scripts pass that changes nothing here, and why. ``choices``: the flag
-    takes a value, one of these (accepted and ignored); ``required``: the scripts' tool requires it (ModelLink's
-    converter requires --saver), so we do too."""
+    takes a value, one of these (accepted and ignored); ``metavar``: it takes any value; ``required``: the scripts'
+    tool requires it (ModelLink's converter requires --saver), so we do too."""
 
     why: str
     choices: Optional[Tuple[str, ...]] = None
     required: bool = False
+    metavar: Optional[str] = None
 
 
 INERT_FLAGS: Dict[str, Inert] = {
@@ -43,6 +44,12 @@ INERT_FLAGS: Dict[str, Inert] = {
     "--model-type": Inert("GPT is the only model family", ("GPT",)),
     "--saver": Inert("both write megatron-core checkpoints (--save-model-type save_huggingface_llama writes a "
                      "Hugging Face folder)", ("megatron", "mcore"), required=True),
+    "--pack": Inert("instruction samples are packed when training loads them (pretrain --reset-attention-mask), "
+                    "for any --seq-length and with each epoch's own shuffle"),
+    "--neat-pack": Inert("packed samples always keep their own attention and positions (pretrain "
+                         "--reset-attention-mask)"),
+    "--seq-length": Inert("the sequence length is training's (pretrain --seq-length): samples are packed when "
+                          "training loads them", metavar="N"),
 }
 
 
@@ -60,7 +67,9 @@ def add_inert_arguments(parser: argparse.ArgumentParser, flags: Iterable[str]) -
     g = parser.add_argument_group("accepted for ModelLink command lines; no effect here (the banner lists them)")
     for flag in flags:
         inert = INERT_FLAGS[flag]
-        if inert.choices is None:
+        if inert.metavar is not None:
+            g.add_argument(flag, default=None, metavar=inert.metavar, required=inert.required, help=inert.why)
+        elif inert.choices is None:
             g.add_argument(flag, action="store_true", help=inert.why)
         else:
             g.add_argument(flag, choices=inert.choices, default=None, required=inert.required,

@@ -24,6 +24,7 @@ import re
 import warnings
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -299,6 +300,25 @@ def test_installed_makes_import_work_and_counts_calls():
     assert "torch_npu" not in sys.modules
 
 
+def test_varlen_layout_attends_within_each_document_as_the_plain_path():
+    """TND with cumulative lengths equals each document through the BNSD path (causal, GQA), zero-length documents
+    and trailing zeros included (docs 1694, 1695)."""
+    torch.manual_seed(0)
+    lengths = [3, 0, 1, 4]
+    t = sum(lengths)
+    q, k, v = torch.randn(t, 4, 16), torch.randn(t, 2, 16), torch.randn(t, 2, 16)
+    cumulative = list(np.cumsum(lengths)) + [0]
+    out = emu.npu_fusion_attention(q, k, v, 4, "TND", atten_mask=_compressed(), scale=0.25,
+                                   actual_seq_qlen=cumulative, actual_seq_kvlen=cumulative, sparse_mode=3)[0]
+    at = 0
+    for n in lengths:
+        if n:
+            ref = emu.npu_fusion_attention(*(x[at:at + n].transpose(0, 1)[None].contiguous() for x in (q, k, v)), 4,
+                                           "BNSD", atten_mask=_compressed(), scale=0.25, sparse_mode=3)[0]
+            torch.testing.assert_close(out[at:at + n], ref[0].transpose(0, 1))
+        at += n
+
+
 # ------------------------------------------------------------------------------------- the rules: each one refused
 def _fa(**kw):
     """A valid npu_fusion_attention call (BNSD, GQA 4/2, causal) with ``kw`` replacing its arguments."""
@@ -306,6 +326,16 @@ def _fa(**kw):
     args = dict(query=torch.randn(2, 4, 8, 16), key=torch.randn(2, 2, 8, 16), value=torch.randn(2, 2, 8, 16),
                 head_num=4, input_layout="BNSD", atten_mask=torch.ones(8, 8, dtype=torch.bool).triu(1),
                 scale=0.25, pre_tockens=8, next_tockens=0)
+    args.update(kw)
+    return lambda: emu.npu_fusion_attention(**args)
+
+
+def _tnd(**kw):
+    """A valid varlen npu_fusion_attention call (TND, GQA 4/2, documents of 3, 1 and 4 tokens, causal within each)."""
+    torch.manual_seed(0)
+    args = dict(query=torch.randn(8, 4, 16), key=torch.randn(8, 2, 16), value=torch.randn(8, 2, 16), head_num=4,
+                input_layout="TND", atten_mask=_compressed(), scale=0.25, actual_seq_qlen=[3, 4, 8],
+                actual_seq_kvlen=[3, 4, 8], sparse_mode=3)
     args.update(kw)
     return lambda: emu.npu_fusion_attention(**args)
 
@@ -415,6 +445,24 @@ RULES = [  # (op, doc line, a call that breaks the rule)
     ("npu_fusion_attention", 1640, _fa(pre_tockens=1, next_tockens=-3)),
     ("npu_fusion_attention", 1641, _fa(pre_tockens=-3, next_tockens=1)),
     ("npu_fusion_attention", 1691, _fa(atten_mask=torch.zeros(8, 8, dtype=torch.bool))),  # causal window, no mask
+    # the varlen (TND) form
+    ("npu_fusion_attention", 1607, _tnd(actual_seq_kvlen=None)),
+    ("npu_fusion_attention", 1607, _fa(actual_seq_qlen=[8], actual_seq_kvlen=[8])),  # BNSD with lengths
+    ("npu_fusion_attention", 1607, _tnd(query=torch.randn(1, 8, 4, 16))),  # not [T, N, D]
+    ("npu_fusion_attention", 1619, _tnd(actual_seq_qlen=[3, 1, 8], actual_seq_kvlen=[3, 1, 8])),  # not cumulative
+    ("npu_fusion_attention", 1619, _tnd(actual_seq_qlen=[3, 4, 7], actual_seq_kvlen=[3, 4, 7])),  # ends before T
+    ("npu_fusion_attention", 1694, _tnd(actual_seq_qlen=[], actual_seq_kvlen=[])),
+    ("npu_fusion_attention", 1694, _tnd(actual_seq_qlen=list(range(1, 2050)), actual_seq_kvlen=list(range(1, 2050)),
+                                        query=torch.randn(2049, 4, 16), key=torch.randn(2049, 2, 16),
+                                        value=torch.randn(2049, 2, 16))),
+    ("npu_fusion_attention", 1680, _tnd(actual_seq_kvlen=[4, 8])),  # 3 query batches, 2 key/value ones
+    ("npu_fusion_attention", 1684, _tnd(query=torch.randn(1024 * 1024 + 1, 1, 1), key=torch.randn(8, 1, 1),
+                                        value=torch.randn(8, 1, 1), head_num=1, actual_seq_qlen=[1024 * 1024 + 1])),
+    ("npu_fusion_attention", 1632, _tnd(sparse_mode=5)),
+    ("npu_fusion_attention", 1610, _tnd(atten_mask=_compressed().reshape(1, 1, 2048, 2048))),  # SS only
+    ("npu_fusion_attention", 1644, _tnd(atten_mask=_compressed().T.contiguous())),
+    ("npu_fusion_attention", 1685, _tnd(actual_seq_qlen=[4, 4, 8], actual_seq_kvlen=[3, 4, 8])),  # Sq 4 > Skv 3
+    ("npu_fusion_attention", 1624, _tnd(softmax_layout="NTD")),
     ("npu_fused_infer_attention_score", 8151,
      _with_grad(_fia(query=torch.randn(2, 5, 4, 16).bfloat16().requires_grad_()))),
     ("npu_fused_infer_attention_score", 8065, _fia(query=torch.randn(2, 5, 4, 16), key=torch.randn(2, 7, 2, 16),

@@ -13,10 +13,11 @@ import argparse
 import sys
 
 from aquila_npu.cli.common import Parser, run_cli
+from aquila_npu.errors import UsageError
 from aquila_npu.data.preprocess import PROG
 from aquila_npu.flags import add_inert_arguments
 
-INERT = ("--dataset-impl",)
+INERT = ("--dataset-impl", "--pack", "--neat-pack", "--seq-length")
 
 
 def build_parser():
@@ -87,7 +88,17 @@ def build_parser():
 
 
 def parse(argv=None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    from aquila_npu.data.handlers import PRETRAIN
+
+    args = build_parser().parse_args(argv)
+    pack = "--pack" if args.pack else "--neat-pack" if args.neat_pack else None
+    if pack and args.handler_name == PRETRAIN:
+        raise UsageError(f"{pack} packs instruction samples (--handler-name GeneralInstructionHandler); pretraining "
+                         "documents are split at their EOD in training instead: --append-eod here, pretrain "
+                         "--reset-attention-mask there")
+    if args.neat_pack and not args.pack:
+        raise UsageError("--neat-pack needs --pack (as in MindSpeed-LLM)")
+    return args
 
 
 def main(argv=None) -> int:

@@ -100,6 +100,17 @@ def _data(p):
     g.add_argument("--tokenizer-name-or-path", default=None, help="Hugging Face tokenizer directory")
     g.add_argument("--tokenizer-not-use-fast", action="store_true")
     g.add_argument("--data-cache-path", default=None, help="where megatron-core caches dataset indices")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="attention never crosses a document: with --is-instruction-dataset whole samples are packed "
+                        "several to a sequence (samples of ~80 tokens no longer pad a 2048-token sequence; "
+                        "--global-batch-size then counts sequences); with pretraining data the documents of a "
+                        "sequence are split at their EOD token (preprocess with --append-eod). Rotary positions "
+                        "restart at each document")
+    g.add_argument("--reset-position-ids", action="store_true",
+                   help="position ids restart at each document (Megatron-LM's flag; with rotary embeddings they "
+                        "restart with --reset-attention-mask, which it needs)")
+    g.add_argument("--eod-mask-loss", action="store_true",
+                   help="pretraining data: no loss where the input token is EOD (Megatron-LM's flag)")
 
 
 def _checkpoint(p):
@@ -193,6 +204,15 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("--ddp-bucket-size must be >= 1")
     if args.lr_warmup_fraction is not None and args.lr_warmup_iters:
         raise UsageError("--lr-warmup-fraction and --lr-warmup-iters exclude each other")
+    if args.reset_position_ids and not args.reset_attention_mask:
+        raise UsageError("--reset-position-ids needs --reset-attention-mask: with rotary embeddings the positions "
+                         "restart at the documents the attention is split at")
+    if args.mock_data and (args.reset_attention_mask or args.eod_mask_loss):
+        raise UsageError(f"{'--reset-attention-mask' if args.reset_attention_mask else '--eod-mask-loss'} needs "
+                         "documents: --mock-data has none")
+    if args.eod_mask_loss and args.is_instruction_dataset:
+        raise UsageError("--eod-mask-loss is for pretraining documents: instruction data trains its answers (EOD "
+                         "included) and masks its prompts by its labels")
 
 
 def _check_split(split: str) -> None:

@@ -77,6 +77,9 @@ RECORDS = (
     Replacement("megatron.core.models.common.embeddings.rope_utils:fused_apply_rotary_pos_emb", "replaced",
                 "megatron-core's fused-RoPE slot (Transformer Engine's on CUDA), used for apply_rope_fusion=True: an "
                 "NPU backend's npu_rotary_mul goes there", MCORE, "tests/test_backends.py"),
+    Replacement("megatron.core.models.common.embeddings.rope_utils:fused_apply_rotary_pos_emb_thd", "replaced",
+                "the same slot for packed documents (thd): the NPU kernel with each document's positions restarting",
+                MCORE, "tests/test_packing.py"),
     Replacement("megatron.core.tensor_parallel.layers:ColumnParallelLinear._forward_impl", "wrapped",
                 "the one method both tensor-parallel linears (and GPTModel's output layer) call for the matrix "
                 "product: on the CPU, fp32 products outside autograd go to oneDNN; the MC2 linears override it "
@@ -287,7 +290,17 @@ def provide_fused_rope(fn: Callable) -> None:
                                       "supported")
         return fn(t, freqs)
 
+    def fused_apply_rotary_pos_emb_thd(t, cu_seqlens, freqs, cp_size: int = 1, cp_rank: int = 0, **unused):
+        # packed documents ([t, h, d], megatron-core's thd): each document's positions restart at 0, as megatron-core's
+        # own thd rotation (its case of freqs shorter than the pack)
+        if cp_size != 1:
+            raise NotImplementedError("the fused RoPE kernel here takes no context parallelism")
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        positions = torch.cat([torch.arange(n, device=freqs.device) for n in lengths])
+        return fn(t.unsqueeze(1), freqs[positions]).squeeze(1)
+
     journal.set_attr(rope_utils, "fused_apply_rotary_pos_emb", fused_apply_rotary_pos_emb)
+    journal.set_attr(rope_utils, "fused_apply_rotary_pos_emb_thd", fused_apply_rotary_pos_emb_thd)
     journal.mark("rope")
 
 

@@ -65,3 +65,14 @@ def check(prefixes: List[str], vocab_size: int) -> None:
         if top >= vocab_size:
             raise DataError(f"--data-path: {prefix}.bin holds token id {top}, outside the model's vocabulary of "
                             f"{vocab_size} ids: the data was tokenized with another (larger) tokenizer")
+
+
+def check_documents_end_with(prefixes: List[str], eod: int, flag: str, sample: int = 64) -> None:
+    """Each prefix's first ``sample`` documents end with the EOD token (``tools/preprocess_data.py --append-eod``),
+    which ``flag`` splits the documents of a sequence at."""
+    for prefix in prefixes:
+        ds = _open(prefix)
+        n = min(sample, len(ds))
+        if n and not all(int(ds[i][-1]) == eod for i in range(n) if ds.index.sequence_lengths[i]):
+            raise DataError(f"{flag}: {prefix}'s documents do not end with the end-of-document token (id {eod}), so "
+                            "their boundaries are unknown: preprocess the data with --append-eod")

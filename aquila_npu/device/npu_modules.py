@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import itertools
 import warnings
 from typing import Optional
 
@@ -88,8 +89,15 @@ class NpuFlashAttention(SDPAAttention):
     bfloat16 only (8065) and a head dim that is a multiple of 16 (8210): a model outside its limits (fp32 inference
     with --use-flash-attn) runs the plain attention of ``SDPAAttention`` and says so once (a warning).
 
+    Packed documents (training, megatron-core's ``thd``): one ``npu_fusion_attention`` call in the varlen ``TND``
+    layout (1607), ``actual_seq_qlen`` / ``actual_seq_kvlen`` the documents' cumulative lengths (1619-1622), causal
+    within each by sparse_mode 3 with the 2048x2048 compressed mask (1644), at most 2048 documents per call (1680,
+    1694), as MindSpeed-LLM's pack fine-tuning calls it.
+
     GQA: both kernels take fewer K/V heads than query heads, so K/V are never repeated in memory.
     """
+
+    MAX_DOCUMENTS = 2048  # varlen B: 1~2K (docs 1680), actual_seq_qlen's length 1~2K (1694)
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor], implicit_causal: bool,
                dropout_p: float) -> Tensor:
@@ -100,6 +108,23 @@ class NpuFlashAttention(SDPAAttention):
             _warn_plain_inference(reason)
             return super().attend(query, key, value, mask, implicit_causal, dropout_p)
         return self._infer(query, key, value, mask, implicit_causal)
+
+    def attend_documents(self, query: Tensor, key: Tensor, value: Tensor, lengths, dropout_p: float) -> Tensor:
+        if not self.training:  # the training kernel only (1674): inference never packs, but stay correct
+            return super().attend_documents(query, key, value, lengths, dropout_p)
+        t, np_, hn = query.shape
+        out, at = [], 0
+        for first in range(0, len(lengths), self.MAX_DOCUMENTS):
+            part = lengths[first:first + self.MAX_DOCUMENTS]
+            n = sum(part)
+            cumulative = list(itertools.accumulate(part))
+            q, k, v = (x[at:at + n].contiguous() for x in (query, key, value))  # TND: [T, N, D]
+            out.append(torch_npu().npu_fusion_attention(
+                q, k, v, np_, "TND", atten_mask=shared_causal_mask(COMPRESSED_MASK, COMPRESSED_MASK, query.device),
+                scale=self.scale, keep_prob=1.0 - dropout_p, actual_seq_qlen=cumulative,
+                actual_seq_kvlen=cumulative, sparse_mode=3)[0])
+            at += n
+        return torch.cat(out).reshape(t, np_ * hn)
 
     def inference_kernel_refuses(self, dtype: torch.dtype) -> Optional[str]:
         """Why ``npu_fused_infer_attention_score`` cannot run this layer in ``dtype`` (None: it can)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 from megatron.core import tensor_parallel
@@ -42,6 +42,19 @@ class RMSNorm(torch.nn.Module):
         return rms_norm_reference(x, self.weight, self.eps)
 
 
+def document_lengths(packed_seq_params) -> Tuple[int, ...]:
+    """The documents' lengths of megatron-core's packed-sequence parameters (``thd``): the Python ints training
+    computed once per micro-batch where it gives them (``aquila_npu.training.packing.PackedDocuments.lengths``),
+    else from the cumulative boundaries (one device-to-host copy)."""
+    if packed_seq_params.qkv_format != "thd":
+        raise ValueError(f"packed sequences in the {packed_seq_params.qkv_format!r} format are not supported (thd)")
+    lengths = getattr(packed_seq_params, "lengths", None)
+    if lengths:
+        return tuple(lengths)
+    cu = packed_seq_params.cu_seqlens_q
+    return tuple((cu[1:] - cu[:-1]).tolist())
+
+
 def causal_mask(sq: int, sk: int, device=None) -> Tensor:
     """Boolean [sq, sk] mask, True = masked, causal with the queries aligned to the END of the keys
     (query i sits at key position sk - sq + i), which covers training (sq == sk) and KV-cache decoding."""
@@ -67,6 +80,11 @@ class CoreAttentionBase(MegatronModule):
     with ``attention_mask=None`` and a causal layer, a causal mask is implied: ``implicit_causal`` self-attention
     over equal lengths. A kernel with its own causal mode sets ``needs_causal_mask = False`` and gets ``mask=None``
     there (no [S, S] tensor at all); the others get the one shared mask (``shared_causal_mask``).
+
+    Packed documents (megatron-core's ``thd`` format, ``packed_seq_params``: query [t, np, hn], key/value
+    [t, ng, hn], the output [t, np * hn]): causal attention within each document, never across
+    (``attend_documents``; by default each document through ``attend`` as a sequence of its own, which costs the sum
+    of the documents' squares, not the square of the whole).
     """
 
     needs_causal_mask = True
@@ -100,16 +118,34 @@ class CoreAttentionBase(MegatronModule):
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                 attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> Tensor:
-        assert packed_seq_params is None and attention_bias is None, "packed sequences / bias are not supported"
-        sq, sk = query.shape[0], key.shape[0]
-        implicit_causal = self.is_implicit_causal(attention_mask, attn_mask_type, sq, sk)
-        mask = None if implicit_causal and not self.needs_causal_mask else \
-            self.mask_for(attention_mask, attn_mask_type, sq, sk, query.device)
+        assert attention_bias is None, "attention bias is not supported"
         dropout_p = self.dropout_p if self.training else 0.0
+        if packed_seq_params is not None:
+            lengths = document_lengths(packed_seq_params)
+            call = functools.partial(self.attend_documents, query, key, value, lengths, dropout_p)
+        else:
+            sq, sk = query.shape[0], key.shape[0]
+            implicit_causal = self.is_implicit_causal(attention_mask, attn_mask_type, sq, sk)
+            mask = None if implicit_causal and not self.needs_causal_mask else \
+                self.mask_for(attention_mask, attn_mask_type, sq, sk, query.device)
+            call = functools.partial(self.attend, query, key, value, mask, implicit_causal, dropout_p)
         if dropout_p == 0.0:  # no random numbers drawn: forking the tracker's RNG state would change nothing
-            return self.attend(query, key, value, mask, implicit_causal, dropout_p)
+            return call()
         with tensor_parallel.get_cuda_rng_tracker().fork():
-            return self.attend(query, key, value, mask, implicit_causal, dropout_p)
+            return call()
+
+    def attend_documents(self, query: Tensor, key: Tensor, value: Tensor, lengths: Sequence[int],
+                         dropout_p: float) -> Tensor:
+        """[t, np*hn] from thd q/k/v holding documents of ``lengths`` one after the other: each document's causal
+        self-attention through ``attend`` (a sequence of its own, batch 1)."""
+        out, at = [], 0
+        for n in lengths:
+            q, k, v = (x[at:at + n].unsqueeze(1) for x in (query, key, value))
+            causal = n > 1
+            mask = shared_causal_mask(n, n, query.device) if causal and self.needs_causal_mask else None
+            out.append(self.attend(q, k, v, mask, causal, dropout_p))
+            at += n
+        return torch.cat(out).reshape(at, -1)
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor], implicit_causal: bool,
                dropout_p: float) -> Tensor:

@@ -129,10 +129,14 @@ def datasets(args, cfg: RunConfig, tokenizer):
     if args.is_instruction_dataset:
         train, valid, _ = data.build_instruction_datasets(args.data_path, args.split, seq, args.seed,
                                                           sizes, tokenizer=tokenizer,
-                                                          data_cache_path=args.data_cache_path)
+                                                          data_cache_path=args.data_cache_path,
+                                                          pack=args.reset_attention_mask)
     else:
         train, valid, _ = data.build_pretrain_datasets(args.data_path, args.split, seq, args.seed,
-                                                       tokenizer, sizes, data_cache_path=args.data_cache_path)
+                                                       tokenizer, sizes, data_cache_path=args.data_cache_path,
+                                                       reset_position_ids=args.reset_position_ids,
+                                                       reset_attention_mask=args.reset_attention_mask,
+                                                       eod_mask_loss=args.eod_mask_loss)
     if train is None:
         raise UsageError(f"--split {args.split} leaves no training data")
     return train, valid if n_valid else None
@@ -153,6 +157,9 @@ def run(args, transform: Optional[ModelTransform] = None) -> int:
         from aquila_npu.data import checks, datasets as data
 
         checks.check(data.indexed_prefixes(args.data_path, args.is_instruction_dataset), cfg.spec.vocab_size)
+        if args.reset_attention_mask and not args.is_instruction_dataset:
+            checks.check_documents_end_with(data.indexed_prefixes(args.data_path), tokenizer.eod,
+                                            "--reset-attention-mask")
     dev = setup(args.device, cfg.fused)
     save_dir = checkpointing.SaveDir.claim(args.save, args.no_shared_storage) if args.save else None
     try:
@@ -192,6 +199,7 @@ def _train(args, cfg: RunConfig, dev, checkpoint, tokenizer, transform: Optional
             + inert_note(args))
     dp_rank = ps.get_data_parallel_rank()
     train_ds, valid_ds = datasets(args, cfg, tokenizer)
+    _say_packing(train_ds, cfg)
     train_iter = batches.micro_batches(train_ds, consumed_samples=consumed, micro_batch_size=args.micro_batch_size,
                                        dp_rank=dp_rank, dp_size=dp)
     valid_iter = batches.cycle_for_eval(valid_ds, args.micro_batch_size, dp_rank, dp)
@@ -203,8 +211,12 @@ def _train(args, cfg: RunConfig, dev, checkpoint, tokenizer, transform: Optional
     if peak.tflops is None and dev.name != "cpu":
         _print0(f"warning: {peak.source}")
     reporter.log_features(run_features(model, peak))
-    step_kw = dict(num_microbatches=cfg.num_microbatches, seq_length=cfg.seq_length,
-                   micro_batch_size=cfg.micro_batch_size)
+    # A micro-batch of several documents per sequence reaches the model as one packed sequence of b * s tokens
+    # (training.packing): the pipeline schedule's activation shapes are that sequence's.
+    packed = args.reset_attention_mask
+    step_kw = dict(num_microbatches=cfg.num_microbatches,
+                   seq_length=cfg.seq_length * (cfg.micro_batch_size if packed else 1),
+                   micro_batch_size=1 if packed else cfg.micro_batch_size)
     skipped, last_saved = 0, iteration
     stop = StopConditions(dev.torch_device, args.exit_duration_in_mins)
     stop.install()
@@ -258,6 +270,23 @@ def _train(args, cfg: RunConfig, dev, checkpoint, tokenizer, transform: Optional
         stop.restore()
         reporter.close()
     return 0
+
+
+def _say_packing(dataset, cfg: RunConfig) -> None:
+    """One line on how instruction samples fill the sequences, and the samples cut at --seq-length."""
+    parts = getattr(dataset, "datasets", [dataset])  # a blend of several --data-path prefixes, or one dataset
+    if not all(hasattr(d, "truncated") for d in parts):
+        return
+    truncated = sum(d.truncated for d in parts)
+    cut = (f"; {truncated} sample(s) longer than --seq-length {cfg.seq_length} are truncated, as unpacked"
+           if truncated else "")
+    if all(getattr(d, "packs", None) is not None for d in parts):
+        samples, packs = sum(d.samples for d in parts), sum(len(d.packs) for d in parts)
+        fill = sum(d.fill * len(d.packs) for d in parts) / max(packs, 1)
+        _print0(f"packed instruction data: {samples} samples in {packs} sequences of {cfg.seq_length} tokens "
+                f"({samples / max(packs, 1):.1f} per sequence, {fill:.1%} of the positions filled){cut}")
+    elif truncated:
+        _print0(f"instruction data: {cut[2:]}")
 
 
 def _save(args, cfg: RunConfig, dev, save_dir, transform, iteration, model, optimizer, scheduler, consumed):

@@ -8,6 +8,8 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from aquila_npu.training.packing import DOCUMENT_IDS, fold, packed_params
+
 LOSS_KEY = "lm loss"
 
 
@@ -26,13 +28,18 @@ def masked_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor):
 def forward_step(data_iterator: Iterator[dict], model):
     batch = next(data_iterator)
     device = next(model.parameters()).device
+    packed = None
+    if DOCUMENT_IDS in batch:  # several documents per sequence: one packed sequence of b * s tokens
+        packed = packed_params(batch[DOCUMENT_IDS], device)
+        batch = fold({k: v for k, v in batch.items() if k != DOCUMENT_IDS})
     tokens, labels, position_ids = (batch[k].to(device, non_blocking=True)
                                     for k in ("tokens", "labels", "position_ids"))
     loss_mask = batch["loss_mask"].to(device, non_blocking=True)
     attention_mask = batch.get("attention_mask")
     if attention_mask is not None:
         attention_mask = attention_mask.to(device)
-    output = model(tokens, position_ids, attention_mask, labels=labels)  # per-token loss [b, s] on the last stage
+    # per-token loss [b, s] on the last stage ([1, b * s] packed)
+    output = model(tokens, position_ids, attention_mask, labels=labels, packed_seq_params=packed)
 
     def loss_func(per_token_loss):
         return masked_loss(per_token_loss, loss_mask)

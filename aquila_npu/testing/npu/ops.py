@@ -254,7 +254,9 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
     _check(input_layout in ("BSH", "SBH", "BSND", "BNSD", "TND"), op, 1607,
            f"input_layout must be BSH, SBH, BSND, BNSD or TND, not {input_layout!r}")
     if input_layout == "TND" or actual_seq_qlen is not None or actual_seq_kvlen is not None:
-        _not_emulated(op, "the varlen (TND) layout")
+        return _varlen_fusion_attention(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask,
+                                        scale, keep_prob, actual_seq_qlen, actual_seq_kvlen, sparse_mode,
+                                        softmax_layout, prefix, sink, dropout_mask)
     # 1607 again: the layout is the data arrangement in memory, so a strided view is not in it
     _check(all(t.is_contiguous() for t in (query, key, value)), op, 1607,
            f"query, key and value must be contiguous ({input_layout} is their memory layout)")
@@ -337,6 +339,95 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
     softmax_max = smax.expand(b, n, s1, 8).contiguous()
     softmax_sum = ssum.expand(b, n, s1, 8).contiguous()
     return (_from_bnsd(out.to(query.dtype), input_layout), softmax_max, softmax_sum, query.new_empty(0), 0, 0, 0)
+
+
+def _cumulative_ends(name: str, values, total: int, op: str) -> list:
+    """The batches' [start, end) of a cumulative ``actual_seq_*len`` list (1619-1622: the running sums of the true S
+    lengths; 1694: a length may be 0; 1695: trailing 0s leave the last batches out), checked."""
+    # 1694「actual_seq_qlen的长度取值范围为1~2K」 (1680: varlen B 1~2K)
+    _check(values is not None and 1 <= len(values) <= 2048, op, 1694,
+           f"{name} needs 1..2048 entries, not {None if values is None else len(values)}")
+    values = [int(v) for v in values]
+    body = values
+    while len(body) > 1 and body[-1] == 0:  # 1695「尾部部分Batch不参与计算…尾部传入对应个数个0」
+        body = body[:-1]
+    # 1619「表示query每个S的累加和长度」 (1621 key/value): running sums never decrease and end at the T of the tensor
+    _check(all(v >= 0 for v in body) and all(b >= a for a, b in zip(body, body[1:])), op, 1619,
+           f"{name} {values} must be cumulative (non-decreasing running sums of the S lengths, e.g. 2 4 6)")
+    _check(body[-1] == total, op, 1619, f"{name} must end at T = {total} (the running sum of every S), not {body[-1]}")
+    starts = [0] + body[:-1]
+    return list(zip(starts, body)) + [(total, total)] * (len(values) - len(body))
+
+
+def _varlen_fusion_attention(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask, scale,
+                             keep_prob, actual_seq_qlen, actual_seq_kvlen, sparse_mode, softmax_layout, prefix, sink,
+                             dropout_mask):
+    """npu_fusion_attention's varlen form: TND tensors ([T, N, D]) holding batches of different S one after the
+    other, ``actual_seq_qlen`` / ``actual_seq_kvlen`` their cumulative ends; each batch attends within itself."""
+    op = "npu_fusion_attention"
+    # 1607「input_layout: … TND(actual_seq_qlen/actual_seq_kvlen需传值)」
+    _check(input_layout == "TND" and actual_seq_qlen is not None and actual_seq_kvlen is not None, op, 1607,
+           "the varlen form is input_layout TND with both actual_seq_qlen and actual_seq_kvlen")
+    _check(all(t.dim() == 3 for t in (query, key, value)), op, 1607,
+           f"TND tensors are [T, N, D], not {[tuple(t.shape) for t in (query, key, value)]}")
+    _check(all(t.is_contiguous() for t in (query, key, value)), op, 1607,
+           "query, key and value must be contiguous (TND is their memory layout)")
+    # 1679「1. 输入key和value的shape必须一致.」
+    _check(key.shape == value.shape, op, 1679, f"key {tuple(key.shape)} and value {tuple(value.shape)} differ")
+    (t1, n, d), (t2, nkv, dk) = query.shape, key.shape
+    # 1681「3. D: Head Dim必须满足Dq=Dk和Dk≥Dv，取值范围1~768.」
+    _check(dk == d and 1 <= d <= 768, op, 1681, f"key's head dim must equal query's ({d}), in 1..768")
+    # 1684「1. 要求T(B*S)取值范围1~1M.」
+    _check(1 <= t1 <= 1024 * 1024 and 1 <= t2 <= 1024 * 1024, op, 1684, f"T must be in 1..1M, not {t1}, {t2}")
+    # 1686「…Nq/Nkv必须是非0整数, Nq取值范围1~256.」
+    _check(n == head_num and 1 <= n <= 256 and n % nkv == 0, op, 1686,
+           f"head_num {head_num} must be query's N ({n}), 1..256, and a multiple of key/value's N ({nkv})")
+    # 1609「padding_mask: Tensor类型, 暂不支持该传参.」
+    _check(padding_mask is None, op, 1609, "padding_mask is not supported")
+    # 1612「keep_prob: … 取值范围为(0, 1].」
+    _check(0.0 < keep_prob <= 1.0, op, 1612, f"keep_prob must be in (0, 1], not {keep_prob}")
+    # 1624「softmax_layout: … 当前仅在input\_layout=“TND”时进行配置，仅支持传入“TND”。」
+    _check(softmax_layout in ("", "TND"), op, 1624, f"softmax_layout must be '' or 'TND', not {softmax_layout!r}")
+    # 1632「5: prefix非压缩模式. varlen场景不支持.」
+    _check(sparse_mode != 5, op, 1632, "sparse_mode 5 (prefix, not compressed) is not supported in the varlen form")
+    _check(sparse_mode in range(9), op, 1623, f"sparse_mode must be 0..8, not {sparse_mode}")
+    if pse is not None or prefix is not None or sink is not None or dropout_mask is not None:
+        _not_emulated(op, "pse / prefix / sink / dropout_mask")
+    q_spans = _cumulative_ends("actual_seq_qlen", actual_seq_qlen, t1, op)
+    kv_spans = _cumulative_ends("actual_seq_kvlen", actual_seq_kvlen, t2, op)
+    # 1680「2. B: batchsize必须相等」: one S length of key/value for each of query
+    _check(len(q_spans) == len(kv_spans), op, 1680,
+           f"actual_seq_qlen has {len(q_spans)} batches, actual_seq_kvlen {len(kv_spans)}")
+    if atten_mask is not None:
+        # 1610「…varlen场景只支持SS格式」
+        _check(atten_mask.dtype in (torch.bool, torch.uint8) and atten_mask.dim() == 2, op, 1610,
+               f"the varlen form takes an SS bool / uint8 atten_mask, not {tuple(atten_mask.shape)} {atten_mask.dtype}")
+    if sparse_mode in (2, 3):
+        # 1643 / 1644: the compressed 2048x2048 lower-triangular mask
+        _check(atten_mask is not None and atten_mask.numel() == COMPRESSED * COMPRESSED
+               and _is_compressed_causal(atten_mask), op, 1643 if sparse_mode == 2 else 1644,
+               f"sparse_mode {sparse_mode} takes the compressed 2048x2048 lower-triangular mask")
+        # 1685「atten_mask输入不支持补pad，即atten_mask中不能存在某一行全1的场景」: rightDownCausal masks whole query
+        # rows of a batch whose Sq is larger than its Skv
+        _check(sparse_mode == 2 or all(qe - qs <= ke - ks for (qs, qe), (ks, ke) in zip(q_spans, kv_spans)), op,
+               1685, "sparse_mode 3 with a batch whose Sq > Skv masks whole rows")
+    elif atten_mask is not None:
+        _not_emulated(op, f"sparse_mode {sparse_mode} with an atten_mask in the varlen form")
+    out = query.new_zeros(t1, n, d)
+    smax = torch.zeros(t1, n, 8)
+    ssum = torch.zeros(t1, n, 8)
+    for (qs, qe), (ks, ke) in zip(q_spans, kv_spans):
+        if qe == qs:
+            continue
+        q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query[qs:qe], key[ks:ke], value[ks:ke]))  # [1, N, S, D]
+        masked = _causal(qe - qs, ke - ks, sparse_mode, query.device) if sparse_mode in (2, 3) else None
+        o, mx, sm = _attend(q, k, v, scale, masked, keep_prob)
+        out[qs:qe] = o[0].transpose(0, 1).to(query.dtype)
+        smax[qs:qe] = mx[0].transpose(0, 1).expand(qe - qs, n, 8)
+        ssum[qs:qe] = sm[0].transpose(0, 1).expand(qe - qs, n, 8)
+    if softmax_layout != "TND":  # 1624: NTD by default
+        smax, ssum = smax.transpose(0, 1).contiguous(), ssum.transpose(0, 1).contiguous()
+    return out, smax, ssum, query.new_empty(0), 0, 0, 0
 
 
 _FIA_UNEMULATED = ("pse_shift", "actual_seq_lengths", "actual_seq_lengths_kv", "dequant_scale1", "quant_scale1",
