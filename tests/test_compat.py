@@ -5,7 +5,6 @@ redirection."""
 
 import ast
 import json
-import pathlib
 import subprocess
 import sys
 
