@@ -327,3 +327,18 @@ def test_pack_with_pretraining_data_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert_one_line_error(proc.stderr)
     assert "--pack packs instruction samples" in proc.stderr and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("script", ["tune_aquila2_7b_ptd.sh", "tune_aquila2_34b_ptd_16p.sh",
+                                    "tune_aquila2_7b_lora_ptd.sh", "tune_aquila2_34b_lora_ptd.sh"])
+@pytest.mark.parametrize("pack", ["", "0"])
+def test_fine_tuning_scripts_pack_by_default_and_pad_with_pack_0(script, pack, tmp_path):
+    from helpers import stub_torchrun_argv
+
+    from aquila_npu.cli.pretrain import parse
+
+    path = ROOT / "examples" / "aquila2" / script
+    _, _, argv = stub_torchrun_argv(path, tmp_path, **({"PACK": pack} if pack else {}))
+    args = parse(argv)
+    assert args.is_instruction_dataset
+    assert (args.reset_attention_mask, args.reset_position_ids) == ((False, False) if pack == "0" else (True, True))

@@ -242,6 +242,7 @@ def _train(args, cfg: RunConfig, dev, checkpoint, tokenizer, transform: Optional
                 tflops = tokens_per_device * flops_per_token / 1e12
                 reporter.log(iteration, {
                     "consumed_samples": consumed, "lm_loss": out["lm_loss"], "grad_norm": out["grad_norm"],
+                    "loss_tokens": out["loss_tokens"],
                     "learning_rate": optimizer.param_groups[0]["lr"], "global_batch_size": cfg.global_batch_size,
                     "loss_scale": optimizer.get_loss_scale().item() if args.fp16 else None,
                     "skipped_iterations": skipped, "step_time_s": step_time,
