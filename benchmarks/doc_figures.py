@@ -61,6 +61,7 @@ STARTUP = "startup-cpu-amd-epyc-2-cores-smollm-135m-aquila2-vocab-deferred-compi
 STARTUP_BEFORE = "startup-cpu-amd-epyc-2-cores-smollm-135m-aquila2-vocab-20261130.json"
 LORA_FP32 = "lora-vs-full-aquila2-small-fp32-20261130.json"
 LORA_BF16 = "lora-vs-full-aquila2-small-bf16-20261130.json"
+PACK = "pack-vs-padded-cpu-amd-epyc-2-cores-aquila2-small-alpaca5000-20261207.json"
 
 
 class FigureError(Exception):
@@ -649,6 +650,56 @@ def lora_rows(doc: dict) -> list:
 def _lora_vs_full_table(fp32, bf16):
     """docs/training.md: parameters, optimizer bytes and step time, LoRA against full fine-tuning."""
     return table(["base dtype", "", "full fine-tuning", "LoRA", "LoRA / full"], lora_rows(fp32) + lora_rows(bf16))
+
+
+# ---- packed against padded fine-tuning (benchmarks/pack_bench.py) ----
+
+def pack_run(doc: dict, seq: str) -> dict:
+    """One --seq-length's packed and padded runs."""
+    return doc["by_seq_length"][seq]
+
+
+def pack_ratio(doc: dict, seq: str) -> str:
+    """Packed over padded response tokens/s at `seq` (overall), and the per-iteration range."""
+    run = pack_run(doc, seq)
+    low, high = run["per_iteration_ratio_range"]
+    return times(run["packed_over_padded_response_tokens_per_s"], 1), f"{times(low, 1)}..{times(high, 1)}"
+
+
+@region("pack-status", PACK)
+def _pack_status(doc):
+    """README status: packed over padded response tokens/s at 2048 and 512."""
+    (a, _), (b, _) = pack_ratio(doc, "2048"), pack_ratio(doc, "512")
+    return {"en": f"{a} / {b} the padded layout's response tokens/s at --seq-length 2048 / 512",
+            "zh": f"--seq-length 2048 / 512 时响应 token/s 为填充布局的 {a} / {b}"}
+
+
+@region("pack-summary", PACK)
+def _pack_summary(doc):
+    """README training section and docs/training.md: the ratios, their per-iteration ranges, the machine's load."""
+    (a, ra), (b, rb) = pack_ratio(doc, "2048"), pack_ratio(doc, "512")
+    load = f"{doc['load_before']:.1f}..{doc['load_after']:.1f}"
+    return {"en": f"{a} at --seq-length 2048 ({ra} iteration by iteration) and {b} at 512 ({rb}); load average "
+                  f"{load} on the 2 cores",
+            "zh": f"--seq-length 2048 时 {a}（逐迭代 {ra}），512 时 {b}（{rb}）；2 核上的负载均值 {load}"}
+
+
+@region("pack-table", PACK)
+def _pack_table(doc):
+    """docs/training.md: response tokens/s, attention share, peak memory and fill of both layouts per --seq-length."""
+    rows = []
+    for seq in sorted(doc["by_seq_length"], key=int, reverse=True):
+        run = pack_run(doc, seq)
+        for layout in ("padded", "packed"):
+            r = run[layout]
+            low, high = r["response_tokens_per_s_range"]
+            per_seq = fixed(run["samples_per_sequence_packed"], 1) if layout == "packed" else "1"
+            ratio = pack_ratio(doc, seq)[0] if layout == "packed" else ""
+            rows.append([seq if layout == "padded" else "", layout, str(r["global_batch_size"]), per_seq,
+                         f"{fixed(r['response_tokens_per_s'], 0)} ({fixed(low, 0)}..{fixed(high, 0)})",
+                         pct(r["attention_share"]), fixed(r["peak_rss_gb"], 1), ratio])
+    return table(["--seq-length", "layout", "sequences per step", "samples per sequence",
+                  "response tokens/s (range)", "attention share of a step", "peak RSS (GB)", "packed / padded"], rows)
 
 
 # ---- the documents ----

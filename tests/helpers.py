@@ -66,12 +66,29 @@ def torchrun(script: str, nproc: int, args, timeout: int = 600, env=None,
 
 
 def torch_npu_wheel(version="2.13.0"):
-    """The real torch_npu wheel of ``version`` (downloaded by .ci/run, never installed), or None.
+    """The real torch_npu wheel of ``version`` (never installed), or None where it cannot be had.
 
-    Looked for in $AQUILA_TORCH_NPU_WHEEL (one file), $AQUILA_TORCH_NPU_WHEEL_DIR and .cache/wheels. The default is
-    the newest version we pin (the fake runtime mirrors it); 2.6.0 is the oldest we support."""
+    Looked for in $AQUILA_TORCH_NPU_WHEEL (one file), $AQUILA_TORCH_NPU_WHEEL_DIR and .cache/wheels; when missing, the
+    test session downloads it once into .cache/wheels (``pip download --no-deps``; AQUILA_NO_DOWNLOAD=1 or no package
+    index: the tests that need it skip, saying so). The default is the newest version we pin (the fake runtime mirrors
+    it); 2.6.0 is the oldest we support."""
+    found = _find_wheel(version)
+    if found is None and version not in _DOWNLOAD_TRIED and os.environ.get("AQUILA_NO_DOWNLOAD") != "1":
+        _DOWNLOAD_TRIED.add(version)
+        os.makedirs(WHEEL_CACHE, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", f"torch-npu=={version}",
+                        "-d", WHEEL_CACHE], capture_output=True, timeout=900)
+        found = _find_wheel(version)
+    return found
+
+
+WHEEL_CACHE = str(ROOT / ".cache" / "wheels")
+_DOWNLOAD_TRIED = set()
+
+
+def _find_wheel(version):
     names = [os.environ.get("AQUILA_TORCH_NPU_WHEEL") or ""]
-    for folder in (os.environ.get("AQUILA_TORCH_NPU_WHEEL_DIR"), str(ROOT / ".cache" / "wheels")):
+    for folder in (os.environ.get("AQUILA_TORCH_NPU_WHEEL_DIR"), WHEEL_CACHE):
         if folder:
             names += sorted(glob.glob(os.path.join(folder, "torch_npu-*.whl")))
     found = [n for n in names if os.path.basename(n).startswith(f"torch_npu-{version}-") and os.path.exists(n)]
@@ -196,8 +213,8 @@ def read_json(path):
 
 
 def stub_torchrun_argv(script, tmp_path, **env_vars):
-    """Run an example script with a stand-in ``torchrun`` that records its arguments (no CANN, no devices);
-    returns (launcher flags dict, module, the module's argv)."""
+    """Run an example script with a stand-in ``torchrun`` that records its arguments (no CANN, no devices, no
+    pre-flight unless ``PREFLIGHT`` is given); returns (launcher flags dict, module, the module's argv)."""
     stub = tmp_path / "stub-bin"
     stub.mkdir(exist_ok=True)
     (stub / "torchrun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$STUB_OUT"\n')
@@ -206,7 +223,8 @@ def stub_torchrun_argv(script, tmp_path, **env_vars):
     env = {k: v for k, v in os.environ.items()
            if k not in ("TP", "PP", "PROMPT", "PROMPTS_FILE", "OUTPUT", "CHAT", "DATA_PATH", "CKPT_SAVE_DIR")}
     env.update(PATH=f"{stub}:{env['PATH']}", STUB_OUT=str(record), CANN_SET_ENV=str(tmp_path / "none.sh"),
-               **{k: str(v) for k, v in env_vars.items()})
+               PREFLIGHT="0")  # by default nothing to check: no checkpoint here
+    env.update({k: str(v) for k, v in env_vars.items()})
     proc = subprocess.run(["bash", str(script)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     argv = record.read_text().splitlines()

@@ -167,6 +167,23 @@ def test_bad_paths_and_flags(setup_data, tmp_path, capsys):
     assert rc == 2 and "--task" in err
 
 
+def test_outputs_that_are_folders_are_refused_before_any_work(tmp_path, capsys):
+    """Issue 30: ``--output`` naming a folder ended in IsADirectoryError after the whole evaluation; an
+    ``--output-dir`` whose ``<task>.json`` is a folder likewise. Both are one line before any work: here the data,
+    checkpoint and tokenizer do not even exist, and the output is what is named."""
+    (tmp_path / "out").mkdir()
+    missing = ["--task", "boolq", "--task-data-path", tmp_path / "nodata", "--load", tmp_path / "nockpt",
+               "--tokenizer-name-or-path", tmp_path / "notok"]
+    rc, err = _entry([*missing, "--output", tmp_path / "out"], capsys)
+    assert rc == 2 and f"--output {tmp_path / 'out'}: is a folder" in err, err
+    (tmp_path / "out" / "boolq.json").mkdir()
+    rc, err = _entry([*missing, "--output-dir", tmp_path / "out"], capsys)
+    assert rc == 2 and f"--output-dir {tmp_path / 'out'}: {tmp_path / 'out' / 'boolq.json'} is a folder" in err, err
+    (tmp_path / "file").write_text("x")
+    rc, err = _entry([*missing, "--output-dir", tmp_path / "file"], capsys)
+    assert rc == 2 and "is a file, not a folder" in err, err
+
+
 def test_help_documents_every_flag():
     from aquila_npu.cli.evaluate import build_parser
 

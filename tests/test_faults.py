@@ -453,17 +453,53 @@ def _large_vocab_dataset(dst, sidecar):
     return dst
 
 
+def _overwrite(prefix, ext, offset, data):
+    """Bytes ``data`` written over ``<prefix><ext>`` at ``offset`` (negative: from the end), as a damaged disk or a
+    stray write would; the file keeps its size."""
+    path = prefix + ext
+    with open(path, "r+b") as f:
+        f.seek(offset if offset >= 0 else os.path.getsize(path) + offset)
+        f.write(data)
+    return prefix
+
+
+def _damaged(p, d, offset, data):
+    return _overwrite(_copy_dataset(p, d + "/t"), ".idx", offset, data)
+
+
+# The index layout (data/checks.py): magic 9 bytes, version u64, dtype code u8, N u64, D u64 (34 bytes), then N int32
+# lengths, N int64 pointers, D int64 document indices.
+_N = 200  # sequences (documents) of the ``dataset`` fixture
 BAD_DATA = {
-    "missing": (lambda p, d: d + "/nope_text_document", "nope_text_document.bin not found"),
+    "missing": (lambda p, d: d + "/nope_text_document", "nope_text_document.idx not found"),
     "truncated-bin": (lambda p, d: _truncate(_copy_dataset(p, d + "/t"), ".bin"), "t.bin is truncated"),
     "truncated-idx": (lambda p, d: _truncate(_copy_dataset(p, d + "/t"), ".idx"), "t.idx is truncated"),
     "larger-vocabulary": (lambda p, d: _large_vocab_dataset(d + "/big", True), "token id 1099"),
     "larger-vocabulary-scanned": (lambda p, d: _large_vocab_dataset(d + "/big", False), "token id 1099"),
+    # issue 30: a damaged index used to train with exit status 0 (megatron-core's reader trusts it)
+    "idx-0xff-lengths": (lambda p, d: _damaged(p, d, 38, b"\xff" * 64), "t.idx is damaged: sequence 1 has length -1"),
+    "idx-0xff-pointers": (lambda p, d: _damaged(p, d, 34 + 4 * _N + 16, b"\xff" * 64),
+                          "t.idx is damaged: sequence 2 starts at byte -1"),
+    "idx-0xff-documents": (lambda p, d: _damaged(p, d, -64, b"\xff" * 64), "t.idx is damaged: its document indices"),
+    "idx-documents-go-back": (lambda p, d: _damaged(p, d, 34 + 12 * _N + 8 * 5, (1).to_bytes(8, "little")),
+                              "t.idx is damaged: document index 5 is 1, below the one before it (4)"),
+    "idx-magic": (lambda p, d: _damaged(p, d, 0, b"\xff" * 64), "t.idx is not a megatron-core index"),
+    "idx-version": (lambda p, d: _damaged(p, d, 9, (2).to_bytes(8, "little")), "t.idx has version 2"),
+    "idx-dtype-code": (lambda p, d: _damaged(p, d, 17, b"\x09"), "t.idx has token dtype code 9"),
+    "idx-counts": (lambda p, d: _damaged(p, d, 18, b"\xff" * 16), "t.idx is truncated"),
+    "bin-of-another-run": (lambda p, d: _append(_copy_dataset(p, d + "/t"), ".bin", b"\x00" * 8),
+                           "t.bin has "),
 }
 
 
 def _truncate(prefix, ext):
     os.truncate(prefix + ext, os.path.getsize(prefix + ext) - 9)
+    return prefix
+
+
+def _append(prefix, ext, data):
+    with open(prefix + ext, "ab") as f:
+        f.write(data)
     return prefix
 
 
@@ -518,3 +554,236 @@ def test_bad_conversion_flags_are_one_line(hf, tmp_path, capsys, flags, needle):
                                        "--save-dir", tmp_path / "out", *flags], capsys)
     assert rc == 2 and needle in err, err
     assert not (tmp_path / "out").exists() and hidden(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------- issue 30: symlinks
+def _symlink(tmp_path, real, name="link"):
+    link = tmp_path / name
+    os.symlink(real, link)
+    return link
+
+
+def _holding(target, tmp_path):
+    """A child holding ``target``'s output lock (as a run writing it would), once it holds it."""
+    holder = start_forked(partial(hold_lock, str(target), 120), tmp_path / "holder.log")
+    lock = target.parent / f".{target.name}.lock"
+    _wait_for(lambda: lock.exists() and lock.read_text().strip())
+    return holder
+
+
+def _documents(path, n=50):
+    path.write_text("".join(json.dumps({"text": f"hello world number {i} the quick brown fox"}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+@pytest.mark.parametrize("command", ["pretrain --save", "convert --save-dir", "preprocess --output-prefix"])
+def test_a_second_writer_through_a_symlink_is_refused(hf, tokenizer, tmp_path, command):
+    """Locks are taken on the resolved path: a run reaching a target through a symlink meets the lock of the run
+    writing the target itself (issue 30: ``--save cklink`` replaced the first run's iterations)."""
+    if command.startswith("preprocess"):
+        real = tmp_path / "data"
+        real.mkdir()
+        target, given = real / "corpus", _symlink(tmp_path, real) / "corpus"  # a symlinked folder of the prefix
+        run = partial(preprocess_main, ["--input", str(_documents(tmp_path / "docs.jsonl")), "--tokenizer-name-or-path",
+                                        str(tokenizer), "--output-prefix", str(given), "--log-interval", "100000"])
+        outputs = real
+    else:
+        target = tmp_path / "out"
+        target.mkdir()
+        given = _symlink(tmp_path, target)
+        run = _pretrain("--train-iters", 2, "--save", given) if command.startswith("pretrain") else _to_mg(hf, given)
+        outputs = target
+    holder = _holding(target, tmp_path)
+    try:
+        assert forked(run, tmp_path / "second.log") == 2
+        line = _error_line(tmp_path / "second.log")
+        assert f"pid {holder.pid} on host {owner.HOST}" in line, line
+        assert f"{given} (= {target})" in line, line  # the message names the target as given and where it leads
+        assert [e for e in os.listdir(outputs) if not e.startswith(".")] == []  # nothing written
+    finally:
+        holder.kill()
+        wait_forked(holder)
+
+
+def test_a_symlinked_output_is_written_where_it_leads(hf, mg, hf_state, tmp_path):
+    """``--save-dir link`` (a symlink to a folder) used to write the checkpoint, replace the symlink with a folder,
+    leave its target empty and exit 2 (``Cannot call rmtree on a symbolic link``). The output goes where the symlink
+    leads; the symlink stays."""
+    (tmp_path / "real").mkdir()
+    link = _symlink(tmp_path, tmp_path / "real")
+    for _ in range(2):  # a new output, then one replacing it
+        assert forked(_to_mg(hf, link), tmp_path / "c.log") == 0, open(tmp_path / "c.log").read()[-2000:]
+        assert os.path.islink(link) and os.path.realpath(link) == str(tmp_path / "real")
+        _assert_converted(tmp_path / "real", hf_state, True)
+        assert hidden(tmp_path) == [] and hidden(tmp_path / "real") == []
+    # Megatron -> HF into <save-dir>/mg2hg through a symlinked --save-dir
+    (tmp_path / "hfout").mkdir()
+    hflink = _symlink(tmp_path, tmp_path / "hfout", "hflink")
+    assert forked(_to_hf(mg, hflink), tmp_path / "h.log") == 0, open(tmp_path / "h.log").read()[-2000:]
+    _assert_converted(tmp_path / "hfout" / "mg2hg", hf_state, False)
+    assert os.path.islink(hflink) and hidden(tmp_path) == [] and hidden(tmp_path / "hfout") == []
+    # a training --save through a symlink: the checkpoint lands in the target
+    (tmp_path / "ck").mkdir()
+    cklink = _symlink(tmp_path, tmp_path / "ck", "cklink")
+    assert forked(_pretrain("--train-iters", 2, "--save", cklink), tmp_path / "t.log") == 0
+    assert CheckpointInfo.read(str(tmp_path / "ck")).iteration == 2 and os.path.islink(cklink)
+    assert hidden(tmp_path) == [] and hidden(tmp_path / "ck") == []
+    # a single output file (generate / evaluate --output, selfcheck --out) through a symlink
+    from aquila_npu.outputs.files import write_text
+
+    (tmp_path / "result.json").write_text("old")
+    filelink = _symlink(tmp_path, tmp_path / "result.json", "result-link.json")
+    write_text(str(filelink), "new", "the result")
+    assert os.path.islink(filelink) and (tmp_path / "result.json").read_text() == "new"
+
+
+# ------------------------------------------------------------------------------ issue 30: one line, before any work
+def _one_line(err):
+    """Exactly one line on stderr, the error (no usage block, no traceback)."""
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and ": error: " in lines[0], err[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    ([*TRAIN, "--train-iters", 1, "--micro-batch-size", 0], "--micro-batch-size must be >= 1"),
+    ([*TRAIN, "--train-iters", 1, "--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+    ([*TRAIN, "--train-iters", 1, "--load", "FILE"], "is a file, not a checkpoint directory"),
+    (["--model", "aquila2-tiny", "--train-iters", 1, "--data-path", "corpus_text_document"],
+     "--tokenizer-name-or-path is required with --data-path"),
+], ids=["micro-batch-size-0", "lr-abc", "load-a-file", "data-path-without-tokenizer"])
+def test_pretrain_argument_errors_are_exactly_one_line(tmp_path, capsys, argv, needle):
+    """Issue 30 saw argparse's 70-line usage block before these; they are one line, exit status 2."""
+    (tmp_path / "FILE").write_text("x")
+    argv = [str(tmp_path / "FILE") if a == "FILE" else a for a in argv]
+    rc, err = call_main(pretrain_main, argv, capsys)
+    assert rc == 2 and needle in _one_line(err), err
+
+
+def test_selfcheck_against_the_hf_folder_of_another_model_is_one_line(mg, tmp_path, capsys):
+    """It used to fail deep in the comparison (``RuntimeError: The size of tensor a ...``)."""
+    from aquila_npu.cli.selfcheck import main as selfcheck_main
+    from aquila_npu.compat import journal
+    from aquila_npu.models.registry import get_model_spec
+
+    other = tmp_path / "other"
+    tiny_llama(get_model_spec("aquila2-tiny")).save_pretrained(other)
+    capsys.readouterr()  # save_pretrained's progress bar
+    journal.undo_all()
+    rc, err = call_main(selfcheck_main, ["--load", mg, "--hf-dir", other, "--device", "cpu"], capsys)
+    line = _one_line(err)
+    assert rc == 2 and f"--hf-dir {other} is another model than the --load checkpoint {mg}" in line, line
+    assert "intermediate_size 176 vs 96" in line, line  # what differs
+    assert not journal.applied()  # refused before the device was set up
+
+
+def test_preprocess_output_prefix_naming_a_folder_is_refused(tokenizer, tmp_path, capsys):
+    """``--output-prefix DIR/`` wrote ``DIR/_text_document.*``."""
+    src = _documents(tmp_path / "docs.jsonl")
+    for prefix in (f"{tmp_path / 'out'}/", f"{tmp_path / 'out'}/.", f"{tmp_path / 'out'}/.."):
+        rc, err = call_main(preprocess_main, ["--input", src, "--tokenizer-name-or-path", tokenizer,
+                                              "--output-prefix", prefix], capsys)
+        assert rc == 2 and f"--output-prefix {prefix}: names a folder" in _one_line(err), err
+    assert not (tmp_path / "out").exists() and not [e for e in os.listdir(tmp_path) if "_document" in e]
+
+
+# ------------------------------------------------------------------------- issue 30: no output before good inputs
+@pytest.fixture(scope="module")
+def bad_resumes(hf, tmp_path_factory):
+    """Inputs found bad only at load time: a tp2 conversion (loaded by one process), a LoRA adapter of another
+    model than the base, a distributed-optimizer training checkpoint."""
+    from aquila_npu.lora.convert import import_peft
+    from aquila_npu.models.registry import get_model_spec
+    from aquila_npu.testing.tiny_hf import tiny_peft
+    from aquila_npu.weights.mapping import Layout
+
+    d = tmp_path_factory.mktemp("bad-resumes")
+    to_megatron(HFReader(str(hf)), str(d / "tp2"), 2, 1)
+    other = get_model_spec("aquila2-tiny")
+    tiny_peft(["q_proj", "v_proj"], spec=other).save_pretrained(d / "peft")
+    import_peft(str(d / "peft"), str(d / "adapter"), Layout(other, 1, 1))
+    assert forked(_pretrain("--train-iters", 1, "--save", d / "distopt", "--use-distributed-optimizer"),
+                  d / "distopt.log") == 0
+    return d
+
+
+# needs the training/run.py change (the load checks before SaveDir.claim): until then each leaves an empty --save
+@pytest.mark.parametrize("case", ["tp2-load-on-one-process", "lora-adapter-of-another-model",
+                                  "distributed-optimizer-checkpoint-without-the-flag"])
+def test_bad_load_inputs_leave_no_save_directory(bad_resumes, mg, tmp_path, case):
+    common = ["--mock-data", "--micro-batch-size", 2, "--seq-length", 32, "--lr", 1e-3, "--train-iters", 2]
+    argv, needle = {
+        "tp2-load-on-one-process": ([*common, "--load", bad_resumes / "tp2"], "is tp2-pp1, but this run is tp1-pp1"),
+        "lora-adapter-of-another-model": ([*common, "--load", mg, "--lora-load", bad_resumes / "adapter"],
+                                          "is for another model"),
+        "distributed-optimizer-checkpoint-without-the-flag": (
+            [*TRAIN, "--train-iters", 2, "--load", bad_resumes / "distopt"], "saved with --use-distributed-optimizer"),
+    }[case]
+    save = tmp_path / "runs" / "ck"
+    call = partial(pretrain_main, [str(a) for a in [*argv, "--save", save]])
+    assert forked(call, tmp_path / "log") == 2
+    assert needle in _error_line(tmp_path / "log")
+    assert not save.exists(), "an empty --save was left behind"
+    assert hidden(tmp_path / "runs") == []  # no lock left either
+
+
+def test_bad_load_inputs_are_found_from_the_metadata(bad_resumes, mg):
+    """The checks the run makes before it claims --save (``CheckpointInfo.check_resume``, ``lora.training.check``)
+    find each bad input from the checkpoints' metadata alone (no device, no process group)."""
+    import argparse
+
+    from aquila_npu.errors import CheckpointError
+    from aquila_npu.lora import training as lora_training
+    from aquila_npu.weights.mapping import Layout
+
+    tp2 = CheckpointInfo.read(str(bad_resumes / "tp2"))
+    one = Layout(tp2.spec, 1, 1)
+    flags = dict(finetune=False, no_load_optim=False, use_distributed_optimizer=False, data_parallel_size=1)
+    with pytest.raises(CheckpointError, match="is tp2-pp1, but this run is tp1-pp1"):
+        tp2.check_resume(one, **flags)
+    distopt = CheckpointInfo.read(str(bad_resumes / "distopt"))
+    assert distopt.distributed_optimizer and distopt.data_parallel_size == 1
+    with pytest.raises(CheckpointError, match="saved with --use-distributed-optimizer"):
+        distopt.check_resume(distopt.layout, **flags)
+    distopt.check_resume(distopt.layout, **{**flags, "use_distributed_optimizer": True})
+    distopt.check_resume(distopt.layout, **{**flags, "no_load_optim": True})
+    base = CheckpointInfo.read(str(mg))
+    args = argparse.Namespace(load=str(mg), lora_load=str(bad_resumes / "adapter"), finetune=False,
+                              no_load_optim=False, use_distributed_optimizer=False)
+    with pytest.raises(CheckpointError, match="is for another model"):
+        lora_training.check(args, base, base.layout, 1)
+
+
+# ---------------------------------------------------------------- issue 30: an iteration placed, the tracker not moved
+def test_an_iteration_the_tracker_does_not_name_is_kept_and_named(straight, tmp_path):
+    """A kill between putting ``iter_0000004`` in place and moving the tracker leaves a complete iteration that the
+    tracker does not name. The rule (``megatron_io.note_unnamed_iterations``): it is kept (complete, and possibly
+    one the user set the tracker back from) and named in one line."""
+    from aquila_npu.checkpoint import megatron_io
+
+    ck = tmp_path / "ck"
+    shutil.copytree(straight / "ck", ck)
+    (ck / "latest_checkpointed_iteration.txt").write_text("2")
+    assert megatron_io.unnamed_iterations(str(ck)) == ["iter_0000004", "iter_0000006"]
+    lines = []
+    assert megatron_io.note_unnamed_iterations(str(ck), say=lines.append) == ["iter_0000004", "iter_0000006"]
+    assert len(lines) == 2 and lines[0].startswith(f"kept {ck / 'iter_0000004'}: it is newer than iteration 2")
+    (ck / "latest_checkpointed_iteration.txt").unlink()
+    assert megatron_io.unnamed_iterations(str(ck)) == ["iter_0000002", "iter_0000004", "iter_0000006"]
+    assert megatron_io.unnamed_iterations(str(tmp_path / "none")) == []
+
+
+# needs the training/checkpointing.py change (SaveDir.claim names them after owner.claim)
+def test_the_next_run_names_the_unnamed_iteration_and_replaces_it_by_its_own_save(straight, tmp_path):
+    ck = tmp_path / "ck"
+    shutil.copytree(straight / "ck", ck)
+    (ck / "latest_checkpointed_iteration.txt").write_text("2")  # as a kill before the tracker of iteration 4 leaves
+    shutil.rmtree(ck / "iter_0000006")
+    resume = ["--train-iters", 6, "--load", ck, "--save", ck, "--save-interval", 2, "--metrics-file",
+              tmp_path / "m.jsonl"]
+    assert forked(_pretrain(*resume), tmp_path / "rerun.log") == 0
+    log = open(tmp_path / "rerun.log").read()
+    assert f"kept {ck / 'iter_0000004'}: it is newer than iteration 2" in log, log[-3000:]
+    assert _losses(tmp_path / "m.jsonl") == _losses(straight / "m.jsonl")[2:]
+    assert CheckpointInfo.read(str(ck)).iteration == 6 and hidden(ck) == []

@@ -226,6 +226,23 @@ def test_bad_inputs_are_one_line_errors(assets, tmp_path, capsys):
     assert rc == 2 and "line 2" in err
 
 
+@pytest.mark.parametrize("name", ["prompts.txt", "prompts.jsonl"])
+def test_a_prompts_file_that_is_not_utf8_is_one_line(tmp_path, capsys, name):
+    """Issue 30: a UnicodeDecodeError traceback. Prompts are read before anything is loaded."""
+    bad = tmp_path / name
+    bad.write_bytes(b'{"prompt": "ok"}\n' + "caf\u00e9 in latin-1\n".encode("latin-1"))
+    rc, err = _fails(["--load", tmp_path, "--tokenizer-name-or-path", tmp_path, "--prompts-file", bad], capsys)
+    assert rc == 2 and str(bad) in err and "UTF-8" in err and "0xe9" in err and "line 2" in err, err
+
+
+def test_seq_length_beyond_the_models_positions_is_refused(assets, capsys):
+    """Issue 30: --seq-length 100000 on a model of 256 positions silently stopped at 256."""
+    positions = TINY.max_position_embeddings
+    rc, err = _fails(["--load", assets[1, 1], "--tokenizer-name-or-path", assets["hf"], "--prompt", "x",
+                      "--seq-length", 100000], capsys)
+    assert rc == 2 and f"--seq-length 100000: the model in {assets[1, 1]} has {positions} positions" in err, err
+
+
 def test_help_documents_every_flag():
     from aquila_npu.cli.generate import build_parser
 

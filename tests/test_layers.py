@@ -32,7 +32,7 @@ LAYERS = (
     "checks",  # the selfcheck's checks
     "jobs",  # what a command does when it takes several libraries
     "cli",  # the commands: parsers and one library call each
-    ("pretrain", "generate", "evaluate", "benchmark", "selfcheck", "demo"),  # python -m aquila_npu.X shims
+    ("pretrain", "generate", "evaluate", "benchmark", "selfcheck", "demo", "preflight"),  # python -m aquila_npu.X shims
     "testing",  # test machinery (tiny models, the fake torch_npu): never imported by the product
 )
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in ((layer,) if isinstance(layer, str) else layer)}

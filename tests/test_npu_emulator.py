@@ -9,9 +9,9 @@
 - NpuFlashAttention in training (sparse modes 0 and 2) and inference (npu_fused_infer_attention_score, and the plain
   fallback outside its limits); the MC2 linears' checks; the MC2 kernels and linears on two processes.
 
-The wheels are read, never installed: ``.ci/run`` downloads them to ``.cache/wheels``; elsewhere point
-AQUILA_TORCH_NPU_WHEEL (one wheel) or AQUILA_TORCH_NPU_WHEEL_DIR (a folder of them). Tests that need a wheel skip
-without one.
+The wheels are read, never installed: the test session downloads them once to ``.cache/wheels`` (or point
+AQUILA_TORCH_NPU_WHEEL at one wheel, AQUILA_TORCH_NPU_WHEEL_DIR at a folder of them). Tests that need a wheel skip
+only where none is there and none can be downloaded.
 
 Tolerances: fp32 max abs diff <= 1e-5 (1e-4 for attention); bf16 <= 1.6e-2 (two bf16 ulps at magnitude ~1), with the
 reference computed in fp32 from the same bf16 inputs.
@@ -44,8 +44,8 @@ MODULES_SRC = ROOT / "aquila_npu" / "device" / "npu_modules.py"
 def _read(version, member):
     wheel = torch_npu_wheel(version)
     if wheel is None:
-        pytest.skip(f"torch_npu {version} wheel not available locally (set AQUILA_TORCH_NPU_WHEEL[_DIR] or run "
-                    ".ci/run, which downloads it to .cache/wheels without installing it)")
+        pytest.skip(f"torch_npu {version} wheel neither in .cache/wheels nor downloadable (no package index; or set "
+                    "AQUILA_TORCH_NPU_WHEEL[_DIR])")
     with zipfile.ZipFile(wheel) as z:
         return z.read(member).decode()
 

@@ -99,7 +99,10 @@ def test_fake_runtime_is_torch_npu_on_the_cpu():
 
 
 def _wheel_text(path):
-    with zipfile.ZipFile(torch_npu_wheel()) as z:
+    wheel = torch_npu_wheel()
+    if wheel is None:
+        pytest.skip("the torch_npu 2.13.0 wheel is neither in .cache/wheels nor downloadable (no package index)")
+    with zipfile.ZipFile(wheel) as z:
         return z.read(path).decode()
 
 
@@ -109,7 +112,6 @@ def _wheel_lists(tree):
             if isinstance(t, ast.Name)}
 
 
-@pytest.mark.skipif(torch_npu_wheel() is None, reason="the torch_npu wheel is not downloaded (.ci/run fetches it)")
 def test_fake_runtime_mirrors_the_wheel():
     """transfer_to_npu's white lists are the wheel's; every torch.npu name the fake offers exists in the wheel's
     torch_npu.npu.__all__, with the wheel's parameter names."""

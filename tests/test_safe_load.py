@@ -1,10 +1,10 @@
 """Loading a checkpoint never runs code (issue 18): a hostile checkpoint (a pickled object whose ``__reduce__`` makes
 a marker directory when unpickled) is refused with one line naming the file by every entry point: pretrain (tp1;
 tp2 with only rank 1's file hostile; a distributed-optimizer shard; a LoRA adapter in --lora-load), generate (tp1
-and rank 1 of tp2), evaluate, selfcheck --load, convert Megatron -> HF, Megatron -> Megatron, HF
-(pytorch_model.bin) -> Megatron, and a LoRA adapter merged (--lora-load) or exported (--save-lora-to-hf). The payload
-never runs, while a plain ``torch.load(weights_only=False)`` of the same file does run it (the files are truly
-hostile)."""
+and rank 1 of tp2), evaluate, selfcheck --load and its --hf-dir reference (pytorch_model.bin), convert Megatron -> HF,
+Megatron -> Megatron, HF (pytorch_model.bin) -> Megatron, a PEFT adapter_model.bin imported (--loader peft), and a LoRA
+adapter merged (--lora-load) or exported (--save-lora-to-hf). The payload never runs, while a plain
+``torch.load(weights_only=False)`` of the same file does run it (the files are truly hostile)."""
 
 import json
 import os
@@ -157,17 +157,47 @@ def test_convert_from_megatron(assets, tmp_path, capsys, marker, target, rank):
     assert not out.exists() or not os.listdir(out)
 
 
-def test_convert_from_huggingface_pytorch_bin(assets, tmp_path, capsys, marker):
-    hf = tmp_path / "hf"
-    shutil.copytree(assets["hf"], hf)
+def _hostile_hf_bin(source, hf, marker):
+    """A copy of the HF folder ``source`` whose weights are a pytorch_model.bin that asks for ``Payload``."""
+    shutil.copytree(source, hf)
     state = load_file(hf / "model.safetensors")
     os.remove(hf / "model.safetensors")
     state["note"] = Payload(marker)
     torch.save(state, hf / "pytorch_model.bin")
+    return hf
+
+
+def test_convert_from_huggingface_pytorch_bin(assets, tmp_path, capsys, marker):
+    hf = _hostile_hf_bin(assets["hf"], tmp_path / "hf", marker)
     rc, err = call_main(convert_main, ["--loader", "llama2_hf", "--saver", "megatron", "--load-dir", hf,
                                        "--save-dir", tmp_path / "out"], capsys)
     assert rc == 2
     _refused(err, hf / "pytorch_model.bin")
+
+
+def test_selfcheck_hf_dir_pytorch_bin(assets, tmp_path, capsys, marker):
+    """The selfcheck's Hugging Face reference (``--hf-dir``): transformers' own refusal was a 30-line
+    UnpicklingError; the pickle is read through safe_load first and refused in one line (issue 30)."""
+    hf = _hostile_hf_bin(assets["hf"], tmp_path / "hf", marker)
+    rc, err = call_main(selfcheck_main, ["--load", assets[1, 1], "--hf-dir", hf, "--device", "cpu"], capsys)
+    assert rc == 2
+    _refused(err, hf / "pytorch_model.bin")
+
+
+def test_convert_peft_adapter_model_bin(assets, tmp_path, capsys, marker):
+    """A Hugging Face PEFT adapter saved as ``adapter_model.bin`` (--loader peft): refused in one line (issue 30:
+    five lines of torch's text), read through safe_load (peft's own loader would also try the Hub)."""
+    from aquila_npu.testing.tiny_hf import tiny_peft
+
+    peft_dir = tmp_path / "peft"
+    tiny_peft(["q_proj", "v_proj"]).save_pretrained(peft_dir, safe_serialization=False)
+    assert (peft_dir / "adapter_model.bin").exists() and not (peft_dir / "adapter_model.safetensors").exists()
+    _poison(peft_dir / "adapter_model.bin", marker)
+    rc, err = call_main(convert_main, ["--loader", "peft", "--saver", "megatron", "--load-dir", peft_dir, "--base-dir",
+                                       assets[1, 1], "--save-dir", tmp_path / "out"], capsys)
+    assert rc == 2
+    _refused(err, peft_dir / "adapter_model.bin")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ Apex / Transformer Engine notices hidden by their exact text only, and the banne
 Speed itself is measured by benchmarks (docs/inference.md), never timed here.
 """
 
+import os
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 
 from helpers import assert_one_line_error, build_assets, child_env, fake_npu_env
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTICE_WORDS = ("Apex", "Transformer Engine", "cuda_graph_scope", "full scope is deprecated")
 
 
@@ -32,6 +34,8 @@ def imported_modules(importtime_stderr: str):
 
 # (command, arguments, what stdout or the error line must hold, modules that prove the command's own imports were
 # listed: -X importtime does not list importlib's imports, so for evaluate's task modules one of their own imports)
+TRAIN_FLAGS = ["--model", "aquila2-tiny", "--seq-length", "32", "--micro-batch-size", "1", "--global-batch-size", "1",
+               "--train-iters", "1", "--lr", "1e-3"]
 QUICK_ANSWERS = {
     "generate-help": ("generate", ["--help"], "--max-new-tokens", ["aquila_npu.cli.generate"]),
     "generate-bad-load": ("generate", ["--load", "/no/such/checkpoint", "--tokenizer-name-or-path", "/no/tok",
@@ -42,13 +46,30 @@ QUICK_ANSWERS = {
     "evaluate-bad-data": ("evaluate", ["--task", "boolq", "--task-data-path", "/no/such/boolq", "--load", "/no/ckpt",
                                        "--tokenizer-name-or-path", "/no/tok"], "/no/such/boolq",
                           ["aquila_npu.cli.evaluate", "aquila_npu.evaluation.sandbox"]),
+    # issue 29: every command answers a missing input before torch, transformers or megatron-core load
+    "pretrain-bad-data": ("pretrain", ["--data-path", "/no/data", "--tokenizer-name-or-path", ROOT,  # a folder
+                                       *TRAIN_FLAGS], "/no/data.bin", ["aquila_npu.cli.pretrain"]),
+    "pretrain-bad-tokenizer": ("pretrain", ["--mock-data", "--tokenizer-name-or-path", "/no/tok", *TRAIN_FLAGS],
+                               "--tokenizer-name-or-path: /no/tok does not exist", ["aquila_npu.cli.pretrain"]),
+    "convert-bad-load": ("tools/checkpoint/convert_ckpt.py", ["--load-dir", "/no/ckpt", "--save-dir", "/no/out",
+                                                              "--target-tensor-parallel-size", "1", "--loader",
+                                                              "llama2_hf", "--saver", "megatron"],
+                         "--load-dir /no/ckpt", ["aquila_npu.cli.convert"]),
+    "preprocess-bad-input": ("tools/preprocess_data.py", ["--input", "/no/in.json", "--output-prefix", "/no/x",
+                                                          "--tokenizer-name-or-path", ROOT],  # a folder
+                             "/no/in.json", ["aquila_npu.cli.preprocess"]),
 }
+
+
+def command_line(command):
+    """``python -m aquila_npu.<command>``, or a script of the repository (tools/...)."""
+    return [os.path.join(ROOT, command)] if command.endswith(".py") else ["-m", f"aquila_npu.{command}"]
 
 
 @pytest.mark.parametrize("case", sorted(QUICK_ANSWERS))
 def test_help_and_input_errors_import_neither_torch_nor_megatron(case):
     command, args, expected, own = QUICK_ANSWERS[case]
-    r = subprocess.run([sys.executable, "-X", "importtime", "-m", f"aquila_npu.{command}", *args],
+    r = subprocess.run([sys.executable, "-X", "importtime", *command_line(command), *args],
                        env=child_env(), capture_output=True, text=True, timeout=300)
     names = imported_modules(r.stderr)
     assert set(own) <= names  # the parse of importtime's lines works

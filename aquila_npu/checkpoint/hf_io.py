@@ -145,6 +145,25 @@ class HFReader:
             raise CheckpointError(f"{os.path.join(self.path, fname)}: cannot read {name} ({e})") from None
 
 
+def reference_weights(path: str) -> bool:
+    """Before transformers' ``from_pretrained`` reads the HF folder ``path`` (the selfcheck's reference model):
+    True when it holds safetensors (then load with ``use_safetensors=True``: no pickle is read at all); else every
+    ``pytorch_model*.bin`` is read once through ``safe_load`` (memory-mapped, the allow-list), so a file that asks
+    for anything beyond tensors is refused in one line naming it before transformers unpickles it. False: load the
+    .bin files (transformers reads them with ``weights_only=True`` too)."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a directory")
+    names = sorted(os.listdir(path))
+    if any(n.endswith(".safetensors") for n in names):
+        return True
+    pickles = [n for n in names if n.startswith("pytorch_model") and n.endswith(".bin")]
+    if not pickles:
+        raise CheckpointError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model*.bin")
+    for n in pickles:
+        safe_load.load(os.path.join(path, n))
+    return False
+
+
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 

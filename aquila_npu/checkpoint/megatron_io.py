@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -118,6 +119,39 @@ def read_iteration(root: str) -> int:
         raise CheckpointError(f"{path}: {text!r} is not an iteration number") from None
 
 
+def unnamed_iterations(root: str) -> List[str]:
+    """The ``iter_*`` directories of ``root`` newer than the iteration its tracker names (every one when there is no
+    tracker): put in place whole by a run killed before it moved the tracker (the rename is atomic and comes after
+    every rank wrote), or left when the tracker was set back by hand to resume from an earlier iteration."""
+    try:
+        named = read_iteration(root)
+    except CheckpointError:
+        named = -1
+    found = []
+    for entry in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        m = re.fullmatch(r"iter_(\d{7,})", entry)
+        if m and int(m.group(1)) > named and os.path.isdir(os.path.join(root, entry)):
+            found.append(entry)
+    return found
+
+
+def note_unnamed_iterations(root: str, say: Callable[[str], None] = print) -> List[str]:
+    """The rule for ``unnamed_iterations`` when a run claims ``root`` as its ``--save``: each is kept (never removed:
+    it is complete, and it may be one the user set the tracker back from), named in one line; the run's own save of
+    that iteration replaces it. Returns them."""
+    found = unnamed_iterations(root)
+    try:
+        why = f"it is newer than iteration {read_iteration(root)}, which {TRACKER} names"
+    except CheckpointError:
+        why = f"there is no {TRACKER} naming it"
+    for entry in found:
+        n = int(entry[len("iter_"):])
+        say(f"kept {os.path.join(root, entry)}: {why} (a run was killed before naming it, or the tracker was set "
+            f"back by hand); a save of iteration {n} replaces it, and writing {n} into {TRACKER} makes --load resume "
+            "from it")
+    return found
+
+
 def _iter_dir(root: str, iteration: int) -> str:
     return os.path.join(root, "release") if iteration == 0 and os.path.isdir(os.path.join(root, "release")) \
         else os.path.join(root, f"iter_{iteration:07d}")
@@ -145,6 +179,8 @@ class CheckpointInfo:
     layout: Layout
     params_dtype: torch.dtype
     trained: bool  # written by training (optimizer, scheduler, RNG), not by the converter
+    distributed_optimizer: bool = False  # training with --use-distributed-optimizer wrote it (per-DP-rank shards)
+    data_parallel_size: Optional[int] = None  # the data-parallel size of the run that wrote it (training)
     _first: Optional[dict] = field(default=None, repr=False, compare=False)
 
     @property
@@ -172,7 +208,8 @@ class CheckpointInfo:
         if len(ranks) != expected:
             raise CheckpointError(f"{d}: {len(ranks)} rank directories, expected {expected} (tp{layout.tp} x "
                                   f"pp{layout.pp})")
-        return cls(root, iteration, layout, parse_dtype(meta["params_dtype"]), "optimizer" in first, first)
+        return cls(root, iteration, layout, parse_dtype(meta["params_dtype"]), "optimizer" in first,
+                   bool(first.get("distributed_optimizer")), first.get("data_parallel_size"), first)
 
     @classmethod
     def find(cls, root: Optional[str]) -> Optional["CheckpointInfo"]:
@@ -180,6 +217,29 @@ class CheckpointInfo:
         if not root or not os.path.exists(os.path.join(root, TRACKER)):
             return None
         return cls.read(root)
+
+    def check_resume(self, layout: Layout, *, finetune: bool, no_load_optim: bool, use_distributed_optimizer: bool,
+                     data_parallel_size: int, flag: str = "--load") -> None:
+        """What a training run loading this checkpoint at ``layout`` would refuse, checked from the metadata
+        before any output, device or process group exists (``training.checkpointing.load`` says the same): another
+        tensor/pipeline layout; optimizer state saved with(out) ``--use-distributed-optimizer`` unlike this run, or
+        by another number of data-parallel ranks."""
+        from aquila_npu.checkpoint.load_model import relayout_command
+
+        have = self.layout
+        if (have.tp, have.pp) != (layout.tp, layout.pp):
+            raise CheckpointError(
+                f"{flag} {self.root} is tp{have.tp}-pp{have.pp}, but this run is tp{layout.tp}-pp{layout.pp}; re-lay "
+                f"it out with: {relayout_command(self.root, layout.tp, layout.pp)}")
+        if finetune or no_load_optim or not self.trained:
+            return
+        if self.distributed_optimizer != use_distributed_optimizer:
+            raise CheckpointError(f"{flag} {self.root}: saved {'with' if self.distributed_optimizer else 'without'} "
+                                  "--use-distributed-optimizer; pass the same flag, or --no-load-optim")
+        if self.distributed_optimizer and self.data_parallel_size != data_parallel_size:
+            raise CheckpointError(f"{flag} {self.root}: its distributed-optimizer state was saved by "
+                                  f"{self.data_parallel_size} data-parallel ranks, this run has {data_parallel_size}; "
+                                  "use the same number of processes, or --no-load-optim")
 
     def load_rank(self, tp_rank: int, pp_rank: int) -> dict:
         if (tp_rank, pp_rank) == (0, 0) and self._first is not None:

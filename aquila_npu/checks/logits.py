@@ -13,12 +13,28 @@ from __future__ import annotations
 import json
 import sys
 
-from aquila_npu.errors import CheckFailed, UsageError
+from aquila_npu.errors import CheckFailed, CheckpointError, UsageError
 from aquila_npu.outputs.files import write_json
 
 MODEL = "aquila2-tiny-gqa"
 SEED = 0
 TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 2e-2}
+
+
+def _check_reference(hf_dir: str, load: str, spec) -> bool:
+    """The --hf-dir model before transformers loads it: the --load checkpoint's architecture (a different model
+    would fail deep in the comparison), its weights safetensors or pickles that ``safe_load`` accepts
+    (``hf_io.reference_weights``). Returns ``use_safetensors`` for ``from_pretrained``."""
+    from aquila_npu.checkpoint.hf_io import reference_weights
+    from aquila_npu.models.arch_flags import differences
+    from aquila_npu.models.hf_config import spec_from_hf_config
+
+    theirs = spec_from_hf_config(hf_dir)
+    diff = differences(theirs, spec)
+    if diff:
+        raise CheckpointError(f"--hf-dir {hf_dir} is another model than the --load checkpoint {load} "
+                              f"({'; '.join(diff)}): pass the Hugging Face folder it was converted from")
+    return reference_weights(hf_dir)
 
 
 def run(args) -> int:
@@ -44,6 +60,7 @@ def run(args) -> int:
     info = CheckpointInfo.read(args.load) if args.load else None
     if info is not None:
         check_parallel_sizes(info, args.tp, args.pp)
+        use_safetensors = _check_reference(args.hf_dir, args.load, info.spec)
     torch.set_num_threads(1)
     dtype = DTYPES[dtype_name]
     fused = FusedOps.all() if resolve(args.device) == "npu" else FusedOps()  # Ascend's kernels where they are
@@ -52,7 +69,8 @@ def run(args) -> int:
         # the CPU redirection of torch.cuda / tensor factories.
         from transformers import AutoModelForCausalLM
 
-        hf_reference = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=dtype).eval()
+        hf_reference = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=dtype,
+                                                            use_safetensors=use_safetensors).eval()
     dev = setup(args.device, fused)
     if info is not None:
         loaded = load_model_for_inference(info, dev, params_dtype=dtype)

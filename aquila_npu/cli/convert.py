@@ -5,10 +5,11 @@ itself: ``aquila_npu.checkpoint.convert``."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from aquila_npu.cli.common import Parser, run_cli
-from aquila_npu.errors import UsageError
+from aquila_npu.errors import CheckpointError, UsageError
 from aquila_npu.flags import add_inert_arguments, check_positive
 from aquila_npu.lora import settings as lora_settings
 
@@ -41,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
                    help="pad the vocabulary to a multiple of this x tp (default 1, as ModelLink's Aquila2 scripts)")
     p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="HF output: largest safetensors shard")
-    lora_settings.add_arguments(p)
+    lora_settings.add_arguments(p, lora_settings.CONVERSION)
     add_inert_arguments(p, INERT)
     g = p.add_argument_group("LoRA conversion (MindSpeed-LLM's convert_ckpt flags)")
     g.add_argument("--save-lora-to-hf", action="store_true",
@@ -59,6 +60,12 @@ def parse(argv=None) -> argparse.Namespace:
                    "make_vocab_size_divisible_by")
     if not args.max_shard_size_gb > 0:
         raise UsageError(f"--max-shard-size-gb {args.max_shard_size_gb} must be > 0")
+    for flag in ("load_dir", "lora_load", "base_dir"):  # before torch is imported
+        path = getattr(args, flag)
+        if path and not os.path.exists(path):
+            raise CheckpointError(f"--{flag.replace('_', '-')} {path}: no such file or folder")
+    if args.tokenizer_model and not os.path.exists(args.tokenizer_model):
+        raise CheckpointError(f"--tokenizer-model {args.tokenizer_model}: no such file")
     return args
 
 

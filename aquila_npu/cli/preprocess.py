@@ -10,6 +10,7 @@ megatron-core indexed datasets, with ModelLink's flags. The work: ``aquila_npu.d
 """
 
 import argparse
+import os
 import sys
 
 from aquila_npu.cli.common import Parser, run_cli
@@ -73,7 +74,8 @@ def build_parser():
                         "template already ends the answer with it")
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", required=True,
-                   help="path prefix of the output files (its directory is created if missing)")
+                   help="path prefix of the output files, e.g. ./dataset/alpaca (not a folder: the outputs are "
+                        "<prefix>_<key>_document.bin/.idx); its directory is created if missing")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1,
                    help="number of tokenizing processes (default 1: tokenize in this process); each uses one "
@@ -91,6 +93,10 @@ def parse(argv=None) -> argparse.Namespace:
     from aquila_npu.data.handlers import PRETRAIN
 
     args = build_parser().parse_args(argv)
+    if os.path.basename(args.output_prefix) in ("", ".", ".."):
+        raise UsageError(f"--output-prefix {args.output_prefix}: names a folder, not a path prefix; the outputs are "
+                         f"<prefix>_<key>_document.bin/.idx, e.g. --output-prefix "
+                         f"{os.path.join(args.output_prefix, 'corpus')}")
     pack = "--pack" if args.pack else "--neat-pack" if args.neat_pack else None
     if pack and args.handler_name == PRETRAIN:
         raise UsageError(f"{pack} packs instruction samples (--handler-name GeneralInstructionHandler); pretraining "

@@ -175,6 +175,9 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("--finetune needs --load (the checkpoint to fine-tune)")
     if args.is_instruction_dataset and args.mock_data:
         raise UsageError("--is-instruction-dataset and --mock-data exclude each other")
+    if args.mock_data and args.data_path:
+        raise UsageError("--mock-data and --data-path exclude each other: --mock-data trains on random tokens and "
+                         "would never read the data")
     if not args.mock_data and not args.data_path:
         raise UsageError("--data-path is required (or --mock-data)")
     if not args.mock_data and not args.tokenizer_name_or_path:

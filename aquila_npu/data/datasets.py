@@ -38,31 +38,8 @@ from aquila_npu.compat.megatron_core import DatasetConfigKeys, build_datasets
 from aquila_npu.errors import DataError
 from aquila_npu.data.handlers import IGNORE_INDEX
 from aquila_npu.data.packing import epoch_packs
+from aquila_npu.data.paths import check_prefix, indexed_prefixes, instruction_prefix, parse_data_path  # noqa: F401
 from aquila_npu.data.tokenizer import MCoreTokenizer
-
-
-def parse_data_path(data_path):
-    """(prefixes, weights or None) from ``--data-path``: a string or a list of strings, either ``"p1 p2 ..."`` or
-    Megatron's weighted form ``"w1 p1 w2 p2 ..."`` (weights are normalised by megatron-core)."""
-    items = data_path.split() if isinstance(data_path, str) else [w for item in data_path for w in str(item).split()]
-    if not items:
-        raise DataError("--data-path is empty")
-    if len(items) % 2 == 0:
-        try:
-            weights = [float(w) for w in items[0::2]]
-        except ValueError:
-            weights = None
-        if weights is not None:
-            if any(w < 0 for w in weights) or sum(weights) <= 0:
-                raise DataError(f"--data-path: weights must be non-negative and not all zero: {weights}")
-            return list(items[1::2]), weights
-    return list(items), None
-
-
-def _check_prefix(prefix, what="--data-path"):
-    missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
-    if missing:
-        raise DataError(f"{what}: {' and '.join(missing)} not found (run tools/preprocess_data.py first)")
 
 
 def _split_sizes(train_valid_test_num_samples, weights, split):
@@ -115,7 +92,7 @@ def build_pretrain_datasets(data_path, split, seq_length, seed, tokenizer, train
     """
     prefixes, weights = parse_data_path(data_path)
     for prefix in prefixes:
-        _check_prefix(prefix)
+        check_prefix(prefix)
     tokenizer = as_mcore_tokenizer(tokenizer)
     # reset_attention_mask: documents as document_ids (the attention stays within each through megatron-core's packed
     # sequences), never megatron-core's [s, s] mask
@@ -149,32 +126,13 @@ class DocumentsAtEod:
         return sample
 
 
-def instruction_prefix(data_prefix):
-    """The packed-file base for a ``--data-path`` entry: ``alpaca`` -> ``alpaca_packed`` (ModelLink's naming); a
-    prefix already ending in ``_packed`` is kept."""
-    for base in (data_prefix + "_packed", data_prefix):
-        if os.path.isfile(f"{base}_input_ids_document.idx"):
-            return base
-    raise DataError(f"--data-path: {data_prefix}_packed_input_ids_document.idx not found (instruction data is "
-                    "written by tools/preprocess_data.py --handler-name GeneralInstructionHandler)")
-
-
-def indexed_prefixes(data_path, instruction=False):
-    """The megatron-core indexed datasets ``--data-path`` names: its prefixes, or for instruction data the input ids
-    and labels of each packed prefix."""
-    prefixes, _ = parse_data_path(data_path)
-    if not instruction:
-        return prefixes
-    return [f"{instruction_prefix(p)}_{key}_document" for p in prefixes for key in ("input_ids", "labels")]
-
-
 class PackedInstructionData:
     """The low-level dataset: one instruction sample per document of ``<base>_input_ids_document`` and
     ``<base>_labels_document`` (megatron-core ``IndexedDataset``s, checked to hold equal lengths)."""
 
     def __init__(self, base, mmap=True):
         for key in ("input_ids", "labels"):
-            _check_prefix(f"{base}_{key}_document")
+            check_prefix(f"{base}_{key}_document")
         self.base = base
         self.input_ids = IndexedDataset(f"{base}_input_ids_document", mmap=mmap)
         self.labels = IndexedDataset(f"{base}_labels_document", mmap=mmap)

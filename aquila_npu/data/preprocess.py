@@ -120,7 +120,7 @@ def run(args):
 def _run(args):
     from aquila_npu.data.handlers import PRETRAIN, HandlerSpec, build_handler
     from aquila_npu.data.sources import iter_rows, resolve_inputs
-    from aquila_npu.data.tokenizer import load_tokenizer, vocab_size
+    from aquila_npu.data.tokenizer import check_tokenizer_path, load_tokenizer, vocab_size
 
     if args.workers < 1:
         raise DataError(f"--workers must be at least 1 (got {args.workers})")
@@ -131,12 +131,13 @@ def _run(args):
     spec = HandlerSpec(args.handler_name, args.tokenizer_name_or_path, use_fast=not args.tokenizer_not_use_fast,
                        json_keys=tuple(args.json_keys), append_eod=args.append_eod,
                        prompt_type=args.prompt_type or "alpaca", conversation_key=args.conversation_key)
-    tokenizer = load_tokenizer(args.tokenizer_name_or_path, use_fast=spec.use_fast, tokenizer_type=args.tokenizer_type)
-    handler = build_handler(spec, tokenizer)
+    check_tokenizer_path(args.tokenizer_name_or_path, args.tokenizer_type)  # path errors before transformers loads
     files = resolve_inputs(args.input)
     for path in files:
         if os.path.getsize(path) == 0:
             raise DataError(f"{path}: empty file (no rows)")
+    tokenizer = load_tokenizer(args.tokenizer_name_or_path, use_fast=spec.use_fast, tokenizer_type=args.tokenizer_type)
+    handler = build_handler(spec, tokenizer)
 
     from aquila_npu.data.writer import IndexedDatasetsWriter, token_dtype
     import numpy as np

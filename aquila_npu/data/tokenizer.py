@@ -8,12 +8,9 @@ from aquila_npu.errors import DataError
 TOKENIZER_TYPES = ("PretrainedFromHF",)
 
 
-def load_tokenizer(name_or_path, use_fast=True, tokenizer_type="PretrainedFromHF"):
-    """The ``transformers`` tokenizer in ``name_or_path`` (a local directory, or a model already in the local HF cache).
-
-    ``use_fast=False`` is ``--tokenizer-not-use-fast``. Never goes to the network. Raises ``DataError`` naming the flag
-    when the path does not exist or holds no loadable tokenizer.
-    """
+def check_tokenizer_path(name_or_path, tokenizer_type="PretrainedFromHF") -> bool:
+    """What can be said of ``--tokenizer-name-or-path`` without transformers (a ``DataError`` naming the flag): a path
+    that does not exist, or a file. Returns whether it is a local folder (else: a model name for the local HF cache)."""
     if tokenizer_type not in TOKENIZER_TYPES:
         raise DataError(f"--tokenizer-type {tokenizer_type!r} is not supported "
                         f"(choose from {', '.join(TOKENIZER_TYPES)})")
@@ -25,6 +22,16 @@ def load_tokenizer(name_or_path, use_fast=True, tokenizer_type="PretrainedFromHF
     if local and not os.path.isdir(name_or_path):
         raise DataError(f"--tokenizer-name-or-path: {name_or_path} is not a directory (give the folder that holds "
                         "tokenizer_config.json / tokenizer.json)")
+    return local
+
+
+def load_tokenizer(name_or_path, use_fast=True, tokenizer_type="PretrainedFromHF"):
+    """The ``transformers`` tokenizer in ``name_or_path`` (a local directory, or a model already in the local HF cache).
+
+    ``use_fast=False`` is ``--tokenizer-not-use-fast``. Never goes to the network. Raises ``DataError`` naming the flag
+    when the path does not exist or holds no loadable tokenizer.
+    """
+    local = check_tokenizer_path(name_or_path, tokenizer_type)
     from transformers import AutoTokenizer
 
     try:

@@ -61,8 +61,8 @@ class IndexedDatasetsWriter:
         self.builders, self.documents = {}, {name: 0 for name in self.prefixes}
         self.max_id = {name: -1 for name in self.prefixes}
         names = {os.path.basename(p) + ext for p, _ in self.prefixes.values() for ext in EXTENSIONS}
-        self.lock = owner.claim(target, "--output-prefix", debris_dir=os.path.dirname(os.path.abspath(target)),
-                                targets=names)
+        self.lock = owner.claim(target, "--output-prefix",
+                                debris_dir=owner.resolve(os.path.dirname(os.path.abspath(target))), targets=names)
         try:
             for name, (prefix, dtype) in self.prefixes.items():
                 with writing(prefix + ".bin", "the tokenized documents"):

@@ -8,7 +8,7 @@ import argparse
 import os
 from typing import List, Optional
 
-from aquila_npu.errors import UsageError
+from aquila_npu.errors import OutputError, UsageError
 from aquila_npu.evaluation import report
 from aquila_npu.evaluation.tasks import EvalOptions, get_task, summarize, task_names
 from aquila_npu.flags import inert_note
@@ -38,15 +38,28 @@ def options(args: argparse.Namespace) -> EvalOptions:
                        timeout=args.execution_timeout)
 
 
-def evaluate(args: argparse.Namespace) -> int:
-    """Evaluate as the parsed flags say (``aquila_npu.cli.evaluate``): tasks, options and data checked first, torch and
-    megatron-core imported only then."""
+def prepare(args: argparse.Namespace):
+    """Tasks, options, outputs and data checked (no torch): the task names, tasks, their rows and data paths. The
+    pre-flight (``aquila_npu.preflight``) runs this too."""
     names = task_names(args.task)
     if args.output and len(names) > 1:
         raise UsageError(f"--output {args.output}: {len(names)} tasks; use --output-dir DIR (one file per task)")
+    if args.output_dir:  # every output checked before any work (each task's file must be able to become a file)
+        for name in names:
+            out = os.path.join(args.output_dir, f"{name}.json")
+            if os.path.isdir(out):
+                raise OutputError(f"--output-dir {args.output_dir}: {out} is a folder; it would receive {name}'s "
+                                  "records: move it, or choose another --output-dir")
     paths = data_paths(args.task_data_path, len(names))
     tasks = [get_task(n, options(args)) for n in names]  # bad option values: one line, before any model
     docs = [task.load(path, args.limit) for task, path in zip(tasks, paths)]  # data errors: before any model
+    return names, tasks, docs, paths
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Evaluate as the parsed flags say (``aquila_npu.cli.evaluate``): tasks, options and data checked first, torch and
+    megatron-core imported only then."""
+    names, tasks, docs, paths = prepare(args)
     # torch and megatron-core only now (--help and input errors answer without them)
     from aquila_npu.compat.torch import import_megatron_core
 

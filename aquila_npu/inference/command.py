@@ -43,12 +43,21 @@ def read_prompts(args: argparse.Namespace) -> List[str]:
                     raise DataError(f"{where}: expected a string or an object with a string 'prompt'")
         except FileNotFoundError:
             raise DataError(f"--prompts-file {path}: no such file") from None
-    else:
-        try:
-            with open(path, encoding="utf-8") as f:
-                prompts = [line for line in f.read().splitlines() if line.strip()]
         except OSError as e:
             raise DataError(f"--prompts-file {path}: {e.strerror or e}") from None
+    else:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as e:
+            raise DataError(f"--prompts-file {path}: {e.strerror or e}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise DataError(f"--prompts-file {path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); "
+                            "save it as UTF-8") from None
+        prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise DataError(f"--prompts-file {path}: no prompts")
     return prompts

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping, Optional
 
+from aquila_npu.data.tokenizer import check_tokenizer_path
 from aquila_npu.device.fused import FusedOps
 from aquila_npu.errors import UsageError
 from aquila_npu.flags import check_positive
@@ -71,6 +72,7 @@ def model_options(args) -> ModelOptions:
         raise UsageError("--use-mc2 fuses the communication of sequence-parallel training into its matmuls; generation "
                          "and evaluation have no sequence parallelism: drop --use-mc2")
     check_load_dir(args.load)
+    check_tokenizer_path(args.tokenizer_name_or_path)
     dtype = None
     if args.fp16 or args.bf16:  # torch only now: input errors above come before it is imported
         from aquila_npu.models.dtypes import DTYPES

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple, TypeVar
+from typing import Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from megatron.core import parallel_state as ps
@@ -63,8 +63,9 @@ def gather(results: Dict[int, object]) -> Dict[int, object]:
     return merged
 
 
-def check(opts: ModelOptions) -> CheckpointInfo:
-    """Every input error before any process group exists; the checkpoint's description."""
+def check(opts: ModelOptions, world: Optional[int] = None) -> CheckpointInfo:
+    """Every input error before any process group exists, for ``world`` processes (default: torchrun's
+    WORLD_SIZE, else 1); the checkpoint's description."""
     check_load_dir(opts.load)
     info = CheckpointInfo.read(opts.load)
     layout = info.layout
@@ -72,7 +73,11 @@ def check(opts: ModelOptions) -> CheckpointInfo:
     check_parallel_sizes(info, tp, pp)
     arch_flags.check(info.spec, opts.architecture, "checkpoint", where=opts.load, padded_vocab=layout.padded_vocab,
                      tp=layout.tp)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    positions = info.spec.max_position_embeddings
+    if opts.seq_length is not None and opts.seq_length > positions:
+        raise UsageError(f"--seq-length {opts.seq_length}: the model in {opts.load} has {positions} positions "
+                         f"(max_position_embeddings); give at most {positions}, or leave --seq-length out")
+    world = world or int(os.environ.get("WORLD_SIZE", "1"))
     if world % (tp * pp):
         raise UsageError(f"{world} process(es) cannot run the tp{tp}-pp{pp} checkpoint {opts.load}: start a multiple "
                          f"of {tp * pp} (torchrun --nproc-per-node {tp * pp} ...), or convert it for one process: "
@@ -85,7 +90,7 @@ class Session:
     device: Device
     loaded: LoadedModel
     tokenizer: object
-    max_length: int  # the longest sequence (prompt + generated tokens) this session runs
+    max_length: int  # the longest sequence (prompt + generated tokens) this session runs (<= the model's positions)
 
     @classmethod
     def start(cls, opts: ModelOptions) -> "Session":

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 
 def run(args) -> int:
+    from aquila_npu.training.inputs import check_paths
+
+    check_paths(args)  # before torch and megatron-core are imported
     from aquila_npu.lora import training as lora_training
     from aquila_npu.training.run import run as train
 

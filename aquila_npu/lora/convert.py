@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from aquila_npu.checkpoint import megatron_io
+from aquila_npu.checkpoint import megatron_io, safe_load
 from aquila_npu.errors import CheckpointError
 from aquila_npu.lora import checkpoint as adapter_ckpt
 from aquila_npu.lora.settings import LoraSettings
@@ -39,6 +39,7 @@ from aquila_npu.weights.mapping import (LORA_PAIRS, PEFT_PREFIX, TABLE, Layout, 
                                         lora_rows, lora_target)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's names (peft.utils.constants)
+ADAPTER_PICKLE = "adapter_model.bin"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -126,7 +127,6 @@ def export_peft(adapter_root: str, save_dir: str, base_model_name_or_path: Optio
 def read_peft(peft_dir: str):
     """(LoraConfig, tensors) of a Hugging Face PEFT LoRA adapter directory (local; never the Hub)."""
     from peft import PeftConfig, PeftType
-    from peft.utils import load_peft_weights
 
     if not os.path.isfile(os.path.join(peft_dir, ADAPTER_CONFIG)):
         raise CheckpointError(f"{peft_dir}: no {ADAPTER_CONFIG}; not a PEFT adapter directory")
@@ -140,11 +140,34 @@ def read_peft(peft_dir: str):
     if unsupported:
         raise CheckpointError(f"{peft_dir}: {', '.join(unsupported)} is not supported (plain LoRA on the linears "
                               "of attention and MLP is)")
-    try:
-        tensors = load_peft_weights(peft_dir, device="cpu")
-    except Exception as e:
-        raise CheckpointError(f"{peft_dir}: cannot read the adapter weights ({e})") from None
-    return config, {k: v for k, v in tensors.items()}
+    return config, read_peft_weights(peft_dir)
+
+
+def read_peft_weights(peft_dir: str) -> Dict[str, Tensor]:
+    """The tensors of a PEFT adapter directory, as peft's ``load_peft_weights`` finds them (safetensors first, else
+    ``adapter_model.bin``) but never from the Hub, and the ``.bin`` only through ``safe_load`` (the allow-list: a
+    hostile pickle is refused in one line naming it). One ``CheckpointError`` line for anything unreadable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    st, pickled = os.path.join(peft_dir, ADAPTER_WEIGHTS), os.path.join(peft_dir, ADAPTER_PICKLE)
+    if os.path.isfile(st):
+        try:
+            tensors = load_file(st, device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{st}: cannot read the adapter weights ({_first_line(e)})") from None
+    elif os.path.isfile(pickled):
+        tensors = safe_load.load(pickled, mmap=False)
+        if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
+            raise CheckpointError(f"{pickled}: not a PEFT adapter state dict (a dict of tensors)")
+    else:
+        raise CheckpointError(f"{peft_dir}: no {ADAPTER_WEIGHTS} or {ADAPTER_PICKLE}; not a PEFT adapter directory")
+    return dict(tensors)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _module_alpha_rank(config, module: str) -> Tuple[float, int]:

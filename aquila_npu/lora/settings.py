@@ -66,19 +66,28 @@ class LoraSettings:
                    float(d.get("lora_dropout") or 0.0), tuple((d.get("lora_ranks") or {}).items()))
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+TRAINING = ("LoRA (on with --lora-target-modules or --lora-load; the --load base is frozen)",
+            "an adapter checkpoint (saved by a LoRA run, or converted from a Hugging Face PEFT adapter) to resume (or, "
+            "with --finetune, to continue from at iteration 0)")
+CONVERSION = ("LoRA (the adapter a conversion merges or exports)",
+              "an adapter checkpoint (saved by a LoRA run) to merge into the --load-dir base (W + alpha/r * B A per "
+              "tensor-parallel shard) or, with --save-lora-to-hf, to export; the other --lora-* flags, when given, "
+              "must be the adapter's")
+
+
+def add_arguments(parser: argparse.ArgumentParser, texts=TRAINING) -> None:
     """MindSpeed-LLM's LoRA flags (``mindspeed_llm/features_manager/finetune/lora.py``). r / alpha default to None
-    so that values given can be told from defaults and checked against a --lora-load adapter."""
-    g = parser.add_argument_group("LoRA (on with --lora-target-modules or --lora-load; the --load base is frozen)")
+    so that values given can be told from defaults and checked against a --lora-load adapter. ``texts``: the group's
+    title and --lora-load's help for the command (``TRAINING`` or ``CONVERSION``)."""
+    title, load_help = texts
+    g = parser.add_argument_group(title)
     g.add_argument("--lora-target-modules", nargs="+", default=[], choices=list(LORA_TARGETS), metavar="MODULE",
                    help=f"linears that get adapters: any of {' '.join(LORA_TARGETS)}")
     g.add_argument("--lora-r", type=int, default=None, help=f"adapter rank (default {DEFAULT_R})")
     g.add_argument("--lora-alpha", type=float, default=None,
                    help=f"adapter scaling alpha; updates are scaled by alpha / r (default {DEFAULT_ALPHA:g})")
     g.add_argument("--lora-dropout", type=float, default=None, help="dropout on the adapters' input (default 0)")
-    g.add_argument("--lora-load", default=None,
-                   help="an adapter checkpoint (saved by a LoRA run, or converted from a Hugging Face PEFT adapter) "
-                        "to resume (or, with --finetune, to continue from at iteration 0)")
+    g.add_argument("--lora-load", default=None, help=load_help)
 
 
 def resolve(args: argparse.Namespace, saved: Optional[LoraSettings] = None) -> Optional[LoraSettings]:

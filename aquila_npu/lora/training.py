@@ -40,6 +40,11 @@ class LoraTransform:
     def __init__(self, lora: LoraSettings):
         self.settings = lora
 
+    def check(self, args, checkpoint, layout: Layout, data_parallel_size: int) -> None:
+        """Everything ``load`` would refuse that the checkpoints' metadata tells, before the run creates any output
+        or process group (``check``)."""
+        check(args, checkpoint, layout, data_parallel_size)
+
     def apply(self, stage, config, layout: Layout, pp_rank: int, seed: int):
         from aquila_npu.lora.layers import apply_lora  # peft (and transformers): only LoRA runs import them
 
@@ -65,6 +70,23 @@ def settings(args: argparse.Namespace) -> Optional[LoraSettings]:
     if s is not None and not args.load:
         raise UsageError("LoRA needs --load: the base model the adapters are trained on")
     return s
+
+
+def check(args: argparse.Namespace, base: Optional[CheckpointInfo], layout: Layout, data_parallel_size: int) -> None:
+    """What ``load`` refuses, from the metadata alone (no device, no process group, no output yet): no base; a base
+    or adapter of another tensor/pipeline layout than the run's; an adapter of another model than the base; adapter
+    optimizer state that this run's --use-distributed-optimizer / data-parallel size cannot resume."""
+    if base is None:
+        raise CheckpointError(f"--load {args.load}: no checkpoint there (the base model LoRA trains on)")
+    base.check_resume(layout, finetune=True, no_load_optim=True,
+                      use_distributed_optimizer=args.use_distributed_optimizer, data_parallel_size=data_parallel_size)
+    adapter = adapter_ckpt.find(args.lora_load)
+    if adapter is None:
+        return
+    adapter_ckpt.check_same_model(adapter, layout, args.load)
+    adapter.info.check_resume(layout, finetune=args.finetune, no_load_optim=args.no_load_optim,
+                              use_distributed_optimizer=args.use_distributed_optimizer,
+                              data_parallel_size=data_parallel_size, flag="--lora-load")
 
 
 def load(args: argparse.Namespace, base: CheckpointInfo, *, model, optimizer, scheduler, layout: Layout,

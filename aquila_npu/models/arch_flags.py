@@ -151,7 +151,13 @@ def check(spec: ModelSpec, flags: Mapping[str, object], source: str, *, where: s
 
 def same_architecture(a: ModelSpec, b: ModelSpec) -> bool:
     """Whether two specs describe the same model (the table's fields, tied embeddings, RoPE scaling)."""
-    return all(_same(getattr(a, k), getattr(b, k)) for k in _IDENTITY)
+    return not differences(a, b)
+
+
+def differences(a: ModelSpec, b: ModelSpec) -> list:
+    """``["hidden_size 64 vs 128", ...]``: the fields in which two specs differ (those ``same_architecture``
+    compares)."""
+    return [f"{k} {getattr(a, k)} vs {getattr(b, k)}" for k in _IDENTITY if not _same(getattr(a, k), getattr(b, k))]
 
 
 def megatron_namespace(spec: ModelSpec, **layout) -> argparse.Namespace:

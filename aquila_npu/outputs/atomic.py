@@ -8,7 +8,8 @@
   elsewhere it is moved aside first, and a crash between the two renames is repaired by the next run
   (``owner.clean`` puts the old copy back).
 * ``AtomicDir(target)``: a directory written under a temporary name beside ``target`` (claimed by ``owner.claim``,
-  created with the usual permissions) that replaces it on success and is removed on failure.
+  created with the usual permissions) that replaces it on success and is removed on failure. A ``target`` that is a
+  symlink is written where it leads (``owner.resolve``): the symlink stays and names the new output.
 """
 
 from __future__ import annotations
@@ -95,14 +96,14 @@ class AtomicDir:
     error ends as one OutputError line saying that the partial output was removed and ``target`` left as it was."""
 
     def __init__(self, target: str, what: str, needed_bytes: Optional[int] = None, say=print):
-        self.target = os.path.abspath(target)
+        self.target = owner.resolve(target)
         parent, self.name = os.path.split(self.target)
         self.what = what
         try:
             os.makedirs(parent, exist_ok=True)
         except OSError as e:
             raise OutputError(f"{parent}: cannot create the folder for {what}: {reason(e)}") from None
-        self.lock = owner.claim(self.target, what, debris_dir=parent, targets={self.name}, say=say)
+        self.lock = owner.claim(target, what, debris_dir=parent, targets={self.name}, say=say)  # (it resolves too)
         try:
             if needed_bytes:
                 check_free_space(parent, needed_bytes, what)

@@ -24,8 +24,9 @@ def check_target(flag: str, path: str) -> None:
 @contextlib.contextmanager
 def atomic_file(path: str, what: str, mode: str = "w", encoding: str = "utf-8") -> Iterator[IO]:
     """``with atomic_file(path, what) as f:`` write ``f``; it becomes ``path`` when the block ends normally and is
-    removed when it raises. The folder is created when missing."""
-    path = os.path.abspath(path)
+    removed when it raises. The folder is created when missing; a symlink is written where it leads
+    (``owner.resolve``), not replaced by a file."""
+    path = owner.resolve(path)
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, owner.debris_name(name, "tmp"))
     try:

@@ -5,7 +5,9 @@ Every staging or temporary path a command writes is called ``.<target>.<kind>.pi
 ``.<target>.lock`` beside it that holds the owner's pid and host under an ``flock`` (which the kernel drops when the
 owner dies, even by SIGKILL). So:
 
-* a second run writing the same target refuses with one line naming the holder;
+* a second run writing the same target refuses with one line naming the holder, however it names the target: the
+  lock, the staging names and the debris they clean are those of the resolved path (``resolve``: symlinks followed),
+  so ``--save link`` and ``--save target`` are one target;
 * a lock left behind by a dead run is taken over, with one line;
 * the run holding the lock removes what earlier runs left beside its target (one line each), and puts back an output
   a crash left moved aside (``.<target>.old.*`` while ``<target>`` is missing). Without a lock (a file system with
@@ -29,6 +31,14 @@ _DEBRIS = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|staging|old)\.pid(?P<pid>
 _OWNER = re.compile(r"^pid(?P<pid>\d+)@(?P<host>[^@/\s]+)$")
 
 Say = Callable[[str], None]
+
+
+def resolve(target: str) -> str:
+    """The path ``target`` names once every symlink is followed (a symlink to a folder: that folder; a missing
+    path: its resolved parent joined with its name). Locks, staging names and the "same target" test use it, so two
+    runs reaching one output through different names (a symlink, ``..``) hold the same lock, and an output is written
+    into a symlink's target instead of replacing the symlink."""
+    return os.path.realpath(target)
 
 
 def tag() -> str:
@@ -77,7 +87,8 @@ class Lock:
     """``.<target>.lock`` beside ``target``, held by one run at a time (``acquire`` / ``release``)."""
 
     def __init__(self, target: str, what: str):
-        self.target = os.path.abspath(target)
+        self.given = target
+        self.target = resolve(target)
         parent, name = os.path.split(self.target)
         self.path = os.path.join(parent, f".{name}.lock")
         self.what = what
@@ -89,7 +100,7 @@ class Lock:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as e:
-                raise OutputError(f"{self.path}: cannot create the lock file for {self.what} {self.target} "
+                raise OutputError(f"{self.path}: cannot create the lock file for {self.what} {self._named()} "
                                   f"({e.strerror})") from None
             try:
                 held = _flock(fd)
@@ -99,7 +110,7 @@ class Lock:
                                          and alive(*owner) is not False)
                 if busy:
                     who = f"pid {owner[0]} on host {owner[1]}" if owner else "another process"
-                    raise OutputError(f"{self.what} {self.target} is being written by another run ({who}, lock "
+                    raise OutputError(f"{self.what} {self._named()} is being written by another run ({who}, lock "
                                       f"{self.path}): wait for it to end, or remove {self.path} if that run is gone")
                 try:
                     same = os.path.samestat(os.fstat(fd), os.stat(self.path))
@@ -118,6 +129,11 @@ class Lock:
                 raise
             self._fd, self.flocked = fd, bool(held)
             return self
+
+    def _named(self) -> str:
+        """The target as given, and where it leads when that differs (a symlink)."""
+        given = os.path.abspath(self.given)
+        return self.target if given == self.target else f"{self.given} (= {self.target})"
 
     def release(self) -> None:
         if self._fd is None:

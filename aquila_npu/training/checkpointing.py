@@ -123,6 +123,7 @@ class SaveDir:
             with writing(root, "the checkpoint folder"):
                 os.makedirs(root, exist_ok=True)
             lock = owner.claim(root, "--save", debris_dir=root)
+            megatron_io.note_unnamed_iterations(root)  # an iteration the tracker does not name: kept, said in a line
 
         try:
             agreed(take if first else None)

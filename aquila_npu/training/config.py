@@ -86,8 +86,9 @@ def resolve(args, checkpoint: Optional[CheckpointInfo], tokenizer_vocab: Optiona
         divisible = saved
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if world_size % (tp * pp):
-        raise UsageError(f"{world_size} processes are not a multiple of --tensor-model-parallel-size {tp} x "
-                         f"--pipeline-model-parallel-size {pp}")
+        raise UsageError(f"{world_size} process{'es are' if world_size > 1 else ' is'} not a multiple of "
+                         f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp}: launch "
+                         f"{tp * pp} (or a multiple) with torchrun --nproc-per-node")
     layout = Layout(spec, tp, pp, divisible or 1)
     dp = world_size // (tp * pp)
     gbs = args.global_batch_size or args.micro_batch_size * dp

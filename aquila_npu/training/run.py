@@ -22,6 +22,7 @@ from aquila_npu.parallel import initialize_model_parallel
 from aquila_npu.training import adam, batches, checkpointing
 from aquila_npu.training.config import RunConfig, resolve
 from aquila_npu.training.features import run_features
+from aquila_npu.training.inputs import check_paths
 from aquila_npu.training.param_gather import ParamGatherHooks
 from aquila_npu.training.report import Reporter, device_memory
 from aquila_npu.training.step import eval_step, train_step
@@ -142,17 +143,23 @@ def datasets(args, cfg: RunConfig, tokenizer):
     return train, valid if n_valid else None
 
 
-def run(args, transform: Optional[ModelTransform] = None) -> int:
-    """Train as the parsed flags say (``aquila_npu.cli.pretrain``), the model changed by ``transform`` (LoRA; given by
-    ``aquila_npu.jobs.pretrain``, which also checks its inputs first); every input error before any work."""
-    if args.load and args.save and os.path.realpath(args.load) == os.path.realpath(args.save):
-        owner.restore_aside(args.save, say=_print_first)  # a checkpoint a killed run left moved aside, before reading
-    checkpoint = CheckpointInfo.find(args.load)  # read once; rank 0's file is loaded from it again below
+def check(args, world_size: int, transform: Optional[ModelTransform] = None):
+    """Every input error a run can find before any process group exists, for ``world_size`` processes: (the --load
+    checkpoint's description or None, the tokenizer or None, the run's config). The pre-flight of a launch
+    (``python -m aquila_npu.preflight``) runs this once before torchrun starts the workers."""
+    check_paths(args)
+    checkpoint = CheckpointInfo.find(args.load)  # read once; rank 0's file is loaded from it again in the run
     if args.load and checkpoint is None and (args.finetune or args.exit_on_missing_checkpoint):
         raise CheckpointError(f"--load {args.load}: no checkpoint there (no latest_checkpointed_iteration.txt)")
     tokenizer = _load_tokenizer(args)
-    cfg = resolve(args, checkpoint, tokenizer.vocab_size if tokenizer is not None else None,
-                  int(os.environ.get("WORLD_SIZE", "1")))
+    cfg = resolve(args, checkpoint, tokenizer.vocab_size if tokenizer is not None else None, world_size)
+    # what the checkpoints' metadata refutes (layout, distributed optimizer, the adapter's model), before any output
+    if transform is not None:  # (LoRA: the base's layout; the adapter's model, layout and optimizer state)
+        transform.check(args, checkpoint, cfg.layout, cfg.data_parallel_size)
+    elif checkpoint is not None:
+        checkpoint.check_resume(cfg.layout, finetune=args.finetune, no_load_optim=args.no_load_optim,
+                                use_distributed_optimizer=args.use_distributed_optimizer,
+                                data_parallel_size=cfg.data_parallel_size)
     if not args.mock_data:
         from aquila_npu.data import checks, datasets as data
 
@@ -160,6 +167,15 @@ def run(args, transform: Optional[ModelTransform] = None) -> int:
         if args.reset_attention_mask and not args.is_instruction_dataset:
             checks.check_documents_end_with(data.indexed_prefixes(args.data_path), tokenizer.eod,
                                             "--reset-attention-mask")
+    return checkpoint, tokenizer, cfg
+
+
+def run(args, transform: Optional[ModelTransform] = None) -> int:
+    """Train as the parsed flags say (``aquila_npu.cli.pretrain``), the model changed by ``transform`` (LoRA; given by
+    ``aquila_npu.jobs.pretrain``, which also checks its inputs first); every input error before any work."""
+    if args.load and args.save and os.path.realpath(args.load) == os.path.realpath(args.save):
+        owner.restore_aside(args.save, say=_print_first)  # a checkpoint a killed run left moved aside, before reading
+    checkpoint, tokenizer, cfg = check(args, int(os.environ.get("WORLD_SIZE", "1")), transform)
     dev = setup(args.device, cfg.fused)
     save_dir = checkpointing.SaveDir.claim(args.save, args.no_shared_storage) if args.save else None
     try:

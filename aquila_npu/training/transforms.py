@@ -15,6 +15,10 @@ import torch
 
 
 class ModelTransform(Protocol):
+    def check(self, args, checkpoint, layout, data_parallel_size: int) -> None:
+        """Refuse (a UserError) what ``load`` would refuse that the checkpoints' metadata tells, before the run
+        creates any output, device or process group."""
+
     def apply(self, stage: torch.nn.Module, config, layout, pp_rank: int, seed: int) -> torch.nn.Module:
         """The stage to train (changed in place or replaced)."""
 

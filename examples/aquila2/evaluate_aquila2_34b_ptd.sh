@@ -15,6 +15,7 @@
 # Variables (environment, with defaults): CKPT_LOAD_DIR, TOKENIZER_PATH, EVAL_DATA_PATH, TASK, SCORING, MAX_NEW_TOKENS,
 # EVAL_BATCH_SIZE, MICRO_BATCH_SIZE, OUTPUT (json), TP, PP, GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT.
 set -euo pipefail
+source "$(dirname "$0")/launch.sh"  # launch: the pre-flight, then torchrun
 
 # Ascend CANN environment, only where it is installed (edit the path for your machine).
 CANN_SET_ENV=${CANN_SET_ENV:-/usr/local/Ascend/ascend-toolkit/set_env.sh}
@@ -56,7 +57,7 @@ if [ -n "${MAX_NEW_TOKENS:-}" ]; then EXTRA_ARGS+=(--max-new-tokens "$MAX_NEW_TO
 elif [ "$TASK" = "boolq" ]; then EXTRA_ARGS+=(--max-new-tokens 1); fi  # as ModelLink's script (first-token scoring)
 if [ -n "${EVAL_BATCH_SIZE:-}" ]; then EXTRA_ARGS+=(--evaluation-batch-size "$EVAL_BATCH_SIZE"); fi
 
-torchrun "${DISTRIBUTED_ARGS[@]}" -m aquila_npu.evaluate \
+launch "${DISTRIBUTED_ARGS[@]}" -m aquila_npu.evaluate \
     --task "$TASK" \
     --scoring "$SCORING" \
     --tensor-model-parallel-size "$TP" \

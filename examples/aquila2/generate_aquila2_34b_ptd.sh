@@ -6,6 +6,7 @@
 # Variables (environment, with defaults): CKPT_LOAD_DIR, TOKENIZER_PATH, PROMPT or PROMPTS_FILE, MAX_NEW_TOKENS,
 # CHAT=1 (AquilaChat2 template), OUTPUT (jsonl), TP, PP, GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT.
 set -euo pipefail
+source "$(dirname "$0")/launch.sh"  # launch: the pre-flight, then torchrun
 
 # Ascend CANN environment, only where it is installed (edit the path for your machine).
 CANN_SET_ENV=${CANN_SET_ENV:-/usr/local/Ascend/ascend-toolkit/set_env.sh}
@@ -41,7 +42,7 @@ EXTRA_ARGS=()
 if [ -n "${CHAT:-}" ]; then EXTRA_ARGS+=(--chat); fi
 if [ -n "${OUTPUT:-}" ]; then EXTRA_ARGS+=(--output "$OUTPUT"); fi
 
-torchrun "${DISTRIBUTED_ARGS[@]}" -m aquila_npu.generate \
+launch "${DISTRIBUTED_ARGS[@]}" -m aquila_npu.generate \
     --tensor-model-parallel-size "$TP" \
     --pipeline-model-parallel-size "$PP" \
     --num-layers 60 \

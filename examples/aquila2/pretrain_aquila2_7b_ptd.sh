@@ -5,6 +5,7 @@
 # Variables (environment, with defaults): CKPT_LOAD_DIR, CKPT_SAVE_DIR, DATA_PATH, TOKENIZER_PATH, TRAIN_ITERS,
 # GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, LOAD_ARGS.
 set -euo pipefail
+source "$(dirname "$0")/launch.sh"  # launch: the pre-flight, then torchrun
 
 # Ascend CANN environment, only where it is installed (edit the path for your machine); the fused Ascend kernels
 # are switched on there.
@@ -35,7 +36,7 @@ LOAD_ARGS=${LOAD_ARGS-"--no-load-optim --no-load-rng"}
 DISTRIBUTED_ARGS=(--nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK"
                   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
 
-torchrun "${DISTRIBUTED_ARGS[@]}" -m aquila_npu.pretrain \
+launch "${DISTRIBUTED_ARGS[@]}" -m aquila_npu.pretrain \
     --tensor-model-parallel-size 8 \
     --pipeline-model-parallel-size 1 \
     --sequence-parallel \
