@@ -666,6 +666,12 @@ def pack_ratio(doc: dict, seq: str) -> str:
     return times(run["packed_over_padded_response_tokens_per_s"], 1), f"{times(low, 1)}..{times(high, 1)}"
 
 
+def pack_bound(doc: dict, seq: str) -> str:
+    """The limit of the ratio at `seq`: the positions a padded step computes over a packed step's (same length)."""
+    run = pack_run(doc, seq)
+    return times(run["padded"]["global_batch_size"] / run["packed"]["global_batch_size"], 0)
+
+
 @region("pack-status", PACK)
 def _pack_status(doc):
     """README status: packed over padded response tokens/s at 2048 and 512."""
@@ -678,10 +684,13 @@ def _pack_status(doc):
 def _pack_summary(doc):
     """README training section and docs/training.md: the ratios, their per-iteration ranges, the machine's load."""
     (a, ra), (b, rb) = pack_ratio(doc, "2048"), pack_ratio(doc, "512")
+    la, lb = pack_bound(doc, "2048"), pack_bound(doc, "512")
     load = f"{doc['load_before']:.1f}..{doc['load_after']:.1f}"
-    return {"en": f"{a} at --seq-length 2048 ({ra} iteration by iteration) and {b} at 512 ({rb}); load average "
-                  f"{load} on the 2 cores",
-            "zh": f"--seq-length 2048 时 {a}（逐迭代 {ra}），512 时 {b}（{rb}）；2 核上的负载均值 {load}"}
+    return {"en": f"{a} at --seq-length 2048 ({ra} iteration by iteration; a packed step computes {la} fewer "
+                  f"positions, the ratio's limit) and {b} at 512 ({rb}; limit {lb}); load average {load} on the 2 "
+                  "cores",
+            "zh": f"--seq-length 2048 时 {a}（逐迭代 {ra}；打包后每步计算的位置少 {la}，即该比值的上限），512 时 {b}"
+                  f"（{rb}；上限 {lb}）；2 核上的负载均值 {load}"}
 
 
 @region("pack-table", PACK)
