@@ -220,7 +220,7 @@ def stub_torchrun_argv(script, tmp_path, **env_vars):
     (stub / "torchrun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$STUB_OUT"\n')
     (stub / "torchrun").chmod(0o755)
     record = tmp_path / "torchrun-args.txt"
-    env = {k: v for k, v in os.environ.items()
+    env = {k: v for k, v in child_env().items()  # this interpreter's ``python`` first, as the pre-flight needs
            if k not in ("TP", "PP", "PROMPT", "PROMPTS_FILE", "OUTPUT", "CHAT", "DATA_PATH", "CKPT_SAVE_DIR")}
     env.update(PATH=f"{stub}:{env['PATH']}", STUB_OUT=str(record), CANN_SET_ENV=str(tmp_path / "none.sh"),
                PREFLIGHT="0")  # by default nothing to check: no checkpoint here
