@@ -62,6 +62,8 @@ STARTUP_BEFORE = "startup-cpu-amd-epyc-2-cores-smollm-135m-aquila2-vocab-2026113
 LORA_FP32 = "lora-vs-full-aquila2-small-fp32-20261130.json"
 LORA_BF16 = "lora-vs-full-aquila2-small-bf16-20261130.json"
 PACK = "pack-vs-padded-cpu-amd-epyc-2-cores-aquila2-small-alpaca5000-20261207.json"
+PLAN = "plan-vs-measured-cpu-20261208.json"
+QLORA = "qlora-vs-lora-cpu-amd-epyc-2-cores-aquila2-7b-width-2l-bf16-20261208.json"
 
 
 class FigureError(Exception):
@@ -709,6 +711,63 @@ def _pack_table(doc):
                          pct(r["attention_share"]), fixed(r["peak_rss_gb"], 1), ratio])
     return table(["--seq-length", "layout", "sequences per step", "samples per sequence",
                   "response tokens/s (range)", "attention share of a step", "peak RSS (GB)", "packed / padded"], rows)
+
+
+QLORA_RUNS = ("full", "lora", "qlora")
+
+
+def qlora_rows(doc, detailed: bool):
+    """The rows of the QLoRA / LoRA / full fine-tuning comparison (benchmarks/qlora_bench.py)."""
+    runs = [doc[k] for k in QLORA_RUNS]
+
+    def row(label, key, show, zh):
+        cells = [label] + [show(r[key]) for r in runs]
+        if detailed:
+            r = doc["qlora"][key] / doc["lora"][key]
+            cells.append("1" if r == 1 else fixed(r, 2))
+        return cells, zh
+
+    rows = [row("base linears, bytes per parameter", "base_bytes_per_parameter",
+                lambda x: f"{x:.4f}".rstrip("0").rstrip(".") if x != 2 else "2.0", "基座线性层每参数字节数")]
+    if detailed:
+        rows.append(row("base linears (bytes)", "base_linear_bytes", count, None))
+    rows.append(row("process peak (resident set, GiB)" if detailed else "process peak (GiB)", "peak_rss_bytes",
+                    lambda x: fixed(x / 2**30, 2), "进程内存峰值（GiB）"))
+    rows.append(row("trainable parameters", "trainable_parameters", count, "可训练参数"))
+    if detailed:
+        rows.append(row("optimizer state (bytes)", "optimizer_state_bytes", count, None))
+    rows.append(row("step time, median (s)", "step_time_median_s", lambda x: fixed(x, 2), "单步时间中位数（秒）"))
+    return rows
+
+
+@region("qlora-table", QLORA)
+def _qlora_table(doc):
+    """docs/training.md: bytes, peak, optimizer state and step time of full / LoRA / QLoRA, and QLoRA / LoRA."""
+    return table(["", "full fine-tuning", "LoRA", "QLoRA", "QLoRA / LoRA"],
+                 [cells for cells, _ in qlora_rows(doc, True)])
+
+
+@region("qlora-summary", QLORA)
+def _qlora_summary(doc):
+    """README / README_zh: the same comparison, short."""
+    rows = qlora_rows(doc, False)
+    return {"en": table(["", "full fine-tuning", "LoRA", "QLoRA"], [cells for cells, _ in rows]),
+            "zh": table(["", "全参微调", "LoRA", "QLoRA"], [[zh, *cells[1:]] for cells, zh in rows])}
+
+
+@region("plan-vs-measured", PLAN)
+def plan_table(doc):
+    """docs/benchmark.md: the layout planner's predicted memory per part vs the peak measured (MiB per process);
+    benchmarks/plan_bench.py prints the same table."""
+    def mib(n):
+        return fixed(n / 2**20, 1)
+
+    rows = [[r["layout"], str(r["processes"]), str(r["stage"]),
+             *(mib(r["parts"][k]) for k in ("weights", "gradients", "optimizer", "activations", "transient")),
+             mib(r["predicted_bytes"]), mib(r["measured_bytes"]), f"{100 * r['error']:+.1f}%",
+             mib(r.get("measured_max_bytes", r["measured_bytes"]))] for r in doc["rows"]]
+    return table(["layout", "processes", "stage", "weights", "grads", "optimizer", "activations", "transient",
+                  "predicted", "measured", "error", "largest rank"], rows)
 
 
 # ---- the documents ----

@@ -392,3 +392,125 @@ AQUILA2_QV = dict(target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16, lora_
 LORA_CASES = {"fused-all": dict(target_modules=LORA_HF_MODULES, share_fused_a=True),  # what our exports look like
               "aquila2-qv": AQUILA2_QV,  # separate A's: block-structured on import
               "separate-all": dict(target_modules=LORA_HF_MODULES)}
+
+
+# --------------------------------------------------------------------------- BAAI's own model code (issue 24)
+FLAGAI_VERSION = "1.8.4"
+_FLAGAI = {}
+
+
+def flagai_wheel():
+    """flagai 1.8.4's wheel (never installed, never a dependency): $AQUILA_FLAGAI_WHEEL, .cache/wheels, else
+    downloaded once into .cache/wheels with ``pip download --no-deps``; None where it cannot be had
+    (AQUILA_NO_DOWNLOAD=1, no package index)."""
+    name = f"flagai-{FLAGAI_VERSION}-py3-none-any.whl"
+    given = os.environ.get("AQUILA_FLAGAI_WHEEL")
+    if given:
+        return given if os.path.exists(given) else None
+    path = os.path.join(WHEEL_CACHE, name)
+    if not os.path.exists(path) and "download" not in _FLAGAI and os.environ.get("AQUILA_NO_DOWNLOAD") != "1":
+        _FLAGAI["download"] = True
+        os.makedirs(WHEEL_CACHE, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", f"flagai=={FLAGAI_VERSION}",
+                        "-d", WHEEL_CACHE], capture_output=True, timeout=900)
+    return path if os.path.exists(path) else None
+
+
+def flagai_root():
+    """The folder holding the wheel's ``flagai`` package (extracted once into .cache/flagai-1.8.4; a child process
+    with it on PYTHONPATH has FlagAI "installed"), or a pytest skip saying why it cannot be had."""
+    import zipfile
+
+    import pytest
+
+    if "root" not in _FLAGAI:
+        wheel = flagai_wheel()
+        if wheel is None:
+            pytest.skip(f"flagai=={FLAGAI_VERSION} (BAAI's model code, the reference) cannot be had: no wheel in "
+                        f"{WHEEL_CACHE} and no package index (or AQUILA_NO_DOWNLOAD=1)")
+        root = ROOT / ".cache" / f"flagai-{FLAGAI_VERSION}"
+        if not (root / "flagai" / "model" / "aquila2").is_dir():
+            import shutil
+
+            tmp = f"{root}.tmp{os.getpid()}"
+            with zipfile.ZipFile(wheel) as z:
+                z.extractall(tmp)
+            shutil.rmtree(root, ignore_errors=True)
+            os.replace(tmp, root)
+        _FLAGAI["root"] = root
+    return _FLAGAI["root"]
+
+
+def flagai(module: str):
+    """``flagai.<module>`` from the wheel's own files (``flagai_root``), unchanged, or a pytest skip saying why it
+    cannot be had. The shims transformers 5 needs: ``flagai`` and ``flagai.model`` (and, for the tokenizer,
+    ``flagai.data`` / ``flagai.data.tokenizer``, whose ``__init__`` imports every tokenizer FlagAI has and boto3) are
+    bare packages (their ``__init__`` is not run; the modules below them import as shipped)."""
+    import importlib
+    import types
+
+    root = flagai_root()
+    bare = ("flagai", "flagai.model") + (("flagai.data", "flagai.data.tokenizer") if module.startswith("data.") else ())
+    for name in bare:
+        if name not in sys.modules:
+            package = types.ModuleType(name)
+            package.__path__ = [str(root.joinpath(*name.split(".")))]
+            sys.modules[name] = package
+    return importlib.import_module(f"flagai.{module}")
+
+
+def flagai_randomize(model, seed):
+    """Weights of magnitude 1 (decisive greedy choices): norms 1 + N(0, 0.1), matrices N(0, 1 / fan_in)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            scale = 0.1 if p.dim() == 1 else 1.0 / p.shape[-1] ** 0.5
+            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if p.dim() == 1 else 0.0))
+    return model
+
+
+def aquila2_model(spec, seed=0):
+    """FlagAI's AquilaForCausalLM for ``spec`` (the config as BAAI's config.json writes it), random weights."""
+    configuration = flagai("model.aquila2.configuration_aquila")
+    modeling = flagai("model.aquila2.modeling_aquila")
+    cfg = {k: v for k, v in spec.to_hf_config().items() if k not in ("architectures", "model_type", "torch_dtype")}
+    return flagai_randomize(modeling.AquilaForCausalLM(flagai_readable(configuration.AquilaConfig(**cfg), spec))
+                            .float().eval(), seed)
+
+
+def flagai_readable(config, spec):
+    """The transformers 5 shim of BAAI's AquilaConfig: BAAI's code reads ``config.rope_scaling`` as transformers 4
+    kept it (None, or BAAI's config.json form ``{"type": "linear", "factor": f}``), transformers 5 turns it into
+    ``rope_parameters`` (always a dict). The same as ``aquila_npu.checks.logits.baai_rope_scaling``."""
+    from aquila_npu.checks.logits import baai_rope_scaling
+
+    return baai_rope_scaling(config, spec.rope_scaling_factor)
+
+
+def flagai_config(spec, multiple_of=8) -> dict:
+    """FlagAI's config.json (its own keys) of a first-generation model of ``spec``'s shape."""
+    from aquila_npu.models.flagai_config import ffn_size
+
+    assert ffn_size(spec.hidden_size, multiple_of) == spec.intermediate_size
+    return {"dim": spec.hidden_size, "n_layers": spec.num_layers, "n_heads": spec.num_attention_heads,
+            "vocab_size": spec.vocab_size, "max_seq_len": spec.max_position_embeddings, "multiple_of": multiple_of,
+            "norm_eps": spec.rms_norm_eps, "initializer_range": 0.006}
+
+
+def aquila1_model(spec, folder, seed=0, batch=2):
+    """FlagAI's AQUILAModel for ``spec``, built by FlagAI's ``init_from_json`` from its config.json in ``folder``
+    (with its KV cache for ``batch`` rows), random weights saved there as FlagAI's ``pytorch_model.bin``: a FlagAI
+    model folder as ``AutoLoader`` reads it."""
+    import torch
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(flagai_config(spec), f)
+    aquila_model = flagai("model.aquila_model")
+    model = aquila_model.AQUILAModel.init_from_json(os.path.join(folder, "config.json"), use_cache=True,
+                                                   max_batch_size=batch)
+    model = flagai_randomize(model.float().eval(), seed)
+    torch.save(model.state_dict(), os.path.join(folder, "pytorch_model.bin"))
+    return model

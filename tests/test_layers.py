@@ -21,6 +21,7 @@ LAYERS = (
     "models",  # the registry and the one model definition
     "flops",  # FLOPs and device peaks
     "weights",  # the weight-mapping table, seeded weights
+    "planning",  # the layout planner: memory from the model's shapes, layouts that fit
     "parallel",  # megatron-core's parallel state
     "checkpoint",  # Megatron and HF checkpoints, conversion
     "data",  # tokenizers, preprocessing, datasets
@@ -32,7 +33,8 @@ LAYERS = (
     "checks",  # the selfcheck's checks
     "jobs",  # what a command does when it takes several libraries
     "cli",  # the commands: parsers and one library call each
-    ("pretrain", "generate", "evaluate", "benchmark", "selfcheck", "demo", "preflight"),  # python -m aquila_npu.X shims
+    ("pretrain", "generate", "evaluate", "benchmark", "selfcheck", "demo", "preflight",
+     "plan"),  # python -m aquila_npu.X shims
     "testing",  # test machinery (tiny models, the fake torch_npu): never imported by the product
 )
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in ((layer,) if isinstance(layer, str) else layer)}

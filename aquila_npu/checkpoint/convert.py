@@ -20,7 +20,7 @@ from aquila_npu.models import arch_flags
 from aquila_npu.models.dtypes import parse_dtype
 from aquila_npu.outputs.atomic import AtomicDir
 from aquila_npu.outputs import crash
-from aquila_npu.weights.mapping import Layout, hf_names, hf_rank_to_mcore, hf_shapes
+from aquila_npu.weights.mapping import TABLE, Layout, hf_names, hf_rank_to_mcore, hf_shapes
 
 ITERATION = 1  # what converted checkpoints carry, as ModelLink's converter
 
@@ -68,12 +68,21 @@ def _check_megatron_target(save_dir: str, layout: Layout) -> None:
 
 
 def to_megatron(reader, save_dir: str, tp: int, pp: int, make_vocab_size_divisible_by: int = 1,
-                params_dtype: Optional[torch.dtype] = None) -> Layout:
+                params_dtype: Optional[torch.dtype] = None, qlora_nf4: bool = False) -> Layout:
     """Write a Megatron checkpoint (tp x pp) from any reader with ``.spec``, ``.get(hf_name)`` (a memory-mapped
-    view is fine: each rank copies only its part) and ``.release()``."""
+    view is fine: each rank copies only its part) and ``.release()``. ``qlora_nf4``: the decoder linears as
+    bitsandbytes' NF4 (``aquila_npu.weights.nf4``: each HF linear quantised once, its shards cut from the result),
+    the base of a QLoRA run."""
     layout = Layout(reader.spec, tp, pp, make_vocab_size_divisible_by)
     _check_megatron_target(save_dir, layout)
     dtype = _output_dtype(reader, params_dtype)
+    quantised, table, extra = None, TABLE, None
+    if qlora_nf4:
+        from aquila_npu.weights import nf4
+
+        quantised = nf4.QuantisedReader(reader, dtype)
+        table = tuple(row for row in TABLE if not nf4.is_quantised_row(row))
+        extra = {megatron_io.NF4_ENTRY: nf4.settings(dtype)}
 
     def cast(t):
         t = t.to(dtype)
@@ -87,12 +96,16 @@ def to_megatron(reader, save_dir: str, tp: int, pp: int, make_vocab_size_divisib
             crash.point("before-data")
             for stage in range(pp):
                 for rank in range(tp):
-                    shard = hf_rank_to_mcore(reader.get, layout, stage, rank, cast=cast)
-                    megatron_io.save_rank(tmp, ITERATION, layout, stage, rank, shard, dtype)
+                    shard = hf_rank_to_mcore(reader.get, layout, stage, rank, cast=cast, table=table)
+                    if quantised is not None:  # (each HF linear quantised at its stage's first rank, kept till the
+                        shard.update(nf4.rank_state(quantised, layout, stage, rank))  # stage is written)
+                    megatron_io.save_rank(tmp, ITERATION, layout, stage, rank, shard, dtype, extra)
                     del shard
                     reader.release()
                     crash.point("mid-file", os.path.join(tmp, megatron_io.rank_dir(ITERATION, rank, stage, pp),
                                                           "model_optim_rng.pt"))
+                if quantised is not None:
+                    quantised.release()
             megatron_io.write_tracker(tmp, ITERATION)
     finally:
         progress.close()
@@ -108,6 +121,8 @@ def to_huggingface(reader, save_dir: str, hf_dir_for_files: Optional[str] = None
     if hf_dir_for_files and os.path.exists(os.path.join(hf_dir_for_files, "config.json")):
         with open(os.path.join(hf_dir_for_files, "config.json")) as f:
             base_cfg = json.load(f)
+        if not isinstance(base_cfg, dict) or "model_type" not in base_cfg:
+            base_cfg = None  # not a Hugging Face config (FlagAI's own, of a first-generation Aquila): ours alone
     progress = _Progress(_model_bytes(spec, dtype), "-> huggingface")
     try:
         with AtomicDir(save_dir, "the Hugging Face model", _model_bytes(spec, dtype)) as tmp:

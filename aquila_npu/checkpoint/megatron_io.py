@@ -31,6 +31,7 @@ from aquila_npu.weights.mapping import Layout, hf_names, mcore_stage_to_hf
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
+NF4_ENTRY = "qlora_nf4"  # a QLoRA base's quantisation (aquila_npu.weights.nf4.settings)
 
 
 def _rank_sub(tp_rank: int, pp_rank: int, pp: int) -> str:
@@ -182,6 +183,11 @@ class CheckpointInfo:
     distributed_optimizer: bool = False  # training with --use-distributed-optimizer wrote it (per-DP-rank shards)
     data_parallel_size: Optional[int] = None  # the data-parallel size of the run that wrote it (training)
     _first: Optional[dict] = field(default=None, repr=False, compare=False)
+    nf4: Optional[dict] = None  # a QLoRA base (convert_ckpt.py --qlora-nf4): how its linears are quantised
+
+    @property
+    def is_nf4(self) -> bool:
+        return self.nf4 is not None
 
     @property
     def spec(self) -> ModelSpec:
@@ -209,7 +215,8 @@ class CheckpointInfo:
             raise CheckpointError(f"{d}: {len(ranks)} rank directories, expected {expected} (tp{layout.tp} x "
                                   f"pp{layout.pp})")
         return cls(root, iteration, layout, parse_dtype(meta["params_dtype"]), "optimizer" in first,
-                   bool(first.get("distributed_optimizer")), first.get("data_parallel_size"), first)
+                   bool(first.get("distributed_optimizer")), first.get("data_parallel_size"), first,
+                   nf4=first.get(NF4_ENTRY))
 
     @classmethod
     def find(cls, root: Optional[str]) -> Optional["CheckpointInfo"]:
@@ -278,8 +285,14 @@ class MegatronReader:
         self._stage, self._shards, self._merged, self._ready, self._last = None, [], iter(()), {}, -1
 
     def stage_shards(self, stage: int) -> list:
-        """The megatron-core state dicts of one pipeline stage, one per TP rank (memory-mapped)."""
-        return [self.info.load_rank(r, stage)["model"] for r in range(self.layout.tp)]
+        """The megatron-core state dicts of one pipeline stage, one per TP rank (memory-mapped); the linears of an
+        NF4 base dequantised by bitsandbytes (to the dtype they were quantised from)."""
+        shards = [self.info.load_rank(r, stage)["model"] for r in range(self.layout.tp)]
+        if self.info.is_nf4:
+            from aquila_npu.weights import nf4
+
+            shards = [nf4.dequantised_state(sd, self.dtype) for sd in shards]
+        return shards
 
     def _restart(self, stage: int) -> None:
         if stage != self._stage:

@@ -39,11 +39,15 @@ def add_device_argument(group) -> None:
                             "cuda or cpu (or the AQUILA_DEVICE environment variable; default auto)")
 
 
-def _teardown_distributed(started_here: bool) -> None:
-    """Destroy what ``main`` set up (megatron-core's groups, the process group), never a caller's."""
+def _teardown_distributed(started_here: bool, finished: bool) -> None:
+    """Destroy what ``main`` set up (megatron-core's groups, the process group), never a caller's. After a run that
+    finished, every rank first meets the others: destroying a gloo group while another rank still sends to it hangs
+    now and then (seen once in CI, torch 2.6, an evaluation whose output was written; pytorch/pytorch#75097)."""
     torch = sys.modules.get("torch")
     if not started_here or torch is None or not torch.distributed.is_initialized():
         return
+    if finished:
+        torch.distributed.barrier()
     ps = sys.modules.get("megatron.core.parallel_state")
     if ps is not None and ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
@@ -67,15 +71,18 @@ def run_cli(prog: str, parse: Callable[[Optional[List[str]]], argparse.Namespace
     traceback."""
     torch = sys.modules.get("torch")
     started_here = torch is None or not torch.distributed.is_initialized()
+    finished = False
     try:
         args = parse(argv)
         versions.require(*requires)
-        return library_call(job)(args)  # the exit status
+        status = library_call(job)(args)  # the exit status
+        finished = True
+        return status
     except AquilaError as e:
         print(f"{prog}: {e.label}: {e}", file=sys.stderr, flush=True)
         return e.exit_status
     finally:
-        _teardown_distributed(started_here)
+        _teardown_distributed(started_here, finished)
         # The process usually ends now. Exit handlers and the interpreter's last garbage collections would walk every
         # object torch, megatron-core and sympy created (1.3-2 s of a 7 s one-token generate on a 2-core CPU):
         # gc.freeze() as the first exit handler to run (handlers run last-registered first) moves them out of the

@@ -51,6 +51,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--base-dir", default=None, metavar="DIR",
                    help="with --loader peft: the base model the adapter belongs to (a Megatron checkpoint: its "
                         "tp/pp; or a Hugging Face folder)")
+    g.add_argument("--qlora-nf4", action="store_true",
+                   help="write the base of a QLoRA run (MindSpeed-LLM's flag): every decoder linear as "
+                        "bitsandbytes' NF4 with double quantisation (blocksize 64), each Hugging Face linear quantised "
+                        "once and cut into tensor-parallel shards; needs bitsandbytes (pip install "
+                        "'aquila_npu[qlora]')")
     return p
 
 
@@ -66,7 +71,22 @@ def parse(argv=None) -> argparse.Namespace:
             raise CheckpointError(f"--{flag.replace('_', '-')} {path}: no such file or folder")
     if args.tokenizer_model and not os.path.exists(args.tokenizer_model):
         raise CheckpointError(f"--tokenizer-model {args.tokenizer_model}: no such file")
+    if args.qlora_nf4:
+        _check_qlora_nf4(args)
     return args
+
+
+def _check_qlora_nf4(args) -> None:
+    """--qlora-nf4 writes a Megatron base from full-precision weights, with bitsandbytes."""
+    if args.save_model_type == "save_huggingface_llama" or args.save_lora_to_hf or args.loader == "peft":
+        raise UsageError("--qlora-nf4 writes the 4-bit base of a QLoRA run as a Megatron checkpoint: drop "
+                         "--save-model-type save_huggingface_llama / --save-lora-to-hf / --loader peft")
+    if args.lora_load:
+        raise UsageError("--qlora-nf4 with --lora-load: merge the adapter first (without --qlora-nf4), then "
+                         "quantise the merged weights")
+    from aquila_npu.weights.nf4 import require_bitsandbytes
+
+    require_bitsandbytes("--qlora-nf4")
 
 
 def main(argv=None) -> int:

@@ -25,6 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the architecture, vocabulary and tp/pp split are read from it")
     g.add_argument("--tokenizer-name-or-path", required=True, metavar="DIR",
                    help="folder with the Hugging Face tokenizer files (the original HF model folder)")
+    g.add_argument("--lora-load", default=None, metavar="DIR",
+                   help="a LoRA or QLoRA adapter checkpoint (saved by training, or converted from a Hugging Face PEFT "
+                        "adapter for the --load layout) applied on the --load base without merging, as MindSpeed-LLM's "
+                        "inference does; --load may be the full-precision base or the NF4 one (--qlora-nf4)")
     g.add_argument("--tokenizer-type", default="PretrainedFromHF", choices=["PretrainedFromHF"],
                    help="tokenizer kind (only PretrainedFromHF, as in ModelLink's scripts)")
     g.add_argument("--tokenizer-not-use-fast", action="store_true",

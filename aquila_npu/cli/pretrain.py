@@ -143,6 +143,12 @@ def _logging(p):
     g.add_argument("--device-peak-tflops", type=float, default=None,
                    help="peak dense bf16/fp16 TFLOP/s of one device for MFU (default: aquila_npu.flops's table "
                         "for the device name torch reports; an unknown device has no MFU until this is given)")
+    g.add_argument("--layer-stats", default=None, metavar="FILE",
+                   help="write per-layer statistics of the first --layer-stats-iters iterations to FILE (JSON lines: "
+                        "every layer's input / output norm, the logits', every parameter's gradient norm, over the "
+                        "whole batch whatever the layout); compare two runs of the same checkpoint and data with "
+                        "python -m aquila_npu.selfcheck --compare A B")
+    g.add_argument("--layer-stats-iters", type=int, default=3, help="iterations --layer-stats records (default 3)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -190,7 +196,9 @@ def validate(args: argparse.Namespace) -> None:
     for flag in ("micro_batch_size", "log_interval", "eval_interval"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
-    check_positive(args, "save_interval", "seq_length", "exit_interval")
+    check_positive(args, "save_interval", "seq_length", "exit_interval", "layer_stats_iters")
+    if args.layer_stats and os.path.isdir(args.layer_stats):
+        raise UsageError(f"--layer-stats {args.layer_stats} is a directory, not a file")
     for flag in ("lr", "min_lr"):
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 0")

@@ -5,6 +5,7 @@
     torchrun --nproc-per-node 4 -m aquila_npu.selfcheck --tp 2 --pp 2
     torchrun --nproc-per-node 4 -m aquila_npu.selfcheck --tp 4 --device npu --dtype bf16   # fused Ascend kernels
     python -m aquila_npu.selfcheck --device npu --out report.json   # on an NPU node: every check, all devices
+    python -m aquila_npu.selfcheck --compare npu-stats.jsonl cpu-stats.jsonl   # where two runs' losses part
 
 Every rank builds the same tiny random model (registry ``aquila2-tiny-gqa``, seeded weights: aquila_npu.checks.logits),
 loads its stage through the weight-mapping table, and the last pipeline stage (TP rank 0) prints the max |ours - HF|
@@ -14,6 +15,9 @@ loads its stage through the weight-mapping table, and the last pipeline stage (T
 (forward and backward, bf16 and fp16), the collectives for every dtype the code communicates, these logits, a tiny
 training run over all devices against a CPU reference shipped with the package, save and resume, and a short
 throughput benchmark; it prints one report and writes it to --out as JSON. Exit status 1 when a check failed.
+
+``--compare RUN_A RUN_B`` reads two runs' per-layer statistics (``aquila_npu.pretrain --layer-stats FILE``) and names
+the first iteration and layer where they part beyond the dtype's tolerance (aquila_npu.checks.drift).
 """
 
 import argparse
@@ -55,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=1800, help="seconds allowed per check process (default 1800)")
     g.add_argument("--comm-size-mb", type=float, default=64.0,
                    help="message size of the all-reduce bandwidth measurement (default 64 MiB)")
+    g = p.add_argument_group("loss drift, located (--compare)")
+    g.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), default=None,
+                   help="compare two runs' per-layer statistics (aquila_npu.pretrain --layer-stats FILE: the same "
+                        "checkpoint, data and flags on two devices, dtypes or layouts) and name the first iteration "
+                        "and layer where they part beyond the dtype's tolerance; exit status 1 when they part")
+    g.add_argument("--tolerance", type=float, default=None,
+                   help="relative tolerance of --compare (default by the less precise dtype: fp32 1e-4, fp16 5e-3, "
+                        "bf16 2e-2)")
     return p
 
 
@@ -62,6 +74,10 @@ def parse(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.report and args.logits_only:
         raise UsageError("--report and --logits-only exclude each other")
+    if args.compare and (args.report or args.logits_only or args.load):
+        raise UsageError("--compare reads two --layer-stats files: it runs no other check")
+    if args.tolerance is not None and not (args.compare and args.tolerance > 0):
+        raise UsageError(f"--tolerance {args.tolerance}: a relative tolerance > 0 for --compare")
     if args.out:
         check_target("--out", args.out)
     return args

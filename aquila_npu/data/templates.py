@@ -62,7 +62,9 @@ TEMPLATES = {t.name: t for t in (
     Template("aquila", AQUILA_SYSTEM, "{system}###", "Human: ", "###", "Assistant: ", "</s>", "if-input",
              "AquilaChat2-7B-16K / 34B-16K: SYSTEM###Human: {q}###Assistant: {a}</s>"),
     Template("aquila-chat", AQUILA_SYSTEM, "{system}###", "Human: ", "###", "Assistant: ", "###", "if-input",
-             "FlagAI's default: SYSTEM###Human: {q}###Assistant: {a}###"),
+             "FlagAI's default (AquilaChat-7B): SYSTEM###Human: {q}###Assistant: {a}###"),
+    Template("aquila-v2", AQUILA_SYSTEM + "\n\n", "{system}", "<|startofpiece|>", "", "<|endofpiece|>", "</s>",
+             "if-input", "AquilaChat2-70B-Expr: SYSTEM\\n\\n<|startofpiece|>{q}<|endofpiece|>{a}</s>"),
 )}
 
 _USER_ROLES = ("human", "user")

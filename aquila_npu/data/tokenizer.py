@@ -25,18 +25,64 @@ def check_tokenizer_path(name_or_path, tokenizer_type="PretrainedFromHF") -> boo
     return local
 
 
+# FlagAI's first-generation Aquila folders (Aquila-7B, AquilaChat-7B, AquilaCode-7B-*) hold FlagAI's 100k BPE
+# (``gpt2_new_100k``) as vocab.json + merges.txt only, read by FlagAI's own tokenizer; the model's vocabulary ends with
+# these eight tokens at ids 100000-100007, bos [CLS], eos </s>, pad = unk = <|endoftext|> (0): the tokenizer of Aquila2,
+# whose Hugging Face files came from FlagAI's examples/Aquila/Aquila-tokenizer-hf.
+AQUILA_ADDED_TOKENS = ("<|startofpiece|>", "<|endofpiece|>", "<|LDWANG|>", "[MASK]", "[gMASK]", "[sMASK]", "[CLS]",
+                       "</s>")
+AQUILA_ADDED_FROM = 100000
+
+
+def is_bpe_only_folder(path) -> bool:
+    """A folder with vocab.json + merges.txt and no Hugging Face tokenizer config (FlagAI's model folders, and the
+    Hugging Face folder converted from one)."""
+    def has(name):
+        return os.path.isfile(os.path.join(path, name))
+
+    return (os.path.isdir(path) and has("vocab.json") and has("merges.txt") and not has("tokenizer_config.json")
+            and not has("tokenizer.json"))
+
+
+def load_flagai_bpe(path):
+    """FlagAI's Aquila BPE in ``path`` as transformers' byte-level BPE (``GPT2Tokenizer``: no remote code), with the
+    Aquila added tokens; ``DataError`` when the vocabulary does not put them at 100000-100007."""
+    from transformers import GPT2Tokenizer
+
+    endoftext = "<|endoftext|>"
+    tok = GPT2Tokenizer(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"), errors="replace",
+                        unk_token=endoftext, bos_token=endoftext, eos_token=endoftext, pad_token=endoftext,
+                        add_prefix_space=False)
+    tok.add_special_tokens({"additional_special_tokens": list(AQUILA_ADDED_TOKENS)})
+    tok.bos_token, tok.eos_token = "[CLS]", "</s>"
+    ids = tok.convert_tokens_to_ids(list(AQUILA_ADDED_TOKENS))
+    want = list(range(AQUILA_ADDED_FROM, AQUILA_ADDED_FROM + len(AQUILA_ADDED_TOKENS)))
+    if ids != want or tok.convert_tokens_to_ids(endoftext) != 0:
+        raise DataError(f"--tokenizer-name-or-path: {path} holds vocab.json + merges.txt without a Hugging Face "
+                        f"tokenizer config, read as FlagAI's Aquila BPE, but its vocabulary puts "
+                        f"{', '.join(AQUILA_ADDED_TOKENS)} at {ids}, not {want[0]}-{want[-1]}: add the tokenizer's "
+                        "tokenizer_config.json")
+    return tok
+
+
 def load_tokenizer(name_or_path, use_fast=True, tokenizer_type="PretrainedFromHF"):
     """The ``transformers`` tokenizer in ``name_or_path`` (a local directory, or a model already in the local HF cache).
 
     ``use_fast=False`` is ``--tokenizer-not-use-fast``. Never goes to the network. Raises ``DataError`` naming the flag
-    when the path does not exist or holds no loadable tokenizer.
+    when the path does not exist or holds no loadable tokenizer. A folder with only vocab.json + merges.txt (FlagAI's
+    first-generation Aquila) is FlagAI's Aquila BPE (``load_flagai_bpe``).
     """
     local = check_tokenizer_path(name_or_path, tokenizer_type)
+    flagai = local and is_bpe_only_folder(name_or_path)
     from transformers import AutoTokenizer
 
     try:
+        if flagai:
+            return load_flagai_bpe(name_or_path)
         return AutoTokenizer.from_pretrained(name_or_path, use_fast=use_fast, local_files_only=True,
                                              trust_remote_code=False)
+    except DataError:
+        raise
     except Exception as err:  # transformers raises OSError, ValueError, KeyError ... depending on what is missing
         if not local:
             raise DataError(f"--tokenizer-name-or-path: {name_or_path} does not exist (and is not a model in the local "

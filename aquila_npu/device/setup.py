@@ -11,14 +11,15 @@ import datetime
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
+from aquila_npu.compat import journal
 from aquila_npu.compat import megatron_core as compat_mcore
 from aquila_npu.compat import torch as compat_torch
 from aquila_npu.compat import versions
-from aquila_npu.device import DEVICES, DIST_BACKENDS
+from aquila_npu.device import DEVICES, DIST_BACKENDS, npu_runtime
 from aquila_npu.device.backends import FusedOps, TorchBackend, make_backend
 from aquila_npu.errors import DeviceUnavailable, UsageError
 from aquila_npu.ports import free_port
@@ -31,10 +32,15 @@ class Device:
     backend: TorchBackend  # which modules the model is built from
     dist_backend: str
     torch_device: torch.device
+    runtime: Tuple[npu_runtime.Applied, ...] = ()  # the NPU runtime settings applied (device/npu_runtime.py)
 
     @property
     def kernels(self) -> str:
         return self.backend.name
+
+    def runtime_line(self) -> Optional[str]:
+        """The banner line of the NPU runtime settings (None off the NPU)."""
+        return npu_runtime.describe(list(self.runtime)) if self.runtime else None
 
 
 def npu_available() -> bool:
@@ -82,15 +88,34 @@ def init_distributed(dist_backend: str, timeout_minutes: int = 30) -> None:
                                              init_method=f"tcp://127.0.0.1:{free_port()}")
 
 
+def _npu_runtime_settings(device: Optional[str]) -> Tuple[npu_runtime.Applied, ...]:
+    """Set the NPU runtime's environment (device/npu_runtime.py; the user's values kept) when the NPU may be used:
+    ``--device npu``, or auto with torch_npu installed. CANN, HCCL and torch_npu read them when torch_npu is imported
+    and when the device and communicators start."""
+    requested = (device or os.environ.get("AQUILA_DEVICE") or "auto").lower()
+    if requested != "npu" and not (requested == "auto" and importlib.util.find_spec("torch_npu") is not None):
+        return ()
+    npu_runtime.check()
+    runtime = tuple(npu_runtime.plan())
+    for applied in runtime:
+        if applied.name != npu_runtime.JIT_ENV:
+            journal.set_env(applied.name, applied.value)  # (a value already in the environment is kept)
+    return runtime
+
+
 def setup(device: Optional[str] = None, fused: FusedOps = FusedOps(), *, distributed: bool = True) -> Device:
     """Select the device and prepare torch / megatron-core for it (``aquila_npu.compat``: what each device needs
     changed in them). Call once, before building models."""
     versions.require("torch", "megatron-core")
+    runtime = _npu_runtime_settings(device)  # before anything imports torch_npu (resolve may)
     name = resolve(device)
     backend = make_backend(name, fused)  # raises on a fused switch the device cannot provide
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if name != "npu":
+        runtime = ()
     if name == "npu":
         compat_torch.import_torch_npu()  # with transfer_to_npu: torch.cuda -> torch.npu, nccl -> hccl
+        torch.npu.set_compile_mode(jit_compile=npu_runtime.jit_compile())
         compat_mcore.adapt_to_npu()
         torch.npu.set_device(local_rank)
         torch_device = torch.device("npu", local_rank)
@@ -106,4 +131,5 @@ def setup(device: Optional[str] = None, fused: FusedOps = FusedOps(), *, distrib
         compat_mcore.provide_fused_rope(backend.rope_fn())
     if distributed:
         init_distributed(DIST_BACKENDS[name])
-    return Device(name=name, backend=backend, dist_backend=DIST_BACKENDS[name], torch_device=torch_device)
+    return Device(name=name, backend=backend, dist_backend=DIST_BACKENDS[name], torch_device=torch_device,
+                  runtime=runtime)

@@ -159,7 +159,7 @@ class ExamTask(Task):
         return [dev[i] for i in picked]
 
     def _chat_prompt(self, doc: dict) -> str:
-        from aquila_npu.data.templates import TEMPLATES
+        from aquila_npu.inference.chat import conversation_prompt
 
         name, lang = self.options.prompt_type, self.options.eval_language  # checked by tasks.check_options
 
@@ -168,9 +168,9 @@ class ExamTask(Task):
 
         turns = [(user(r), r["answer"]) for r in doc["support"]] + [(user(doc), "")]
         system = CHAT_SYSTEM[lang].format(subject=self.chat_subject(doc["subject"]))
-        first = (system + turns[0][0], turns[0][1])
-        segments = TEMPLATES[name].segments([first, *turns[1:]])
-        return "".join(text for text, _ in segments[:-1])
+        turns[0] = (system + turns[0][0], turns[0][1])
+        # conversation.py's get_prompt() of the few-shot turns and the question
+        return conversation_prompt(name, turns[-1][0], history=turns[:-1])
 
     def prompt(self, doc: dict) -> str:
         if not self._modellink():

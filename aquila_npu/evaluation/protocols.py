@@ -95,10 +95,10 @@ def modellink_prompt_ids(tokenizer, prompt: str, no_chat_template: bool = False,
     if rendered:
         return tokenizer.encode(prompt)
     if prompt_type:
-        from aquila_npu.inference.chat import chat_prompt
+        from aquila_npu.inference.chat import conversation_prompt
 
         try:
-            return tokenizer.encode(chat_prompt(prompt_type, prompt))
+            return tokenizer.encode(conversation_prompt(prompt_type, prompt))
         except ValueError as e:
             raise UsageError(f"--prompt-type {prompt_type}: {e}") from None
     if getattr(tokenizer, "chat_template", None) and not no_chat_template:

@@ -5,28 +5,45 @@ The prompt is what the template masks before an answer (system text, user turn, 
 fine-tuning with the same template taught the model to continue. For the AquilaChat2 templates it is the text FlagAI's
 ``aquila2_hf/predict.py`` encodes: ``conv.get_prompt()`` plus one trailing space (``get_prompt()`` ends the
 ``aquila`` / ``aquila-chat`` templates with ``Assistant:``, the space completing the ``Assistant: `` marker), e.g.
-``<|startofpiece|>{q}<|endofpiece|> `` for AquilaChat2-7B.
+``<|startofpiece|>{q}<|endofpiece|> `` for AquilaChat2-7B. Evaluation's chat prompts (``conversation_prompt``) are
+``get_prompt()`` itself.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 from aquila_npu.data.templates import TEMPLATES
 
-# What FlagAI's predict() adds after the masked prompt text of each AquilaChat2 template.
-_FLAGAI_TRAILER = {"aquila-v1": " ", "aquila-legacy": " ", "aquila": "", "aquila-chat": ""}
+# conversation.py's get_prompt() ends an open assistant turn at the role: "Assistant:" for the ADD_COLON styles, where
+# a template's masked text holds the whole "Assistant: " marker (training splits prompt and answer there).
+_GET_PROMPT_CUT = {"aquila": 1, "aquila-chat": 1}
+# FlagAI's predict() encodes get_prompt() plus one space (every AquilaChat2 template).
+_PREDICT_TRAILER = " "
 CHAT_TEMPLATES = tuple(sorted(TEMPLATES))
 
 
-def chat_prompt(template: str, question: str, system: Optional[str] = None) -> str:
-    """The single-turn prompt for ``question`` with ``template`` (``system`` replaces the template's system text)."""
+def conversation_prompt(template: str, question: str, system: Optional[str] = None,
+                        history: Sequence[Tuple[str, str]] = ()) -> str:
+    """The text before the answer to ``question`` after the finished ``history`` turns ((user, assistant) pairs) with
+    ``template`` (``system`` replaces the template's system text); for an AquilaChat2 template exactly what
+    ``conversation.py``'s ``get_prompt()`` renders for those messages and an open assistant turn (evaluation's chat
+    prompts; tests/test_flagai_parity.py renders every template with FlagAI's own code)."""
     try:
         t = TEMPLATES[template]
     except KeyError:
         raise ValueError(f"unknown chat template {template!r}; choose one of {', '.join(CHAT_TEMPLATES)}") from None
-    masked, _ = t.segments([(question, "")], system=system)[0]
-    return masked + _FLAGAI_TRAILER.get(template, "")
+    segments = t.segments([*history, (question, "")], system=system)
+    masked = "".join(text for text, _ in segments[:-1])
+    return masked[:len(masked) - _GET_PROMPT_CUT.get(template, 0)]
+
+
+def chat_prompt(template: str, question: str, system: Optional[str] = None,
+                history: Sequence[Tuple[str, str]] = ()) -> str:
+    """What generation's ``--chat`` encodes: for an AquilaChat2 template what FlagAI's ``predict()`` encodes,
+    ``conversation_prompt`` plus one space; for alpaca its masked prompt."""
+    text = conversation_prompt(template, question, system, history)
+    return text if template == "alpaca" else text + _PREDICT_TRAILER
 
 
 def default_template(spec) -> str:

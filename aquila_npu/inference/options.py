@@ -33,6 +33,7 @@ class ModelOptions:
     fused: FusedOps = FusedOps()
     architecture: Mapping[str, object] = field(default_factory=dict)  # given architecture flags, checked
     seq_length: Optional[int] = None  # longest sequence to run (capped at the model's positions)
+    lora_load: Optional[str] = None  # an adapter checkpoint applied on the base without merging
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,9 @@ def model_options(args) -> ModelOptions:
         raise UsageError("--use-mc2 fuses the communication of sequence-parallel training into its matmuls; generation "
                          "and evaluation have no sequence parallelism: drop --use-mc2")
     check_load_dir(args.load)
+    if getattr(args, "lora_load", None) and not os.path.isdir(args.lora_load):
+        raise UsageError(f"--lora-load {args.lora_load}: no such directory (an adapter checkpoint saved by a LoRA or "
+                         "QLoRA run, or converted with convert_ckpt.py --loader peft)")
     check_tokenizer_path(args.tokenizer_name_or_path)
     dtype = None
     if args.fp16 or args.bf16:  # torch only now: input errors above come before it is imported
@@ -81,4 +85,5 @@ def model_options(args) -> ModelOptions:
     return ModelOptions(load=args.load, tokenizer=args.tokenizer_name_or_path, use_fast=not args.tokenizer_not_use_fast,
                         tokenizer_type=args.tokenizer_type, tp=args.tensor_model_parallel_size,
                         pp=args.pipeline_model_parallel_size, device=args.device, params_dtype=dtype,
-                        fused=FusedOps.from_args(args), architecture=flags, seq_length=args.seq_length)
+                        fused=FusedOps.from_args(args), architecture=flags, seq_length=args.seq_length,
+                        lora_load=getattr(args, "lora_load", None))

@@ -77,6 +77,10 @@ def check(opts: ModelOptions, world: Optional[int] = None) -> CheckpointInfo:
     if opts.seq_length is not None and opts.seq_length > positions:
         raise UsageError(f"--seq-length {opts.seq_length}: the model in {opts.load} has {positions} positions "
                          f"(max_position_embeddings); give at most {positions}, or leave --seq-length out")
+    if opts.lora_load:  # (LoRA / QLoRA adapters on the base, unmerged: its model and layout)
+        from aquila_npu.lora.stage import check_adapter
+
+        check_adapter(info, opts.lora_load)
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
     if world % (tp * pp):
         raise UsageError(f"{world} process(es) cannot run the tp{tp}-pp{pp} checkpoint {opts.load}: start a multiple "
@@ -101,7 +105,12 @@ class Session:
                              f"the {info.spec.vocab_size} of the checkpoint's vocabulary: the tokenizer of another "
                              "model")
         device = setup(opts.device, opts.fused)
-        loaded = load_model_for_inference(info, device, params_dtype=opts.params_dtype)
+        if opts.lora_load or info.is_nf4:  # adapters unmerged, or QLoRA's 4-bit base (aquila_npu.lora.stage)
+            from aquila_npu.lora.stage import load_adapted_for_inference
+
+            loaded = load_adapted_for_inference(info, device, opts.lora_load, params_dtype=opts.params_dtype)
+        else:
+            loaded = load_model_for_inference(info, device, params_dtype=opts.params_dtype)
         positions = info.spec.max_position_embeddings
         return cls(device, loaded, tokenizer, min(opts.seq_length or positions, positions))
 
@@ -113,8 +122,9 @@ class Session:
         """``<dir> (tp2-pp1, bfloat16) on cpu[, 2 data-parallel replicas]`` for banners."""
         lo = self.loaded
         dp = data_parallel()[1]
-        return (f"{lo.load_dir} (tp{lo.layout.tp}-pp{lo.layout.pp}, {dtype_name(lo.params_dtype)}) on "
-                f"{self.device.name}" + (f", {dp} data-parallel replicas" if dp > 1 else ""))
+        return (f"{lo.load_dir} (tp{lo.layout.tp}-pp{lo.layout.pp}, {dtype_name(lo.params_dtype)}"
+                f"{getattr(lo, 'adapter_note', '')}) on {self.device.name}"
+                + (f", {dp} data-parallel replicas" if dp > 1 else ""))
 
     def eos_id(self) -> int:
         """The tokenizer's end-of-sequence id (``</s>`` for Aquila2), else the checkpoint's."""

@@ -7,7 +7,7 @@ import os
 import time
 
 from aquila_npu.checkpoint.convert import to_huggingface, to_megatron
-from aquila_npu.checkpoint.hf_io import HFReader
+from aquila_npu.checkpoint.flagai_io import open_hf_folder
 from aquila_npu.checkpoint.megatron_io import MegatronReader
 from aquila_npu.errors import CheckpointError, UsageError
 from aquila_npu.flags import inert_note
@@ -64,7 +64,7 @@ def convert(args) -> str:
         lora_settings.resolve(args, AdapterCheckpoint(args.lora_load).settings)
         reader = lora_convert.LoraMergedReader(args.load_dir, args.lora_load)
     else:
-        reader = HFReader(args.load_dir) if hf_in else MegatronReader(args.load_dir)
+        reader = open_hf_folder(args.load_dir) if hf_in else MegatronReader(args.load_dir)
     if args.tokenizer_model:
         _check_tokenizer(args.tokenizer_model, reader.spec.vocab_size)
     if args.save_model_type == "save_huggingface_llama":
@@ -75,6 +75,9 @@ def convert(args) -> str:
         to_huggingface(reader, out, hf_dir_for_files=files, params_dtype=dtype,
                        max_shard_bytes=int(args.max_shard_size_gb * 1024 ** 3))
         return out
+    if args.qlora_nf4 and getattr(getattr(reader, "info", None), "is_nf4", False):
+        raise CheckpointError(f"--load-dir {args.load_dir} is already an NF4 base: convert the Hugging Face (or "
+                              "bf16 / fp32 Megatron) weights with --qlora-nf4 for another layout")
     to_megatron(reader, args.save_dir, args.target_tensor_parallel_size or 1, args.target_pipeline_parallel_size or 1,
-                args.make_vocab_size_divisible_by or 1, dtype)
+                args.make_vocab_size_divisible_by or 1, dtype, qlora_nf4=args.qlora_nf4)
     return args.save_dir

@@ -11,6 +11,10 @@ from aquila_npu.outputs.files import write_json
 
 
 def run(args) -> int:
+    if args.compare:  # two runs' --layer-stats files: where they part (no device needed)
+        from aquila_npu.checks import drift
+
+        return drift.run(args)
     from aquila_npu.device.setup import resolve
 
     first_hour = not (args.logits_only or args.load or "RANK" in os.environ) and resolve(args.device) == "npu"

@@ -52,10 +52,11 @@ def _fmt(name: str, i: int) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def merge_shard(base: Dict[str, Tensor], adapter: Dict[str, Tensor], settings: LoraSettings) -> Dict[str, Tensor]:
+def merge_shard(base: Dict[str, Tensor], adapter: Dict[str, Tensor], settings: LoraSettings,
+                dtype: Optional[torch.dtype] = None) -> Dict[str, Tensor]:
     """One (stage, TP rank) state dict with every adapted weight replaced by ``W + alpha/r * B A`` (computed in fp32,
-    as peft's merge, and cast to W's dtype). Column-parallel linears: B's row shard times the whole A gives W's row
-    shard; row-parallel: the whole B times A's column shard gives W's column shard."""
+    as peft's merge, and cast to ``dtype``, default W's). Column-parallel linears: B's row shard times the whole A
+    gives W's row shard; row-parallel: the whole B times A's column shard gives W's column shard."""
     out = dict(base)
     for key_a, a in adapter.items():
         if ".lora_A." not in key_a:
@@ -65,7 +66,7 @@ def merge_shard(base: Dict[str, Tensor], adapter: Dict[str, Tensor], settings: L
         target = prefix.split(".")[-1]
         w = base[prefix + ".weight"]
         scaling = settings.alpha_of(target) / settings.rank(target)  # peft's lora_alpha / r of the module
-        out[prefix + ".weight"] = (w.float() + (b.float() @ a.float()) * scaling).to(w.dtype)
+        out[prefix + ".weight"] = (w.float() + (b.float() @ a.float()) * scaling).to(dtype or w.dtype)
     return out
 
 
@@ -79,9 +80,12 @@ class LoraMergedReader(megatron_io.MegatronReader):
         self._peft = self.adapter.peft_tensors()  # small; re-split below for the base's layout
 
     def stage_shards(self, stage: int) -> list:
+        # An NF4 base (QLoRA) is dequantised first (MegatronReader) and the merged weights stay fp32, as peft's merge
+        # of a 4-bit layer (dequantised W + the fp32 update) before it quantises them again; the writer casts them.
         rows = lora_rows(self.adapter.settings.targets)
+        dtype = torch.float32 if self.info.is_nf4 else None
         return [merge_shard(base, hf_rank_to_mcore(self._peft.__getitem__, self.layout, stage, rank, table=rows),
-                            self.adapter.settings)
+                            self.adapter.settings, dtype)
                 for rank, base in enumerate(super().stage_shards(stage))]
 
 

@@ -88,6 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser, texts=TRAINING) -> None:
                    help=f"adapter scaling alpha; updates are scaled by alpha / r (default {DEFAULT_ALPHA:g})")
     g.add_argument("--lora-dropout", type=float, default=None, help="dropout on the adapters' input (default 0)")
     g.add_argument("--lora-load", default=None, help=load_help)
+    if texts is TRAINING:
+        g.add_argument("--qlora", action="store_true",
+                       help="QLoRA (MindSpeed-LLM's flag): the adapters train on a 4-bit base, the --load checkpoint "
+                            "written by convert_ckpt.py --qlora-nf4 (bitsandbytes' NF4, double quantisation, "
+                            "blocksize 64), dequantised to the compute dtype for each product; needs "
+                            "--lora-target-modules (or --lora-load) and bitsandbytes (pip install 'aquila_npu[qlora]')")
 
 
 def resolve(args: argparse.Namespace, saved: Optional[LoraSettings] = None) -> Optional[LoraSettings]:
@@ -98,12 +104,19 @@ def resolve(args: argparse.Namespace, saved: Optional[LoraSettings] = None) -> O
     settings = _resolve(args, saved)
     if settings is not None:
         versions.require("peft")
+    if settings is not None and getattr(args, "qlora", False):
+        from aquila_npu.weights.nf4 import require_bitsandbytes
+
+        require_bitsandbytes("--qlora")
     return settings
 
 
 def _resolve(args: argparse.Namespace, saved: Optional[LoraSettings]) -> Optional[LoraSettings]:
     targets = tuple(args.lora_target_modules or ())
     if not targets and saved is None:
+        if getattr(args, "qlora", False):
+            raise UsageError("--qlora needs --lora-target-modules (or --lora-load): QLoRA trains adapters on the "
+                             "4-bit base, e.g. --lora-target-modules linear_qkv linear_proj linear_fc1 linear_fc2")
         for flag in ("lora_r", "lora_alpha", "lora_dropout"):
             if getattr(args, flag) is not None:
                 raise UsageError(f"--{flag.replace('_', '-')} needs --lora-target-modules")

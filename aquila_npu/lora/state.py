@@ -100,7 +100,8 @@ def parameter_counts(model) -> Dict[str, int]:
     each replicated tensor once), and this rank's trainable ones."""
     stage = _stage(model)
     mine = [p for p in stage.parameters() if param_is_not_tensor_parallel_duplicate(p)]
-    counts = torch.tensor([sum(p.numel() for p in mine if p.requires_grad), sum(p.numel() for p in mine)],
+    quantised = sum(m.nf4_parameters() for m in stage.modules() if hasattr(m, "nf4_parameters"))  # QLoRA's base
+    counts = torch.tensor([sum(p.numel() for p in mine if p.requires_grad), sum(p.numel() for p in mine) + quantised],
                           dtype=torch.float64)
     if torch.distributed.is_initialized() and ps.model_parallel_is_initialized():
         torch.distributed.all_reduce(counts, group=ps.get_model_parallel_group())

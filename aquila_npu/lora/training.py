@@ -31,6 +31,10 @@ from aquila_npu.weights.mapping import Layout
 def transform(args: argparse.Namespace) -> Optional["LoraTransform"]:
     """The run's LoRA transform, None when LoRA is off (the flags checked first)."""
     s = settings(args)
+    if s is not None and getattr(args, "qlora", False):
+        from aquila_npu.lora.qlora import QLoraTransform
+
+        return QLoraTransform(s)
     return None if s is None else LoraTransform(s)
 
 
@@ -44,6 +48,10 @@ class LoraTransform:
         """Everything ``load`` would refuse that the checkpoints' metadata tells, before the run creates any output
         or process group (``check``)."""
         check(args, checkpoint, layout, data_parallel_size)
+
+    def backend(self, backend):
+        """The device backend the stages are built from (QLoRA's 4-bit linears: ``qlora.QLoraTransform``)."""
+        return backend
 
     def apply(self, stage, config, layout: Layout, pp_rank: int, seed: int):
         from aquila_npu.lora.layers import apply_lora  # peft (and transformers): only LoRA runs import them
@@ -78,6 +86,8 @@ def check(args: argparse.Namespace, base: Optional[CheckpointInfo], layout: Layo
     optimizer state that this run's --use-distributed-optimizer / data-parallel size cannot resume."""
     if base is None:
         raise CheckpointError(f"--load {args.load}: no checkpoint there (the base model LoRA trains on)")
+    if base.is_nf4 and not getattr(args, "qlora", False):
+        raise CheckpointError(f"--load {args.load} holds a 4-bit NF4 base (convert_ckpt.py --qlora-nf4): add --qlora")
     base.check_resume(layout, finetune=True, no_load_optim=True,
                       use_distributed_optimizer=args.use_distributed_optimizer, data_parallel_size=data_parallel_size)
     adapter = adapter_ckpt.find(args.lora_load)
@@ -90,16 +100,19 @@ def check(args: argparse.Namespace, base: Optional[CheckpointInfo], layout: Layo
 
 
 def load(args: argparse.Namespace, base: CheckpointInfo, *, model, optimizer, scheduler, layout: Layout,
-         params_dtype: torch.dtype, device: str) -> Tuple[int, int, str]:
-    """Base weights from the --load checkpoint ``base`` (always weights only), then the adapter from --lora-load:
-    resumed exactly (iteration, optimizer, scheduler, RNG) unless --finetune / --no-load-optim / --no-load-rng say
-    otherwise, or the adapter was converted (weights only). Without --lora-load the adapters keep their initial
-    values."""
+         params_dtype: torch.dtype, device: str, load_base=None) -> Tuple[int, int, str]:
+    """Base weights from the --load checkpoint ``base`` (always weights only; ``load_base(model, optimizer)`` when
+    given: QLoRA's NF4 base), then the adapter from --lora-load: resumed exactly (iteration, optimizer, scheduler,
+    RNG) unless --finetune / --no-load-optim / --no-load-rng say otherwise, or the adapter was converted (weights
+    only). Without --lora-load the adapters keep their initial values."""
     if base is None:
         raise CheckpointError(f"--load {args.load}: no checkpoint there (the base model LoRA trains on)")
-    checkpointing.load(base, model=BaseWeights(model), optimizer=optimizer, scheduler=scheduler, layout=layout,
-                       params_dtype=params_dtype, finetune=True, no_load_optim=True, no_load_rng=True,
-                       use_distributed_optimizer=args.use_distributed_optimizer, device=device)
+    if load_base is not None:
+        load_base(model, optimizer)
+    else:
+        checkpointing.load(base, model=BaseWeights(model), optimizer=optimizer, scheduler=scheduler, layout=layout,
+                           params_dtype=params_dtype, finetune=True, no_load_optim=True, no_load_rng=True,
+                           use_distributed_optimizer=args.use_distributed_optimizer, device=device)
     adapter = adapter_ckpt.find(args.lora_load)
     if adapter is None:
         return 0, 0, "base weights, new adapters"

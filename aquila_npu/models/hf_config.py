@@ -7,7 +7,52 @@ import os
 from typing import Optional, Union
 
 from aquila_npu.errors import CheckpointError, NotAquilaConfig
-from aquila_npu.models.registry import ModelSpec, chat_template_for
+from aquila_npu.models.registry import ModelSpec, entry_named
+
+
+# RoPE scalings transformers knows that we do not implement: refused by name, never dropped.
+_UNIMPLEMENTED_ROPE = {"dynamic": "dynamic NTK", "yarn": "YaRN", "longrope": "LongRoPE", "su": "LongRoPE ('su')",
+                       "llama3": "Llama 3's frequency scaling", "ntk": "NTK-aware"}
+
+
+def _rope_dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def rope_scaling_factor(cfg: dict, where: str = "config") -> Optional[float]:
+    """The linear RoPE scaling (position interpolation) factor of a HF config, None without scaling.
+
+    Every form transformers has written is read: ``rope_scaling`` with ``type`` (transformers 4 before 4.45) or
+    ``rope_type`` (later 4.x), and transformers 5's ``rope_parameters`` (``rope_type``, ``factor``, ``rope_theta``;
+    no ``rope_scaling`` key at all). A scaling we do not implement (dynamic NTK, YaRN, ...) is refused in one line
+    naming it; two forms that disagree are refused too."""
+    found = {}
+    for key in ("rope_scaling", "rope_parameters"):
+        value = cfg.get(key)
+        if value is None or value == {}:
+            continue
+        if not isinstance(value, dict):
+            raise NotAquilaConfig(f"{where}: {key} {value!r} is not an object")
+        kind = value.get("rope_type", value.get("type", "default"))
+        if kind == "default":
+            continue
+        if kind != "linear":
+            name = _UNIMPLEMENTED_ROPE.get(kind, "an unknown scaling")
+            raise NotAquilaConfig(f"{where}: {key} type {kind!r} ({name}) is not implemented: only linear position "
+                                  "interpolation (the type of the Aquila2 16K models) is; converting without it "
+                                  "would change the model")
+        try:
+            factor = float(value["factor"])
+        except (KeyError, TypeError, ValueError):
+            raise NotAquilaConfig(f"{where}: {key} {value!r}: linear scaling needs a number 'factor'") from None
+        if not factor > 0:
+            raise NotAquilaConfig(f"{where}: {key} factor {factor:g} must be > 0")
+        found[key] = factor
+    if len(set(found.values())) > 1:
+        raise NotAquilaConfig(f"{where}: rope_scaling (factor {found['rope_scaling']:g}) and rope_parameters "
+                              f"(factor {found['rope_parameters']:g}) disagree")
+    factor = next(iter(found.values()), None)
+    return None if factor is None or factor == 1.0 else factor
 
 
 def spec_from_hf_config(cfg: Union[str, os.PathLike, dict], name: Optional[str] = None) -> ModelSpec:
@@ -39,13 +84,7 @@ def spec_from_hf_config(cfg: Union[str, os.PathLike, dict], name: Optional[str] 
     head_dim = cfg.get("head_dim")
     if head_dim is not None and head_dim * cfg["num_attention_heads"] != cfg["hidden_size"]:
         raise NotAquilaConfig(f"{where}: head_dim {head_dim} x heads != hidden_size")
-    scaling = cfg.get("rope_scaling") or None
-    factor = None
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind not in ("linear", "default"):
-            raise NotAquilaConfig(f"{where}: rope_scaling type {kind!r} is not supported (only linear)")
-        factor = float(scaling["factor"]) if kind == "linear" else None
+    factor = rope_scaling_factor(cfg, where)
 
     def token_id(key, default):
         v = cfg.get(key, default)
@@ -54,9 +93,11 @@ def spec_from_hf_config(cfg: Union[str, os.PathLike, dict], name: Optional[str] 
     dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
     name = name or cfg.get("_name_or_path") or (os.path.basename(os.path.dirname(os.path.abspath(path)))
                                                   if path else "") or "hf-model"
+    entry = entry_named(name)  # a folder named as a registry model: its chat template and generation
     return ModelSpec(
         name=name,
-        chat_template=chat_template_for(name),
+        chat_template=entry.chat_template if entry else None,
+        generation=entry.generation if entry else 2,
         hidden_size=cfg["hidden_size"],
         intermediate_size=cfg["intermediate_size"],
         num_layers=cfg["num_hidden_layers"],
@@ -64,8 +105,9 @@ def spec_from_hf_config(cfg: Union[str, os.PathLike, dict], name: Optional[str] 
         num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
         vocab_size=cfg["vocab_size"],
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6 if model_type == "llama" else 1e-5),
-        rope_theta=float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),  # LlamaConfig's and FlagAI's AquilaConfig's default
+        # transformers 5's order: rope_parameters' theta first, then the top-level key of earlier configs
+        rope_theta=float(_rope_dict(cfg.get("rope_parameters")).get("rope_theta") or cfg.get("rope_theta") or 10000.0),
         rope_scaling_factor=factor,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         bos_token_id=token_id("bos_token_id", 1),

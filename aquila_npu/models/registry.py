@@ -15,6 +15,16 @@ Sources (the HF ``config.json`` of each model; FlagAI ``flagai/model/aquila2/con
   max_position_embeddings 8192, rope_theta 1e6, otherwise as the original.
 
 The ModelLink figures (BoolQ 77.8% / 88.0%, throughput) belong to the original 100008-vocab models, the default.
+
+The first generation (``generation=1``), FlagAI's own models (seed 001: FlagAI's Aquila-7B README), named as FlagAI's
+``AutoLoader`` names them: ``aquila-7b``, ``aquilachat-7b``, ``aquilacode-7b-nv``, ``aquilacode-7b-ts``. FlagAI's
+config.json (``examples/Aquila/Aquila-sql/metric/configs/flagai-7b/params.json`` in FlagAI's repository): dim 4096,
+multiple_of 256 (SwiGLU size 11008), n_heads 32, n_layers 32, norm_eps 1e-5, vocab_size 100008, max_seq_len 2048;
+the tokenizer is FlagAI's 100k BPE (``gpt2_new_100k``, the same files as Aquila2's). In Hugging Face terms the shapes
+of Aquila2-7B; FlagAI's own layout keeps the query / key rows in interleaved RoPE order
+(``aquila_npu.weights.flagai``), which the converter reorders.
+
+``reference``: the model code each entry is checked against (tests/test_flagai_parity.py, one test per entry).
 """
 
 from __future__ import annotations
@@ -48,6 +58,15 @@ class ModelSpec:
     # The AquilaChat2 conversation template FlagAI's predict.py uses for this model (aquila_npu.data.templates);
     # None: not a chat model of the registry (generation's --chat then uses FlagAI's default, aquila-chat).
     chat_template: Optional[str] = None
+    # 2: Aquila2 (BAAI's Hugging Face AquilaForCausalLM); 1: FlagAI's first-generation Aquila (AQUILAModel).
+    generation: int = 2
+
+    @property
+    def reference(self) -> str:
+        """The model code this entry is checked against: BAAI's own, as the ``flagai`` package ships it."""
+        if self.generation == 1:
+            return "FlagAI AQUILAModel (flagai/model/aquila_model.py)"
+        return "FlagAI AquilaForCausalLM (flagai/model/aquila2/modeling_aquila.py)"
 
     @property
     def head_dim(self) -> int:
@@ -114,6 +133,12 @@ MODELS: Dict[str, ModelSpec] = {
                   source="BAAI/AquilaChat2-34B-16K config.json", chat_template="aquila"),
         ModelSpec("aquila2-7b-2406", **{**_7B, **_2406}, source="BAAI/Aquila2-7B config.json (2024-06 release)"),
         ModelSpec("aquila2-34b-2406", **{**_34B, **_2406}, source="BAAI/Aquila2-34B config.json (2024-06 release)"),
+        # The first generation: FlagAI's names, FlagAI's config (the module docstring).
+        ModelSpec("aquila-7b", **_7B, generation=1, source="FlagAI aquila-7b config.json"),
+        ModelSpec("aquilachat-7b", **_7B, generation=1, chat_template="aquila-chat",
+                  source="FlagAI aquilachat-7b config.json"),
+        ModelSpec("aquilacode-7b-nv", **_7B, generation=1, source="FlagAI aquilacode-7b-nv config.json"),
+        ModelSpec("aquilacode-7b-ts", **_7B, generation=1, source="FlagAI aquilacode-7b-ts config.json"),
         # Small debug configs: Aquila2-shaped (RMSNorm, SwiGLU, RoPE, GQA, untied, no bias), quick on a CPU.
         ModelSpec("aquila2-tiny", hidden_size=64, intermediate_size=176, num_layers=4, num_attention_heads=8,
                   num_key_value_heads=4, vocab_size=1000, max_position_embeddings=256, bos_token_id=1,
@@ -136,10 +161,9 @@ MODELS: Dict[str, ModelSpec] = {
 }
 
 
-def chat_template_for(name: str) -> Optional[str]:
-    """FlagAI's template for a model named like a registry entry (a folder ``.../AquilaChat2-7B``), else None."""
-    spec = MODELS.get(name.rstrip("/").rsplit("/", 1)[-1].lower())
-    return spec.chat_template if spec else None
+def entry_named(name: str) -> Optional[ModelSpec]:
+    """The registry entry a model folder or hub name names (``.../AquilaChat2-7B``, ``BAAI/Aquila-7B``), else None."""
+    return MODELS.get(name.rstrip("/").rsplit("/", 1)[-1].lower())
 
 
 def get_model_spec(name: str) -> ModelSpec:

@@ -7,6 +7,7 @@ checkpoint's (LoRA). The run itself is the real entry point's, unchanged: the re
 """
 
 import json
+import resource
 import sys
 from unittest import mock
 
@@ -29,6 +30,25 @@ def _base_unchanged(args, model) -> bool:
                if not is_adapter_key(k) and not k.endswith("_extra_state"))
 
 
+def base_linear_bytes(stage) -> dict:
+    """Bytes and parameters of this rank's frozen decoder linears (full precision, or QLoRA's NF4 buffers)."""
+    from aquila_npu.lora.qlora import NF4Linear
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    nbytes = params = 0
+    for name, m in stage.named_modules():
+        if ".lora_" in name or ".decoder." not in f".{name}." or not isinstance(m, (ColumnParallelLinear,
+                                                                                    RowParallelLinear)):
+            continue
+        if isinstance(m, NF4Linear):
+            nbytes += sum(b.numel() * b.element_size() for b in m.buffers(recurse=False))
+            params += m.nf4_parameters()
+        else:
+            nbytes += m.weight.numel() * m.weight.element_size()
+            params += m.weight.numel()
+    return {"bytes": nbytes, "parameters": params}
+
+
 def main(argv):
     report_path = None
     if "--report" in argv:
@@ -40,6 +60,7 @@ def main(argv):
 
     def loaded(model, optimizer):
         report["counts"] = parameter_counts(model)
+        report["base_linears"] = base_linear_bytes(model.module)
         report["optimizer_bytes_at_start"] = optimizer_state_bytes(optimizer)
         report["optimizer_params"] = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
         report["dtypes"] = sorted({f"{'adapter' if is_adapter_key(k) else 'base'} {p.dtype}".replace("torch.", "")
@@ -54,6 +75,14 @@ def main(argv):
 
     def describe(model, optimizer, settings):
         report["start"] = lora_describe(model, optimizer, settings)
+        return report["start"]
+
+    from aquila_npu.lora.qlora import QLoraTransform  # (QLoRA's line: its base, then LoRA's)
+
+    qlora_describe = QLoraTransform.describe
+
+    def describe_qlora(self, model, optimizer):
+        report["start"] = qlora_describe(self, model, optimizer)
         return report["start"]
 
     def load_lora(*a, model, optimizer, **kw):
@@ -79,9 +108,11 @@ def main(argv):
 
     with mock.patch.object(lora_training, "load", load_lora), mock.patch.object(lora_training, "save", save_lora), \
             mock.patch.object(lora_training, "describe", describe), \
+            mock.patch.object(QLoraTransform, "describe", describe_qlora), \
             mock.patch.object(run.checkpointing, "load", load_full), \
             mock.patch.object(run.checkpointing, "save", save_full):
         rc = pretrain_job.run(args)  # the command's own library call (LoRA as its model transform)
+    report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # (Linux: KiB)
     if report_path and torch.distributed.get_rank() == 0:
         with open(report_path, "w") as f:
             json.dump(report, f)

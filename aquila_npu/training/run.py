@@ -15,11 +15,11 @@ from aquila_npu.errors import CheckpointError, UsageError
 from aquila_npu.flops import device_peak, training_flops_per_token
 from aquila_npu.flags import inert_note
 from aquila_npu.models.config import transformer_config
-from aquila_npu.models.dtypes import dtype_name
+from aquila_npu.models.dtypes import dtype_name, short_name
 from aquila_npu.models.gpt import build_model
 from aquila_npu.outputs import owner
 from aquila_npu.parallel import initialize_model_parallel
-from aquila_npu.training import adam, batches, checkpointing
+from aquila_npu.training import adam, batches, checkpointing, memory_plan
 from aquila_npu.training.config import RunConfig, resolve
 from aquila_npu.training.features import run_features
 from aquila_npu.training.inputs import check_paths
@@ -58,6 +58,7 @@ def build(args, cfg: RunConfig, dev, transform: Optional[ModelTransform] = None)
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     spec, layout, dtype = cfg.spec, cfg.layout, cfg.params_dtype
+    base_backend = dev.backend
     recompute = {}
     if args.recompute_granularity:
         recompute = {"recompute_granularity": args.recompute_granularity,
@@ -67,9 +68,10 @@ def build(args, cfg: RunConfig, dev, transform: Optional[ModelTransform] = None)
                               hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
                               init_method_std=args.init_method_std, calculate_per_token_loss=True,
                               use_cpu_initialization=dev.name == "cpu", **recompute,
-                              **dev.backend.config_overrides())
+                              **base_backend.config_overrides())
     pp_rank = ps.get_pipeline_model_parallel_rank()
-    model = build_model(spec, tcfg, dev.backend, padded_vocab=layout.padded_vocab, pre_process=pp_rank == 0,
+    backend = base_backend if transform is None else transform.backend(base_backend)  # (QLoRA: 4-bit linears)
+    model = build_model(spec, tcfg, backend, padded_vocab=layout.padded_vocab, pre_process=pp_rank == 0,
                         post_process=pp_rank == layout.pp - 1, pp_rank=pp_rank, parallel_output=True,
                         max_sequence_length=spec.max_position_embeddings)
     if transform is not None:  # (LoRA: adapters on the frozen base) before DDP and the optimizer see the parameters
@@ -157,6 +159,9 @@ def check(args, world_size: int, transform: Optional[ModelTransform] = None):
     if transform is not None:  # (LoRA: the base's layout; the adapter's model, layout and optimizer state)
         transform.check(args, checkpoint, cfg.layout, cfg.data_parallel_size)
     elif checkpoint is not None:
+        if checkpoint.is_nf4:
+            raise CheckpointError(f"--load {args.load} holds a 4-bit NF4 base (convert_ckpt.py --qlora-nf4), which "
+                                  "only adapters train on: add --qlora --lora-target-modules ...")
         checkpoint.check_resume(cfg.layout, finetune=args.finetune, no_load_optim=args.no_load_optim,
                                 use_distributed_optimizer=args.use_distributed_optimizer,
                                 data_parallel_size=cfg.data_parallel_size)
@@ -190,6 +195,10 @@ def _train(args, cfg: RunConfig, dev, checkpoint, tokenizer, transform: Optional
 
     world, dp = torch.distributed.get_world_size(), cfg.data_parallel_size
     initialize_model_parallel(cfg.tp, cfg.pp, args.seed)
+    if dev.runtime_line():
+        _print0(dev.runtime_line())
+    if transform is None:  # (the plan has no LoRA: a frozen base has no gradients or optimizer states)
+        memory_plan.announce(args, cfg, dev, _print0)  # before the model is built
     model, optimizer, scheduler = build(args, cfg, dev, transform)
     param_gather = ParamGatherHooks(model, args.overlap_param_gather)
     iteration, consumed = 0, 0
@@ -234,13 +243,18 @@ def _train(args, cfg: RunConfig, dev, checkpoint, tokenizer, transform: Optional
                    seq_length=cfg.seq_length * (cfg.micro_batch_size if packed else 1),
                    micro_batch_size=1 if packed else cfg.micro_batch_size)
     skipped, last_saved = 0, iteration
+    stats = _layer_stats(args, cfg, dev, model, optimizer, iteration)
     stop = StopConditions(dev.torch_device, args.exit_duration_in_mins)
     stop.install()
     try:
         while iteration < args.train_iters:
             t0 = time.perf_counter()
+            if stats is not None:
+                stats.begin(iteration + 1)
             out = train_step(train_iter, model, optimizer, scheduler, global_batch_size=cfg.global_batch_size,
                              **step_kw)
+            if stats is not None:
+                stats.end(iteration + 1, out["lm_loss"])
             if dev.name != "cpu":
                 torch.cuda.synchronize()
             step_time = time.perf_counter() - t0
@@ -287,6 +301,28 @@ def _train(args, cfg: RunConfig, dev, checkpoint, tokenizer, transform: Optional
         stop.restore()
         reporter.close()
     return 0
+
+
+def _layer_stats(args, cfg: RunConfig, dev, model, optimizer, iteration: int):
+    """``--layer-stats FILE``: per-layer norms of the next ``--layer-stats-iters`` iterations (training/layer_stats.py)."""
+    if not getattr(args, "layer_stats", None):
+        return None
+    from aquila_npu.training.layer_stats import LayerStats
+
+    meta = {"model": cfg.spec.name, "num_layers": cfg.spec.num_layers, "device": dev.name,
+            "dtype": short_name(cfg.params_dtype), "tp": cfg.tp, "pp": cfg.pp, "dp": cfg.data_parallel_size,
+            "seq_length": cfg.seq_length, "global_batch_size": cfg.global_batch_size,
+            "micro_batch_size": cfg.micro_batch_size, "padded_vocab": cfg.layout.padded_vocab, "seed": args.seed,
+            "load": args.load,
+            "data": args.data_path or "mock", "first_iteration": iteration + 1,
+            "distributed_optimizer": bool(args.use_distributed_optimizer), "kernels": dev.backend.describe()}
+    stats = LayerStats(model, cfg, args.layer_stats, iteration + args.layer_stats_iters,
+                       recompute_full=args.recompute_granularity == "full", recompute_method=args.recompute_method,
+                       recompute_num_layers=args.recompute_num_layers, meta=meta)
+    stats.optimizer = optimizer
+    _print0(f"layer statistics of iterations {iteration + 1}-{iteration + args.layer_stats_iters} to "
+            f"{args.layer_stats} (compare two runs: python -m aquila_npu.selfcheck --compare A B)")
+    return stats
 
 
 def _say_packing(dataset, cfg: RunConfig) -> None:

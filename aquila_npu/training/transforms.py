@@ -15,6 +15,10 @@ import torch
 
 
 class ModelTransform(Protocol):
+    def backend(self, backend):
+        """The device backend the stages are built from (the device's own, or one that builds other modules:
+        QLoRA's 4-bit linears)."""
+
     def check(self, args, checkpoint, layout, data_parallel_size: int) -> None:
         """Refuse (a UserError) what ``load`` would refuse that the checkpoints' metadata tells, before the run
         creates any output, device or process group."""

@@ -16,7 +16,6 @@ if [ -f "$CANN_SET_ENV" ]; then
     FUSED_ARGS=(--use-flash-attn --use-fused-rmsnorm --use-fused-rotary-pos-emb --use-fused-swiglu)
 fi
 export CUDA_DEVICE_MAX_CONNECTIONS=1
-export PYTORCH_NPU_ALLOC_CONF=expandable_segments:True
 
 # please fill these path configurations
 CKPT_LOAD_DIR=${CKPT_LOAD_DIR:-"./model_weights/Aquila2-34B-v0.1-tp8-pp2/"}

@@ -3,7 +3,7 @@
 #   bash examples/aquila2/pretrain_aquila2_7b_ptd.sh [more aquila_npu.pretrain flags]
 # Fine-tuning (SFT) is the same run plus --finetune --is-instruction-dataset: tune_aquila2_7b_ptd.sh.
 # Variables (environment, with defaults): CKPT_LOAD_DIR, CKPT_SAVE_DIR, DATA_PATH, TOKENIZER_PATH, TRAIN_ITERS,
-# GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, LOAD_ARGS.
+# GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, LOAD_ARGS, DTYPE_ARGS.
 set -euo pipefail
 source "$(dirname "$0")/launch.sh"  # launch: the pre-flight, then torchrun
 
@@ -16,7 +16,6 @@ if [ -f "$CANN_SET_ENV" ]; then
     FUSED_ARGS=(--use-flash-attn --use-fused-rmsnorm --use-fused-rotary-pos-emb --use-fused-swiglu)
 fi
 export CUDA_DEVICE_MAX_CONNECTIONS=1
-export PYTORCH_NPU_ALLOC_CONF=expandable_segments:True
 
 # please fill these path configurations
 CKPT_LOAD_DIR=${CKPT_LOAD_DIR:-"./model_weights/Aquila2-7B-v0.1-tp8-pp1/"}
@@ -32,6 +31,8 @@ NODE_RANK=${NODE_RANK:-0}
 TRAIN_ITERS=${TRAIN_ITERS:-2000}
 # What --load restores besides the weights (ModelLink's scripts: nothing); LOAD_ARGS= (empty) loads everything
 LOAD_ARGS=${LOAD_ARGS-"--no-load-optim --no-load-rng"}
+# The training dtype (ModelLink's 7B scripts: fp16 with loss scaling; the QLoRA script: --bf16)
+DTYPE_ARGS=${DTYPE_ARGS-"--fp16 --initial-loss-scale 65536"}
 
 DISTRIBUTED_ARGS=(--nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK"
                   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
@@ -70,8 +71,7 @@ launch "${DISTRIBUTED_ARGS[@]}" -m aquila_npu.pretrain \
     --clip-grad 1.0 \
     --adam-beta1 0.9 \
     --adam-beta2 0.95 \
-    --fp16 \
-    --initial-loss-scale 65536 \
+    $DTYPE_ARGS \
     --tokenizer-type PretrainedFromHF \
     --tokenizer-name-or-path "$TOKENIZER_PATH" \
     --data-path "$DATA_PATH" \

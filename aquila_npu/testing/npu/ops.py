@@ -16,6 +16,7 @@ import collections
 import contextlib
 import functools
 import importlib.machinery
+import os
 import sys
 import types
 from typing import Optional
@@ -634,6 +635,23 @@ def npu_mm_reduce_scatter_base(self, x2, hcom, world_size, *, reduce_op="sum", b
     return out
 
 
+# A deliberately wrong kernel, for the tests of the loss-drift check: ``OP@K/N*F`` multiplies the output of OP's
+# calls number K, K + N, K + 2N, ... (0-based) by F, e.g. ``npu_swiglu@2/4*1.05``: with one micro-batch per iteration
+# and 4 layers, the third layer's SwiGLU in every forward. Read when the runtime starts; never set outside tests.
+PERTURB_ENV = "AQUILA_FAKE_NPU_PERTURB"
+
+
+def _perturbation(spec):
+    if not spec:
+        return None
+    op, rest = spec.split("@")
+    which, factor = rest.split("*")
+    k, n = which.split("/")
+    if op not in EMULATED_OPS:
+        raise ValueError(f"{PERTURB_ENV}={spec}: {op} is not an emulated op")
+    return op, int(k), int(n), float(factor)
+
+
 def module() -> types.ModuleType:
     """A fresh ``torch_npu`` module holding the emulated ops, counting their calls (``calls``)."""
     mod = types.ModuleType("torch_npu")
@@ -644,13 +662,18 @@ def module() -> types.ModuleType:
     mod.__aquila_emulator__ = True
     mod.calls = collections.Counter()  # op name -> number of calls, so tests can see the fused path ran
 
+    perturb = _perturbation(os.environ.get(PERTURB_ENV))
+
     def counted(name):
         fn = globals()[name]
 
         @functools.wraps(fn)
         def op(*args, **kwargs):
             mod.calls[name] += 1
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
+            if perturb is not None and perturb[0] == name and (mod.calls[name] - 1) % perturb[2] == perturb[1]:
+                out = out * perturb[3]  # a deliberately wrong kernel (the drift check's test)
+            return out
 
         return op
 

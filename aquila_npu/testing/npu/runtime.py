@@ -313,7 +313,7 @@ NPU_API = ("is_available", "device_count", "is_initialized", "init", "set_device
            "reset_accumulated_memory_stats", "set_per_process_memory_fraction", "get_rng_state", "set_rng_state",
            "get_rng_state_all", "set_rng_state_all", "manual_seed", "manual_seed_all", "seed", "seed_all",
            "initial_seed", "Event", "Stream", "current_stream", "default_stream", "stream", "set_stream",
-           "is_current_stream_capturing", *(f"{kind}Tensor" for kind in _LEGACY))
+           "is_current_stream_capturing", "set_compile_mode", *(f"{kind}Tensor" for kind in _LEGACY))
 """The public names of ``torch_npu.npu`` the fake provides (each exists in the real ``torch_npu.npu.__all__``: a test
 checks it against the wheel)."""
 
@@ -408,6 +408,7 @@ def _create_hccl(store, rank, size, timeout):
         raise RuntimeError("hccl: torch.npu.set_device(local_rank) must come before init_process_group('hccl') "
                            "(HCCL binds each rank's communicator to its current device)")
     events.append(("hccl", rank, size, state["device"]))
+    settings["at_hccl"].append(_runtime_env())
     return ProcessGroupHCCL(store, rank, size, timeout)
 
 
@@ -415,12 +416,34 @@ def _is_hccl_available() -> bool:
     return True
 
 
+# ------------------------------------------------------------------------------------------- runtime settings
+# What CANN, HCCL and torch_npu read from the environment (aquila_npu/device/npu_runtime.py sets them): the fake
+# records their values where the real ones read them, when torch_npu is imported (the allocator's configuration,
+# CPU affinity) and when an HCCL communicator starts (HCCL's timeouts and ports).
+RUNTIME_ENV = ("HCCL_CONNECT_TIMEOUT", "HCCL_EXEC_TIMEOUT", "HCCL_IF_BASE_PORT", "PYTORCH_NPU_ALLOC_CONF",
+               "CPU_AFFINITY_CONF")
+
+
+# their values at import and at each communicator's start, and each set_compile_mode(jit_compile) (kept apart from
+# ``events``, whose order the tests check)
+settings: dict = {"at_import": None, "at_hccl": [], "compile_mode": []}
+
+
+def _runtime_env() -> dict:
+    return {name: os.environ.get(name) for name in RUNTIME_ENV}
+
+
+def set_compile_mode(jit_compile=False) -> None:
+    """torch_npu's operator compile mode (False: CANN's binary kernels); recorded."""
+    settings["compile_mode"].append(bool(jit_compile))
+
+
 # ------------------------------------------------------------------------------------------------------- report
 def report() -> dict:
     """What this process's fake runtime saw (JSON-able): its events in order and the emulated op calls."""
     mod = sys.modules.get("torch_npu")
     return {"pid": os.getpid(), "rank": os.environ.get("RANK"), "events": [list(e) for e in events],
-            "calls": dict(getattr(mod, "calls", {}))}
+            "calls": dict(getattr(mod, "calls", {})), "settings": settings}
 
 
 def _write_report() -> None:
@@ -477,5 +500,6 @@ def install_runtime(mod: types.ModuleType) -> types.ModuleType:
     mod.ProcessGroupHCCL = ProcessGroupHCCL
     state["installed"] = True
     events.append(("import",))
+    settings["at_import"] = _runtime_env()
     atexit.register(_write_report)
     return mod
