@@ -126,3 +126,18 @@ def training_flops_per_token(spec: ModelSpec, seq_length: int, padded_vocab: Opt
     v = padded_vocab or spec.vocab_size
     per_layer = 2 * h * h * (1 + g_over_a) + 2 * seq_length * h + 3 * h * f
     return 6.0 * (L * per_layer + h * v)
+
+
+def training_flops_breakdown(spec: ModelSpec, seq_length: int, padded_vocab: Optional[int] = None) -> Dict[str, float]:
+    """``training_flops_per_token`` by where the profile puts the time: the layers' linear GEMMs (QKV, O, SwiGLU MLP),
+    attention (Q K^T and A V) and the output layer; the three add up to ``training_flops_per_token``."""
+    h, f, L = spec.hidden_size, spec.intermediate_size, spec.num_layers
+    g_over_a = spec.num_key_value_heads / spec.num_attention_heads
+    return {"gemm": 6.0 * L * (2 * h * h * (1 + g_over_a) + 3 * h * f), "attention": 6.0 * L * 2 * seq_length * h,
+            "output_and_loss": 6.0 * h * (padded_vocab or spec.vocab_size)}
+
+
+def flagperf_flops_per_token(parameters: int) -> float:
+    """FlagPerf's training FLOPs per token (its Aquila2-7B case: 6 x 7e9 x tokens/s / peak): 6 x the parameters,
+    no attention term; beside ours for MFU figures quoted from FlagPerf."""
+    return 6.0 * parameters

@@ -770,6 +770,67 @@ def plan_table(doc):
                   "predicted", "measured", "error", "largest rank"], rows)
 
 
+# ---- issue 28: generation and evaluation as ranges over rounds, on two shapes ----
+GEN_RANGE_135M = "generate-vs-hf-cpu-amd-epyc-2-cores-smollm-135m-rounds3-20261208.json"
+GEN_RANGE_1B = "generate-vs-hf-cpu-amd-epyc-2-cores-tinyllama-1.1b-rounds3-20261208.json"
+EVAL_RANGE_135M = "eval-vs-lm-eval-cpu-amd-epyc-2-cores-smollm-135m-boolq100-rounds3-20261208.json"
+EVAL_RANGE_1B = "eval-vs-lm-eval-cpu-amd-epyc-2-cores-tinyllama-1.1b-aquila2-vocab-boolq20-rounds2-20261208.json"
+
+
+def generate_rounds(doc: dict, batch: int = 1) -> list:
+    """Ours (tp1) over HF per round at `batch`: each round's best run of both sides."""
+    sides = doc["batches"][str(batch)]
+    return [min(hf) / min(ours) for hf, ours in zip(sides["HF transformers"]["seconds"],
+                                                     sides["ours tp1-pp1"]["seconds"])]
+
+
+def eval_rounds(doc: dict) -> list:
+    """lm-eval's time over ours per round (rows to predictions)."""
+    return [hf / ours for hf, ours in zip(doc["seconds"]["lm-eval hf"], doc["seconds"]["ours"])]
+
+
+def span(ratios: list) -> str:
+    """Per-round ratios as their range: 0.93-1.35x."""
+    return f"{fixed(min(ratios), 2)}-{times(max(ratios))}"
+
+
+def span_zh(ratios: list) -> str:
+    return f"{fixed(min(ratios), 2)}-{bei(max(ratios))}"
+
+
+@region("inference-ranges-table", GEN_RANGE_135M, GEN_RANGE_1B, EVAL_RANGE_135M, EVAL_RANGE_1B)
+def _inference_ranges_table(g135, g1b, e135, e1b):
+    """docs/inference.md: every comparison on both shapes, the range over the rounds, the load average."""
+    rows = []
+    for what, shape, doc in (("greedy decoding, batch 1, 32 new tokens: ours tp1 / HF `generate`",
+                              "135M shape, vocabulary 49,152", g135),
+                             ("", "TinyLlama-1.1B's shape, its vocabulary 32,000", g1b)):
+        same = doc["batches"]["1"]["ours tp1-pp1"]["same_tokens_as_hf"]
+        rows.append([what, shape, len(generate_rounds(doc)), f"**{span(generate_rounds(doc))}**",
+                     "same tokens" if same else "tokens differ", load_span(doc)])
+    for what, shape, doc in ((f"BoolQ dev, first {e135['rows']} rows, log-likelihood: lm-eval `hf` time / ours",
+                              "135M shape, Aquila2 vocabulary 100,008", e135),
+                             (f"the same, first {e1b['rows']} rows", "TinyLlama-1.1B's width, vocabulary 100,008",
+                              e1b)):
+        rows.append([what, shape, len(eval_rounds(doc)), f"**{span(eval_rounds(doc))}**",
+                     f"{'same' if doc['identical_predictions'] else 'different'} predictions",
+                     load_span(doc)])
+    return table(["comparison", "shape", "rounds", "range over the rounds", "outputs", "load average (1 min)"], rows,
+                 spaced=True)
+
+
+@region("status-inference-ranges", GEN_RANGE_135M, GEN_RANGE_1B, EVAL_RANGE_135M, EVAL_RANGE_1B)
+def _status_inference_ranges(g135, g1b, e135, e1b):
+    """README: the ranges of issue 28 (two shapes, several rounds, one shared machine)."""
+    g1, g2, e1, e2 = generate_rounds(g135), generate_rounds(g1b), eval_rounds(e135), eval_rounds(e1b)
+    return {"en": (f"greedy decoding at batch 1 {span(g1)} HF `generate` (135M shape) and {span(g2)} (TinyLlama-1.1B's "
+                   f"shape and vocabulary); BoolQ scoring {span(e1)} lm-eval (135M shape) and {span(e2)} (1.1B width), "
+                   f"ranges over the rounds on one shared 2-core AMD EPYC"),
+            "zh": (f"batch 1 贪心解码为 HF `generate` 的 {span_zh(g1)}（135M 结构）与 {span_zh(g2)}（TinyLlama-1.1B "
+                   f"的结构与词表）；BoolQ 打分为 lm-eval 的 {span_zh(e1)}（135M 结构）与 {span_zh(e2)}（1.1B 宽度），"
+                   f"均为同一台共享 2 核 AMD EPYC 上各轮的范围")}
+
+
 # ---- the documents ----
 
 def documents(root: Path) -> list:

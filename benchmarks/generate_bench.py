@@ -4,7 +4,7 @@ Two modes:
 
 * ``--vs-hf``: ours against Hugging Face transformers' ``generate`` on the same weights, prompts and machine:
 
-      python benchmarks/generate_bench.py --vs-hf [--model smollm-135m] [--batch 1 8] [--layouts 1x1 1x2]
+      python benchmarks/generate_bench.py --vs-hf [--model smollm-135m tinyllama-1.1b] [--batch 1 8] [--layouts 1x1 1x2]
       python benchmarks/generate_bench.py --vs-hf --hf-dir ./model_from_hf/SOME-MODEL --layouts 1x1 2x1
 
   A shape (``--model``: ``aquila_npu.benchmarking.side_by_side.BENCH_SHAPES`` or the model registry) becomes a random
@@ -14,8 +14,10 @@ Two modes:
   of ``--new-tokens`` tokens for each ``--batch`` (random prompts of different lengths, so padding is real: the
   longest has ``--prompt-len`` tokens, the shortest half of that). HF gets left padding and an attention mask;
   neither side stops early (no EOS). Start-up (imports, loading) is outside the timed region. The sides alternate
-  for ``--rounds`` rounds (the machine may be shared); the best round of each counts, the median is shown beside it,
-  with the load average. Prints tokens/s of both, the ratio, and whether the generated tokens are the same.
+  for ``--rounds`` rounds (the machine may be shared); the ratio of each round is printed as a range over the rounds,
+  the best and median rounds beside it, with the load average. Several ``--model`` shapes run one comparison each
+  (default: the 135M shape, whose vocabulary is a third of the model, and TinyLlama-1.1B's, a real checkpoint's shape
+  with its own vocabulary; ``--out X.json`` then writes ``X-<shape>.json``). Prints tokens/s of both, the ratio, and whether the generated tokens are the same.
   Two-process layouts run under torchrun with one thread per process; one-process runs use torch's default threads
   (one per core) on both sides, or ``--threads``. A layout the shape cannot be split into (heads or layers not divisible) is listed with the reason.
 
@@ -36,7 +38,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from aquila_npu.benchmarking.side_by_side import (alternate, get_shape, print_result,  # noqa: E402
+from aquila_npu.benchmarking.side_by_side import (alternate, get_shape, print_result, ratio_range,  # noqa: E402
+                                                  shape_out,
                                                   random_hf_model, save_result, worker_env)
 
 WARMUP_TOKENS = 4
@@ -181,11 +184,14 @@ def vs_hf(a):
         result["batches"][b] = {}
         for name in runs:
             same = all(r[b]["tokens"] == ref for r in runs[name])
+            per_round = [min(rh[b]["seconds"]) / min(r[b]["seconds"]) for r, rh in zip(runs[name], runs[hf_name])]
             result["batches"][b][name] = {"tokens_per_s_best": best[name], "tokens_per_s_median": med[name],
                                           "ratio_vs_hf_best": best[name] / best[hf_name],
                                           "ratio_vs_hf_median": med[name] / med[hf_name], "same_tokens_as_hf": same,
+                                          "ratio_vs_hf_per_round": per_round,
                                           "seconds": [r[b]["seconds"] for r in runs[name]]}
-            ratio = "" if name == hf_name else (f"  {best[name] / best[hf_name]:.2f}x HF (median "
+            ratio = "" if name == hf_name else (f"  {ratio_range(per_round)} HF over the rounds (best "
+                                                f"{best[name] / best[hf_name]:.2f}x, median "
                                                 f"{med[name] / med[hf_name]:.2f}x)")
             print(f"    {name:18s} {best[name]:8.1f} tokens/s (median {med[name]:8.1f}){ratio}"
                   + ("" if name == hf_name else f"; same tokens as HF: {same}"))
@@ -256,9 +262,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--vs-hf", action="store_true", help="side by side with transformers' generate")
-    p.add_argument("--model", default=None, help="architecture: a benchmarking.side_by_side.BENCH_SHAPES name "
-                                                 "(smollm-135m) or a registry name (default: smollm-135m with "
-                                                 "--vs-hf, aquila2-small otherwise)")
+    p.add_argument("--model", default=None, nargs="+",
+                   help="architecture: a benchmarking.side_by_side.BENCH_SHAPES name (smollm-135m, tinyllama-1.1b) or "
+                        "a registry name; --vs-hf takes several, one comparison each (default: smollm-135m "
+                        "tinyllama-1.1b with --vs-hf, aquila2-small otherwise)")
     p.add_argument("--hf-dir", default=None, help="--vs-hf: a Hugging Face model folder instead of random weights")
     p.add_argument("--layers", type=int, default=None, help="override the number of layers")
     p.add_argument("--batch", type=int, nargs="+", default=None,
@@ -286,7 +293,9 @@ def main():
     p.add_argument("--prompts", help=argparse.SUPPRESS)
     a = p.parse_args()
     side_by_side = a.vs_hf or a.worker
-    a.model = a.model or ("smollm-135m" if side_by_side else "aquila2-small")
+    shapes = a.model or (["smollm-135m", "tinyllama-1.1b"] if a.vs_hf and not a.hf_dir else
+                         ["smollm-135m"] if side_by_side else ["aquila2-small"])
+    a.model = shapes[0]
     a.batch = a.batch or ([1, 8] if side_by_side else [4])
     a.prompt_len = a.prompt_len or (64 if side_by_side else 128)
     a.new_tokens = a.new_tokens or (64 if side_by_side else 128)
@@ -295,7 +304,9 @@ def main():
     elif a.worker == "ours":
         worker_ours(a)
     elif a.vs_hf:
-        vs_hf(a)
+        for shape in shapes:  # one comparison per shape (issue 28: a real model's vocabulary proportion too)
+            vs_hf(argparse.Namespace(**dict(vars(a), model=shape, out=shape_out(a.out, shape, len(shapes) > 1),
+                                            work_dir=a.work_dir and os.path.join(a.work_dir, shape))))
     else:
         kv_vs_recompute(a)
 

@@ -394,6 +394,118 @@ LORA_CASES = {"fused-all": dict(target_modules=LORA_HF_MODULES, share_fused_a=Tr
               "separate-all": dict(target_modules=LORA_HF_MODULES)}
 
 
+# ------------------------------------------------------------------------- one-rank training steps in this process
+TRAIN_SEQ = 32  # the sequence length of ``trainer``'s runs
+SYNCING = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+
+def trainer(dev, num_layers=None, *extra, seed=1234):
+    """(one-step function ``step(sync=True)``, model, optimizer, RunConfig) for aquila2-tiny (``num_layers``) on this
+    process's one-rank group, built by ``training.run.build`` from pretrain's flags plus ``extra``; the same weights
+    and batches for the same seed."""
+    from aquila_npu.benchmarking.run import model_spec
+    from aquila_npu.cli.pretrain import parse
+    from aquila_npu.models import arch_flags
+    from aquila_npu.parallel import initialize_model_parallel
+    from aquila_npu.training.batches import MockDataset, micro_batches
+    from aquila_npu.training.config import resolve
+    from aquila_npu.training.run import build
+    from aquila_npu.training.step import train_step
+
+    initialize_model_parallel(1, 1, seed)  # re-seeds: every model built here starts from the same weights
+    spec = model_spec("aquila2-tiny", num_layers)
+    args = parse([*map(str, arch_flags.to_argv(spec)), "--mock-data", "--train-iters", "4", "--seq-length",
+                  str(TRAIN_SEQ), "--micro-batch-size", "1", "--global-batch-size", "2", "--lr", "1e-3", *extra])
+    cfg = resolve(args, None, None, 1)
+    model, optimizer, scheduler = build(args, cfg, dev)[:3]
+    batches = micro_batches(MockDataset(16, TRAIN_SEQ, spec.vocab_size, seed), consumed_samples=0,
+                            micro_batch_size=1, dp_rank=0, dp_size=1)
+
+    def step(sync=True):
+        return train_step(batches, model, optimizer, scheduler, num_microbatches=cfg.num_microbatches,
+                          seq_length=TRAIN_SEQ, micro_batch_size=1, global_batch_size=cfg.global_batch_size,
+                          sync=sync)
+
+    return step, model, optimizer, cfg
+
+
+def adam_steps(optimizer):
+    """The ``step`` counters of torch's Adam state (kept on the host on every device)."""
+    return [s["step"] for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+            for s in opt.optimizer.state.values() if "step" in s]
+
+
+def _flatten(data):
+    if isinstance(data, (list, tuple)):
+        for x in data:
+            yield from _flatten(x)
+    else:
+        yield data
+
+
+class SyncCounter:
+    """Counts the calls that copy a tensor's value to the host (and so wait for a device): ``.item()``,
+    ``.tolist()``, ``.cpu()``, ``.numpy()``, ``float() / int() / bool()`` of a tensor, ``torch.tensor(list of
+    tensors)`` (one per tensor in it). On the CPU nothing really waits, so the calls that WOULD wait on a device are
+    counted. Tensors that torch keeps on the host on a device too (``adam_steps``) are left out."""
+
+    def __init__(self, host_tensors=()):
+        import collections
+
+        self.host = {id(t) for t in host_tensors}
+        self.calls = collections.Counter()
+
+    def _count(self, what, n=1):
+        import traceback
+
+        frame = traceback.extract_stack(limit=3)[0]
+        self.calls[(what, frame.filename.rsplit("site-packages/", 1)[-1], frame.lineno)] += n
+
+    def __enter__(self):
+        import torch
+
+        self.saved = {name: getattr(torch.Tensor, name) for name in SYNCING}
+        self.saved_tensor = torch.tensor
+        for name, fn in self.saved.items():
+            def counted(t, *a, _fn=fn, _name=name, **k):
+                if id(t) not in self.host:
+                    self._count(_name)
+                return _fn(t, *a, **k)
+            setattr(torch.Tensor, name, counted)
+
+        def tensor(data, *a, **k):
+            n = sum(isinstance(x, torch.Tensor) for x in _flatten(data))
+            if n:
+                self._count("torch.tensor", n)
+            return self.saved_tensor(data, *a, **k)
+        torch.tensor = tensor
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        for name, fn in self.saved.items():
+            setattr(torch.Tensor, name, fn)
+        torch.tensor = self.saved_tensor
+
+    @property
+    def total(self):
+        return sum(self.calls.values())
+
+
+def assert_layouts_train_alike(runs, one="tp1", other="tp2pp2", steps=4):
+    """Two runs of ``runs`` (a fixture's {name: (losses, report)}, metrics in ``runs["dir"]/<name>.jsonl``) trained
+    the same: losses that move, equal within 1e-5 relative, gradient norms within 1e-4."""
+    import numpy as np
+
+    (a, _), (b, _) = runs[one], runs[other]
+    a, b = np.array(a), np.array(b)
+    assert len(a) == len(b) == steps and len(set(a)) == steps, (a, b)  # the weights learn: losses move
+    assert np.max(np.abs(a - b) / np.abs(a)) < 1e-5, (a, b)
+    ga, gb = (np.array(read_metrics(runs["dir"] / f"{n}.jsonl", "grad_norm")) for n in (one, other))
+    assert np.max(np.abs(ga - gb) / ga) < 1e-4, (ga, gb)
+
+
 # --------------------------------------------------------------------------- BAAI's own model code (issue 24)
 FLAGAI_VERSION = "1.8.4"
 _FLAGAI = {}

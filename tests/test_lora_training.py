@@ -5,11 +5,11 @@ state); resuming from --lora-load is exact, bit for bit."""
 
 import os
 
-import numpy as np
 import pytest
 import torch
 
-from helpers import TRAIN_COMMON, build_training_assets, read_json, read_metrics, stub_torchrun_argv, torchrun
+from helpers import (TRAIN_COMMON, assert_layouts_train_alike, build_training_assets, read_json, read_metrics,
+                     stub_torchrun_argv, torchrun)
 
 from aquila_npu.checkpoint import megatron_io, safe_load
 from aquila_npu.checkpoint.convert import to_megatron
@@ -52,12 +52,8 @@ def runs(assets, tmp_path_factory):
 
 @pytest.mark.slow
 def test_tp1_and_tp2_pp2_lora_losses_agree(runs):
-    (a, ra), (b, rb) = runs["tp1"], runs["tp2pp2"]
-    a, b = np.array(a), np.array(b)
-    assert len(a) == len(b) == 4 and len(set(a)) == 4, (a, b)  # the adapters learn: losses move
-    assert np.max(np.abs(a - b) / np.abs(a)) < 1e-5, (a, b)
-    ga, gb = (np.array(read_metrics(runs["dir"] / f"{n}.jsonl", "grad_norm")) for n in ("tp1", "tp2pp2"))
-    assert np.max(np.abs(ga - gb) / ga) < 1e-4, (ga, gb)
+    assert_layouts_train_alike(runs)
+    ra, rb = runs["tp1"][1], runs["tp2pp2"][1]
     assert ra["counts"]["trainable"] == rb["counts"]["trainable"]  # replicated adapters counted once
     assert "base frozen" in ra["start"] and f"{ra['counts']['trainable']:,} trainable parameters" in ra["start"]
 

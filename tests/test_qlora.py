@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (LORA_CASES, ROOT, TRAIN_COMMON, build_training_assets, call_main, fake_npu_env, read_json,
-                     read_metrics, stub_torchrun_argv, torchrun)
+from helpers import (LORA_CASES, ROOT, TRAIN_COMMON, assert_layouts_train_alike, build_training_assets, call_main,
+                     fake_npu_env, read_json, read_metrics, stub_torchrun_argv, torchrun)
 
 from aquila_npu.checkpoint import megatron_io, safe_load
 from aquila_npu.checkpoint.convert import to_megatron
@@ -201,12 +201,8 @@ def qlora_runs(hf_dir, tmp_path_factory):
 
 @pytest.mark.slow
 def test_qlora_training_tp1_and_tp2_pp2_agree_base_unchanged(qlora_runs):
-    (a, ra), (b, rb) = qlora_runs["tp1"], qlora_runs["tp2pp2"]
-    a, b = np.array(a), np.array(b)
-    assert len(a) == len(b) == 4 and len(set(a)) == 4, (a, b)
-    assert np.max(np.abs(a - b) / np.abs(a)) < 1e-5, (a, b)
-    ga, gb = (np.array(read_metrics(qlora_runs["dir"] / f"{n}.jsonl", "grad_norm")) for n in ("tp1", "tp2pp2"))
-    assert np.max(np.abs(ga - gb) / ga) < 1e-4, (ga, gb)
+    assert_layouts_train_alike(qlora_runs)
+    ra, rb = qlora_runs["tp1"][1], qlora_runs["tp2pp2"][1]
     for report in (ra, rb):
         assert [s["base_unchanged"] for s in report["saves"]] == [True, True]
         assert report["dtypes"] == ["adapter float32", "base float32"]  # (the NF4 linears are buffers)

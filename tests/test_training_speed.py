@@ -2,53 +2,24 @@
 (dp2, distributed optimizer, 2 micro-batches per step), one causal mask (SDPA's own causal mode, or one shared mask
 tensor), and no device-to-host sync per gradient tensor or per layer inside a step."""
 
-import collections
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import torchrun
+from helpers import TRAIN_SEQ, SyncCounter, adam_steps, torchrun, trainer
 
-from aquila_npu.benchmarking.run import model_spec
 from aquila_npu.checkpoint import megatron_io
 from aquila_npu.compat import journal
 from aquila_npu.compat import megatron_core as compat_mcore
 from aquila_npu.device.torch_modules import CoreAttentionBase, SDPAAttention, shared_causal_mask
 from aquila_npu.errors import UsageError
-from aquila_npu.models import arch_flags
-from aquila_npu.parallel import initialize_model_parallel
 
-SEQ = 32
+SEQ = TRAIN_SEQ
 
 
 # ------------------------------------------------------------------------------------------- in-process training
-
-
-def _trainer(dev, num_layers=None, *extra, seed=1234):
-    """(one-step function, model, optimizer) for aquila2-tiny on this process's one-rank CPU group; the same weights
-    and batches for the same seed."""
-    from aquila_npu.cli.pretrain import parse
-    from aquila_npu.training.batches import MockDataset, micro_batches
-    from aquila_npu.training.config import resolve
-    from aquila_npu.training.run import build
-    from aquila_npu.training.step import train_step
-
-    initialize_model_parallel(1, 1, seed)  # re-seeds: every model built here starts from the same weights
-    spec = model_spec("aquila2-tiny", num_layers)
-    args = parse([*map(str, arch_flags.to_argv(spec)), "--mock-data", "--train-iters", "4", "--seq-length", str(SEQ),
-                  "--micro-batch-size", "1", "--global-batch-size", "2", "--lr", "1e-3", *extra])
-    cfg = resolve(args, None, None, 1)
-    model, optimizer, scheduler = build(args, cfg, dev)[:3]
-    batches = micro_batches(MockDataset(16, SEQ, spec.vocab_size, seed), consumed_samples=0, micro_batch_size=1,
-                            dp_rank=0, dp_size=1)
-
-    def step():
-        return train_step(batches, model, optimizer, scheduler, num_microbatches=cfg.num_microbatches,
-                          seq_length=SEQ, micro_batch_size=1, global_batch_size=cfg.global_batch_size)
-
-    return step, model, optimizer
 
 
 def _losses(step, n=3):
@@ -61,9 +32,9 @@ def _losses(step, n=3):
 def test_sdpa_causal_mode_trains_exactly_as_the_explicit_mask(cpu_device, monkeypatch):
     """The plain path now passes no mask (SDPA is_causal); the losses and gradient norms of three steps are the
     ones of the explicit [S, S] mask, bit for bit."""
-    causal = _losses(_trainer(cpu_device)[0])
+    causal = _losses(trainer(cpu_device)[0])
     monkeypatch.setattr(SDPAAttention, "needs_causal_mask", True)  # the explicit mask, as before
-    explicit = _losses(_trainer(cpu_device)[0])
+    explicit = _losses(trainer(cpu_device)[0])
     assert causal == explicit
     assert len({loss for loss, _ in causal}) == 3  # the weights move
 
@@ -87,7 +58,7 @@ def test_one_causal_mask_per_shape_and_device(cpu_device, monkeypatch):
     """SDPA keeps no [S, S] tensor for backward at all; a kernel that takes a mask gets one tensor, shared by every
     layer and micro-batch (before: a new mask per layer and micro-batch, each kept for backward)."""
     seq = 40  # no weight is [40, 40]
-    _, model, _ = _trainer(cpu_device)
+    _, model, _, _ = trainer(cpu_device)
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
@@ -115,70 +86,10 @@ def test_one_causal_mask_per_shape_and_device(cpu_device, monkeypatch):
 
 # ------------------------------------------------------------------------------------ 3. syncs inside one step
 
-SYNCING = ("item", "tolist", "__float__", "__int__", "__bool__")
-
-
-class SyncCounter:
-    """Counts the calls that copy a tensor's value to the host (and so wait for a device): ``.item()``,
-    ``.tolist()``, ``float() / int() / bool()`` of a tensor, ``torch.tensor(list of tensors)`` (one per tensor in
-    it). On the CPU nothing really waits, so the calls that WOULD wait on a device are counted. Tensors that torch
-    keeps on the host on a device too (torch optimizers' ``step`` counters, unless capturable) are left out."""
-
-    def __init__(self, host_tensors=()):
-        self.host = {id(t) for t in host_tensors}
-        self.calls = collections.Counter()
-
-    def _count(self, what, n=1):
-        import traceback
-
-        frame = traceback.extract_stack(limit=3)[0]
-        self.calls[(what, frame.filename.rsplit("site-packages/", 1)[-1], frame.lineno)] += n
-
-    def __enter__(self):
-        self.saved = {name: getattr(torch.Tensor, name) for name in SYNCING}
-        self.saved_tensor = torch.tensor
-        for name, fn in self.saved.items():
-            def counted(t, *a, _fn=fn, _name=name, **k):
-                if id(t) not in self.host:
-                    self._count(_name)
-                return _fn(t, *a, **k)
-            setattr(torch.Tensor, name, counted)
-
-        def tensor(data, *a, **k):
-            n = sum(isinstance(x, torch.Tensor) for x in _flatten(data))
-            if n:
-                self._count("torch.tensor", n)
-            return self.saved_tensor(data, *a, **k)
-        torch.tensor = tensor
-        return self
-
-    def __exit__(self, *exc):
-        for name, fn in self.saved.items():
-            setattr(torch.Tensor, name, fn)
-        torch.tensor = self.saved_tensor
-
-    @property
-    def total(self):
-        return sum(self.calls.values())
-
-
-def _flatten(data):
-    if isinstance(data, (list, tuple)):
-        for x in data:
-            yield from _flatten(x)
-    else:
-        yield data
-
-
-def _adam_steps(optimizer):
-    return [s["step"] for opt in getattr(optimizer, "chained_optimizers", [optimizer])
-            for s in opt.optimizer.state.values() if "step" in s]
-
-
 def _syncs_per_step(dev, layers, *extra):
-    step, _, optimizer = _trainer(dev, layers, *extra)
+    step, _, optimizer, _ = trainer(dev, layers, *extra)
     step()  # the first step creates the optimizer state
-    with SyncCounter(_adam_steps(optimizer)) as counter:
+    with SyncCounter(adam_steps(optimizer)) as counter:
         step()
     return counter
 
@@ -206,9 +117,9 @@ def test_rng_tracker_is_forked_only_with_attention_dropout(cpu_device, monkeypat
     fork = mcore_random.CudaRNGStatesTracker.fork
     monkeypatch.setattr(mcore_random.CudaRNGStatesTracker, "fork",
                         lambda self, *a, **k: forks.append(1) or fork(self, *a, **k))
-    _trainer(cpu_device, 2)[0]()
+    trainer(cpu_device, 2)[0]()
     assert forks == []
-    _trainer(cpu_device, 2, "--attention-dropout", "0.1")[0]()
+    trainer(cpu_device, 2, "--attention-dropout", "0.1")[0]()
     assert len(forks) == 2 * 2  # every layer, every micro-batch
 
 

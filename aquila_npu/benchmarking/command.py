@@ -54,7 +54,18 @@ def _settings(a: argparse.Namespace, extra: List[str]) -> Settings:
                     micro_batch_size=a.micro_batch_size, global_batch_size=a.global_batch_size, tp=a.tp, pp=a.pp,
                     nproc=nproc, dtype=dtype, device=device, warmup=a.warmup, iters=a.iters,
                     fused_switches=[SWITCHES[s] for s in switches], peak_tflops=a.device_peak_tflops,
-                    extra=extra, timeout=a.timeout)
+                    extra=extra, timeout=a.timeout, profile=bool(getattr(a, "profile", False)))
+
+
+def mfu_lines(result: dict) -> str:
+    """Both MFU formulas side by side, per run: ours (attention included) and FlagPerf's (6 x params)."""
+    peak = result["device"].get("peak_tflops")
+    rows = [f"MFU vs {peak} TFLOP/s: ours = {result['flops_formula']}; FlagPerf's = {result['flagperf_formula']}"
+            if peak else "MFU: n/a (no peak TFLOP/s for this device; --device-peak-tflops gives one)"]
+    for tag, r in result["runs"].items():
+        if peak:
+            rows.append(f"  {tag}: ours {r['mfu']:.1%}, FlagPerf's {r['mfu_flagperf']:.1%}")
+    return "\n".join(rows)
 
 
 def _compare(a: argparse.Namespace) -> int:
@@ -78,6 +89,12 @@ def run(a: argparse.Namespace) -> int:
     write_json(out, result, "the benchmark result", indent=1)
     print()
     print(compare.table([result]))
+    print(mfu_lines(result))
+    for tag, r in result["runs"].items():
+        if r.get("profile"):
+            from aquila_npu.training.profile import table
+
+            print(f"\n{tag} run: " + table(r["profile"]))
     fv = result["fused_vs_unfused"]
     if fv is not None:
         print(f"\nfused / unfused throughput: {fv['throughput_ratio']:.2f}x" if fv["available"] else

@@ -17,13 +17,14 @@ from typing import List, Optional
 from aquila_npu.benchmarking import environment
 from aquila_npu.device.backends import FusedOps
 from aquila_npu.errors import BenchmarkFailed, FusedKernelUnavailable
-from aquila_npu.flops import training_flops_per_token
+from aquila_npu.flops import flagperf_flops_per_token, training_flops_per_token
 from aquila_npu.models import arch_flags
 from aquila_npu.launch import launch_command, run_logged
 from aquila_npu.models.registry import ModelSpec, get_model_spec, padded_vocab_size
 
 SCHEMA = "aquila_npu.benchmark/1"
 FORMULA = "6 * [L * (2*h*h*(1 + g/a) + 2*s*h + 3*h*f) + h*V] per token (aquila_npu.flops, docs/benchmark.md)"
+FLAGPERF_FORMULA = "6 * parameters per token (FlagPerf's MFU: no attention term)"
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Settings:
     peak_tflops: Optional[float] = None
     extra: List[str] = field(default_factory=list)  # passed to aquila_npu.pretrain verbatim
     timeout: Optional[float] = None
+    profile: bool = False  # each run profiles its last warm-up iteration (--profile-breakdown)
 
 
 def model_spec(model: str, num_layers: Optional[int] = None, seq_length: Optional[int] = None) -> ModelSpec:
@@ -143,7 +145,13 @@ def measure(s: Settings, spec: ModelSpec, fused: bool, workdir: str, echo=print,
     log_path = os.path.join(workdir, f"train-{tag}.log")
     if os.path.exists(metrics):
         os.remove(metrics)
-    cmd = launch_command(s.nproc, pretrain_argv(s, spec, fused, metrics))
+    profile = os.path.join(workdir, f"profile-{tag}.json") if s.profile else None
+    if profile and os.path.exists(profile):
+        os.remove(profile)
+    argv = pretrain_argv(s, spec, fused, metrics)
+    if profile:  # the last warm-up iteration (not measured), or the first without warm-up
+        argv += ["--profile-breakdown", profile, "--profile-step", str(max(s.warmup, 1))]
+    cmd = launch_command(s.nproc, argv)
     rc = run_logged(cmd, log_path, s.timeout, echo)
     if rc != 0:
         raise BenchmarkFailed(f"the {tag} training run exited with status {rc}:\n$ {shlex.join(cmd)}\n"
@@ -152,9 +160,13 @@ def measure(s: Settings, spec: ModelSpec, fused: bool, workdir: str, echo=print,
     gbs = records[0]["global_batch_size"] if records else 0
     out = {"fused": fused, "switches": FusedOps.from_names(s.fused_switches).requested() if fused else [],
            "command": shlex.join(cmd), "global_batch_size": gbs,
-           "features": read_features(records)}
+           "features": read_features(records), "lm_losses": [r["lm_loss"] for r in records]}
     out.update(aggregate(records, warmup=s.warmup, tokens_per_step=gbs * seq_length(s, spec), world=s.nproc,
                          flops_per_token=flops(s, spec)))
+    if profile and os.path.exists(profile):
+        from aquila_npu.training.profile import load
+
+        out["profile"] = load(profile)
     return out
 
 
@@ -166,6 +178,11 @@ def flops(s: Settings, spec: ModelSpec) -> float:
     """Model FLOPs per trained token, with the vocabulary padded as the training run pads it (to a multiple of
     tp, --make-vocab-size-divisible-by 1)."""
     return training_flops_per_token(spec, seq_length(s, spec), padded_vocab_size(spec.vocab_size, 1, s.tp))
+
+
+def flagperf_flops(s: Settings, spec: ModelSpec) -> float:
+    """FlagPerf's FLOPs per token: 6 x the parameters (embedding and output layer included), no attention term."""
+    return flagperf_flops_per_token(spec.num_parameters(padded_vocab_size(spec.vocab_size, 1, s.tp)))
 
 
 def settings_record(s: Settings, spec: ModelSpec, gbs: int) -> dict:
@@ -221,12 +238,16 @@ def run_benchmark(s: Settings, *, fused_mode: str, log_dir: Optional[str] = None
     device = environment.describe(s.device, s.nproc, s.peak_tflops)
     for r in [*runs.values(), *([overlap_run] if overlap_run else [])]:  # MFU once the device's peak is known
         r["mfu"] = r["tflops_per_device"] / device["peak_tflops"] if device["peak_tflops"] else None
+        r["mfu_flagperf"] = (r["tokens_per_sec_per_device"] * flagperf_flops(s, spec) / 1e12 / device["peak_tflops"]
+                             if device["peak_tflops"] else None)  # FlagPerf's formula: 6 x params, no attention
     if label and device["is_cpu"] and "cpu" not in label.lower():
         label = f"CPU: {label}"  # CPU figures stay labelled as such
     result = {"schema": SCHEMA, "label": label or device["label"], "device": device,
               "software": environment.software(s.device),
               "settings": settings_record(s, spec, next(iter(runs.values()))["global_batch_size"]),
-              "flops_per_token": flops(s, spec), "flops_formula": FORMULA, "runs": runs, "fused_vs_unfused": None,
+              "flops_per_token": flops(s, spec), "flops_formula": FORMULA,
+              "flagperf_flops_per_token": flagperf_flops(s, spec), "flagperf_formula": FLAGPERF_FORMULA,
+              "runs": runs, "fused_vs_unfused": None,
               "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "logs": workdir if log_dir else None}
     if fused_mode == "both":

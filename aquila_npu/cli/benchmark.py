@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the training logs and metrics files here (default: a temporary directory, kept "
                         "only when a run fails)")
     g.add_argument("--timeout", type=float, default=None, help="seconds allowed per training run (default none)")
+    g.add_argument("--profile", action="store_true",
+                   help="profile each run's last warm-up iteration with torch.profiler and print where its "
+                        "time goes (GEMMs, attention, elementwise, output layer + cross-entropy, optimizer, host "
+                        "gaps); cuda and cpu")
     g = p.add_argument_group("comparing saved results")
     g.add_argument("--compare", nargs="+", metavar="RESULT.json", default=None,
                    help="print these results side by side (tokens/p/s relative to the first) instead of running")

@@ -16,6 +16,8 @@ from aquila_npu.flags import add_inert_arguments, check_positive
 from aquila_npu.lora import settings as lora_settings
 from aquila_npu.models import arch_flags
 from aquila_npu.models.registry import MODELS
+from aquila_npu.training import speed
+from aquila_npu.training.speed import StepSwitches
 
 PROG = "aquila_npu.pretrain"
 INERT = ("--swiglu", "--disable-bias-linear", "--attention-softmax-in-fp32", "--no-masked-softmax-fusion",
@@ -159,6 +161,7 @@ def parser() -> argparse.ArgumentParser:
     for add in (_model, _parallel, _training, _data, _checkpoint, _logging):
         add(p)
     FusedOps.add_arguments(p)
+    StepSwitches.add_arguments(p)
     lora_settings.add_arguments(p)
     add_inert_arguments(p, INERT)
     return p
@@ -205,6 +208,7 @@ def validate(args: argparse.Namespace) -> None:
     if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
         raise UsageError(f"--exit-duration-in-mins {args.exit_duration_in_mins} must be > 0")
     _check_split(args.split)
+    speed.validate(args)
     for flag in ("save", "load"):
         path = getattr(args, flag)
         if path and os.path.exists(path) and not os.path.isdir(path):

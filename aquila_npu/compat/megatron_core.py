@@ -11,11 +11,13 @@ Installers (each idempotent, journaled, called by the device layer or training, 
 * ``use_adam(adam)``: megatron-core builds the optimizer class training chose (``aquila_npu.training.adam``).
 * ``provide_fused_rope(fn)``: a fused RoPE kernel in megatron-core's fused-RoPE slot.
 * ``cpu_inference_linears_on_onednn()``: CPU fp32 products outside autograd on oneDNN.
+* ``optimizer_step_without_host_syncs()``: the optimizers' gradient norm and clipping on the device (--no-step-syncs).
 
 Pieces other modules build on (so that they need no private name themselves):
 
 * ``LinearProductSeam``: a mixin for megatron-core's tensor-parallel linears whose matrix product is ours (MC2).
 * ``RotatedKeyCache``: a mixin for megatron-core's ``SelfAttention`` whose keys enter the static KV cache rotated.
+* ``HiddenStateLoss``: a mixin for megatron-core's ``GPTModel`` whose training loss is computed from the hidden states.
 * ``DatasetConfigKeys``: a mixin for a ``MegatronDataset`` whose config has more fields that name its cache.
 * ``build_datasets(builder)``: megatron-core's dataset builder, also without a process group.
 * ``load_distributed_optimizer_state(optimizer, state)``: a resume that neither shares nor mutates what it must not.
@@ -116,6 +118,24 @@ RECORDS = (
                 "copies into the main params without no_grad: for fp32 parameters (LoRA adapters, fp32 training) they "
                 "are views of leaves that require grad and autograd refuses; called under torch.no_grad()", MCORE,
                 "tests/test_lora_training.py", "(self, state_dict)"),
+    Replacement("megatron.core.optimizer.optimizer:get_grad_norm_fp32", "bound",
+                "returns the gradient norm as a Python float (.item(): a host sync inside every optimizer step); "
+                "with --no-step-syncs the optimizers' binding is grad_norm_fp32_on_device (a device tensor, the same "
+                "L2 norm); any other norm type or DTensor gradients go to megatron-core's", MCORE,
+                "tests/test_step_switches.py", "(grads_for_norm, norm_type=2, grad_stats_parallel_group=None)"),
+    Replacement("megatron.core.optimizer.optimizer:clip_grad_by_total_norm_fp32", "bound",
+                "'if clip_coeff < 1.0' on the norm reads it on the host: with --no-step-syncs clip_grads_on_device "
+                "multiplies by min(1, max_norm / (norm + 1e-6)) on the device (by 1.0, unchanged, when not clipping)",
+                MCORE, "tests/test_step_switches.py", "(parameters, max_norm, total_norm, use_decoupled_grad=False)"),
+    Replacement("megatron.core.models.gpt.gpt_model:GPTModel._postprocess", "overridden",
+                "the training loss from the final hidden states in one call (HiddenStateLoss: the output layer and "
+                "the cross-entropy in chunks, --loss-chunk-size); GPTModel has no public seam between the output "
+                "layer and compute_language_model_loss, and the logits are what the chunks avoid holding", MCORE,
+                "tests/test_step_switches.py",
+                "(self, hidden_states, input_ids, position_ids, labels, rotary_pos_emb, rotary_pos_cos, "
+                "rotary_pos_sin, mtp_in_postprocess=None, loss_mask=None, decoder_input=None, attention_mask=None, "
+                "inference_params=None, packed_seq_params=None, sequence_len_offset=None, "
+                "runtime_gather_output=None, extra_block_kwargs=None, inference_context=None)"),
 )
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -443,3 +463,70 @@ def _answering_rank_zero():
         yield
     finally:
         torch.distributed.get_rank = get_rank
+
+
+class HiddenStateLoss:
+    """Mixin for megatron-core's ``GPTModel`` (listed before it): with labels, in training, on the last pipeline stage
+    (no multi-token prediction, no inference context), the per-token loss [b, s] is ``self.loss_from_hidden(hidden
+    [s, b, h], output weight, labels [b, s], loss_mask)`` instead of the output layer followed by
+    ``compute_language_model_loss``; every other call is megatron-core's own ``_postprocess``."""
+
+    def loss_from_hidden(self, hidden_states, weight, labels, loss_mask):
+        raise NotImplementedError
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
+        if (labels is None or not self.post_process or kwargs.get("mtp_in_postprocess")
+                or self.config.mtp_num_layers is not None or kwargs.get("inference_context") is not None
+                or not self.training):
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+        weight = (self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights
+                  else self.output_layer.weight)
+        return self.loss_from_hidden(hidden_states, weight, labels, kwargs.get("loss_mask"))
+
+
+def grad_norm_fp32_on_device(grads_for_norm, norm_type=2, grad_stats_parallel_group=None):
+    """megatron-core's ``get_grad_norm_fp32`` for the L2 norm, left on the device: a 0-dim fp32 tensor (the same
+    value: the per-tensor norms stacked, squared, summed over ``grad_stats_parallel_group``, square root). Other norm
+    types and DTensor gradients (FSDP) go to megatron-core's own function."""
+    from megatron.core.optimizer import clip_grads
+
+    grads = [grads_for_norm] if isinstance(grads_for_norm, torch.Tensor) else list(grads_for_norm)
+    if float(norm_type) != 2.0 or any(type(g) is not torch.Tensor and not isinstance(g, torch.nn.Parameter)
+                                      for g in grads):
+        return clip_grads.get_grad_norm_fp32(grads_for_norm, norm_type, grad_stats_parallel_group)
+    device = grads[0].device if grads else torch.device(torch.cuda.current_device()) \
+        if torch.cuda.is_available() else torch.device("cpu")
+    norm = l2_norm_on_device(0, torch.zeros(1, dtype=torch.int, device=device), [grads], False)[0] \
+        if grads else torch.zeros(1, dtype=torch.float, device=device)
+    total = norm.float() ** 2
+    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM, group=grad_stats_parallel_group)
+    return total.sqrt().reshape(())
+
+
+def clip_grads_on_device(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron-core's ``clip_grad_by_total_norm_fp32`` with the norm a device tensor: every gradient multiplied by
+    min(1, max_norm / (total_norm + 1e-6)) without reading the norm on the host."""
+    params = [parameters] if isinstance(parameters, torch.Tensor) else parameters
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in params if getattr(p, attr, None) is not None]
+    if not grads:
+        return
+    if not isinstance(total_norm, torch.Tensor):  # a float norm (another optimizer's): megatron-core's own
+        from megatron.core.optimizer import clip_grads
+
+        return clip_grads.clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad)
+    coeff = (max_norm / (total_norm.float() + 1.0e-6)).clamp(max=1.0).to(grads[0].device)
+    for g in grads:
+        g.mul_(coeff)
+
+
+def optimizer_step_without_host_syncs() -> None:
+    """The optimizers' gradient norm and clipping on the device (``--no-step-syncs``): megatron-core's optimizer
+    module calls them through its own bindings, rebound here. Idempotent, journaled."""
+    if journal.done("step-syncs"):
+        return
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    journal.set_attr(mcore_optimizer, "get_grad_norm_fp32", grad_norm_fp32_on_device)
+    journal.set_attr(mcore_optimizer, "clip_grad_by_total_norm_fp32", clip_grads_on_device)
+    journal.mark("step-syncs")

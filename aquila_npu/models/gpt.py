@@ -58,9 +58,16 @@ def block_spec(config: TransformerConfig, backend, pp_rank: Optional[int] = None
 
 def build_model(spec: ModelSpec, config: TransformerConfig, backend, *, padded_vocab: int,
                 pre_process: bool = True, post_process: bool = True, pp_rank: Optional[int] = None,
-                max_sequence_length: Optional[int] = None, parallel_output: bool = True) -> GPTModel:
-    """One pipeline stage of the model (pre_process: holds the embedding; post_process: final norm + output)."""
-    return GPTModel(
+                max_sequence_length: Optional[int] = None, parallel_output: bool = True,
+                loss_chunk_size: int = 0) -> GPTModel:
+    """One pipeline stage of the model (pre_process: holds the embedding; post_process: final norm + output);
+    ``loss_chunk_size`` > 0: the training loss is computed that many tokens at a time (``models.chunked_loss``)."""
+    cls, extra = GPTModel, {}
+    if loss_chunk_size:
+        from aquila_npu.models.chunked_loss import ChunkedLossGPTModel
+
+        cls, extra = ChunkedLossGPTModel, {"loss_chunk_size": loss_chunk_size}
+    return cls(
         config=config,
         transformer_layer_spec=block_spec(config, backend, pp_rank),
         vocab_size=padded_vocab,
@@ -73,4 +80,5 @@ def build_model(spec: ModelSpec, config: TransformerConfig, backend, *, padded_v
         rotary_percent=1.0,
         rotary_base=int(spec.rope_theta),
         seq_len_interpolation_factor=spec.rope_scaling_factor,
+        **extra,
     )

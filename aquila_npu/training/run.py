@@ -24,8 +24,9 @@ from aquila_npu.training.config import RunConfig, resolve
 from aquila_npu.training.features import run_features
 from aquila_npu.training.inputs import check_paths
 from aquila_npu.training.param_gather import ParamGatherHooks
+from aquila_npu.training.speed import StepSwitches
 from aquila_npu.training.report import Reporter, device_memory
-from aquila_npu.training.step import eval_step, train_step
+from aquila_npu.training.step import eval_step, host_values, train_step
 from aquila_npu.training.stopping import StopConditions
 from aquila_npu.training.transforms import ModelTransform
 
@@ -58,7 +59,12 @@ def build(args, cfg: RunConfig, dev, transform: Optional[ModelTransform] = None)
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     spec, layout, dtype = cfg.spec, cfg.layout, cfg.params_dtype
+    switches = StepSwitches.from_args(args)  # (issue 28: --compile-elementwise, --loss-chunk-size)
     base_backend = dev.backend
+    if switches.compile_elementwise:
+        from aquila_npu.device.compiled import CompiledBackend
+
+        base_backend = CompiledBackend(dev.backend)
     recompute = {}
     if args.recompute_granularity:
         recompute = {"recompute_granularity": args.recompute_granularity,
@@ -73,7 +79,8 @@ def build(args, cfg: RunConfig, dev, transform: Optional[ModelTransform] = None)
     backend = base_backend if transform is None else transform.backend(base_backend)  # (QLoRA: 4-bit linears)
     model = build_model(spec, tcfg, backend, padded_vocab=layout.padded_vocab, pre_process=pp_rank == 0,
                         post_process=pp_rank == layout.pp - 1, pp_rank=pp_rank, parallel_output=True,
-                        max_sequence_length=spec.max_position_embeddings)
+                        max_sequence_length=spec.max_position_embeddings,
+                        loss_chunk_size=switches.loss_chunk_size)
     if transform is not None:  # (LoRA: adapters on the frozen base) before DDP and the optimizer see the parameters
         model = transform.apply(model, tcfg, layout, pp_rank, args.seed)
     model.to(dev.torch_device)
@@ -101,6 +108,10 @@ def build(args, cfg: RunConfig, dev, transform: Optional[ModelTransform] = None)
     if args.overlap_grad_reduce:  # as Megatron-LM (align_grad_reduce): later pipeline stages reduce in the bubble
         tcfg.grad_sync_func = ddp.start_grad_sync
     tcfg.finalize_model_grads_func = finalize_model_grads
+    if switches.no_step_syncs:  # (issue 28) the token count, gradient norm and clipping stay on the device
+        from aquila_npu.training import no_syncs
+
+        no_syncs.install(tcfg)
     if args.fp16:
         tcfg.grad_scale_func = optimizer.scale_loss
     return ddp, optimizer, scheduler
@@ -181,6 +192,11 @@ def run(args, transform: Optional[ModelTransform] = None) -> int:
     if args.load and args.save and os.path.realpath(args.load) == os.path.realpath(args.save):
         owner.restore_aside(args.save, say=_print_first)  # a checkpoint a killed run left moved aside, before reading
     checkpoint, tokenizer, cfg = check(args, int(os.environ.get("WORLD_SIZE", "1")), transform)
+    from aquila_npu.device.setup import resolve as resolve_device
+    from aquila_npu.training import speed
+
+    speed.check_device(StepSwitches.from_args(args), resolve_device(args.device),
+                       bool(getattr(args, "profile_breakdown", None)))  # (issue 28) before the device is set up
     dev = setup(args.device, cfg.fused)
     save_dir = checkpointing.SaveDir.claim(args.save, args.no_shared_storage) if args.save else None
     try:
@@ -244,6 +260,8 @@ def _train(args, cfg: RunConfig, dev, checkpoint, tokenizer, transform: Optional
                    micro_batch_size=1 if packed else cfg.micro_batch_size)
     skipped, last_saved = 0, iteration
     stats = _layer_stats(args, cfg, dev, model, optimizer, iteration)
+    profile = _step_profile(args, cfg, dev, iteration, is_writer)  # (issue 28: --profile-breakdown)
+    no_step_syncs = StepSwitches.from_args(args).no_step_syncs
     stop = StopConditions(dev.torch_device, args.exit_duration_in_mins)
     stop.install()
     try:
@@ -251,8 +269,12 @@ def _train(args, cfg: RunConfig, dev, checkpoint, tokenizer, transform: Optional
             t0 = time.perf_counter()
             if stats is not None:
                 stats.begin(iteration + 1)
-            out = train_step(train_iter, model, optimizer, scheduler, global_batch_size=cfg.global_batch_size,
-                             **step_kw)
+            if profile is not None:
+                profile.begin(iteration + 1)
+            out = host_values(train_step(train_iter, model, optimizer, scheduler, sync=not no_step_syncs,
+                                         global_batch_size=cfg.global_batch_size, **step_kw))
+            if profile is not None:
+                profile.end(iteration + 1)
             if stats is not None:
                 stats.end(iteration + 1, out["lm_loss"])
             if dev.name != "cpu":
@@ -301,6 +323,24 @@ def _train(args, cfg: RunConfig, dev, checkpoint, tokenizer, transform: Optional
         stop.restore()
         reporter.close()
     return 0
+
+
+def _step_profile(args, cfg: RunConfig, dev, iteration: int, is_writer: bool):
+    """``--profile-breakdown FILE``: where one iteration's time goes (training/profile.py)."""
+    if not getattr(args, "profile_breakdown", None):
+        return None
+    from aquila_npu.flops import training_flops_breakdown
+    from aquila_npu.training.profile import StepProfile
+
+    step = args.profile_step or min(iteration + 2, args.train_iters)
+    _print0(f"profiling iteration {step} into {args.profile_breakdown}")
+    return StepProfile(args.profile_breakdown, step, dev.name, cfg.layout.padded_vocab,
+                       training_flops_breakdown(cfg.spec, cfg.seq_length, cfg.layout.padded_vocab),
+                       cfg.global_batch_size * cfg.seq_length // (cfg.data_parallel_size * cfg.tp * cfg.pp), is_writer,
+                       meta={"model": cfg.spec.name, "seq_length": cfg.seq_length,
+                             "micro_batch_size": cfg.micro_batch_size, "global_batch_size": cfg.global_batch_size,
+                             "dtype": short_name(cfg.params_dtype), "kernels": dev.backend.describe(),
+                             "switches": StepSwitches.from_args(args).requested()})
 
 
 def _layer_stats(args, cfg: RunConfig, dev, model, optimizer, iteration: int):
