@@ -61,6 +61,9 @@ class Workload:
     grads_in_fp32: bool = True  # --accumulate-allreduce-grads-in-fp32 (our default)
     fused: FrozenSet[str] = frozenset()  # Ascend fused kernels (FusedOps.KERNELS names) instead of plain modules
     fused_adam: bool = False  # torch's fused AdamW (npu / cuda): no temporaries in the optimizer step
+    # the plain attention runs SDPA's math kernel (planning.runs.sdpa_keeps_probabilities: torch 2.6's CPU flash
+    # kernel has no GQA), which keeps the probabilities [b, n, s, s] for the backward instead of the log-sum-exp
+    attention_probabilities: bool = False
 
     @property
     def w(self) -> int:
@@ -209,7 +212,9 @@ def layer_terms(work: Workload, par: Parallel) -> Dict[str, int]:
     else:
         # SDPA's flash kernel keeps its output (linear_proj's input is a view of it) and the fp32 log-sum-exp
         # [b, n, s] (selective recomputation: the output only, kept by linear_proj)
-        out["attention"] = tokens * a * d * w + (0 if par.recompute == "selective" else b * a * s * 4)
+        # (the math kernel of torch 2.6 computes bf16 / fp16 in fp32: its probabilities are fp32 in every dtype)
+        kept = b * a * s * s * 4 if work.attention_probabilities else b * a * s * 4
+        out["attention"] = tokens * a * d * w + (0 if par.recompute == "selective" else kept)
     # SwiGLU: fc1's output [gate | up] and the product (linear_fc2's input); megatron-core's own SwiGLU also keeps
     # silu(gate) and up + glu_linear_offset (a new tensor, 0.0 added); npu_swiglu_backward(grad, self) needs only
     # the input

@@ -3,6 +3,7 @@ resolved model, and the one start-up line saying what the plan expects per devic
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 from aquila_npu.device.fused import FusedOps
@@ -20,7 +21,9 @@ def from_flags(args, spec: ModelSpec, *, data_parallel_size: int, seq_length: in
     work = Workload(spec=spec, seq_length=seq_length, global_batch_size=global_batch_size, dtype=dtype,
                     make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                     grads_in_fp32=bool(args.accumulate_allreduce_grads_in_fp32), fused=kernels,
-                    fused_adam=device in ("npu", "cuda"))
+                    fused_adam=device in ("npu", "cuda"),
+                    attention_probabilities=device in ("cpu", "cuda") and sdpa_keeps_probabilities(
+                        device, dtype, spec.num_attention_heads, spec.num_key_value_heads))
     recompute = args.recompute_granularity or "none"
     par = Parallel(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size, dp=data_parallel_size,
                    micro_batch_size=args.micro_batch_size, sequence_parallel=bool(args.sequence_parallel),
@@ -28,6 +31,24 @@ def from_flags(args, spec: ModelSpec, *, data_parallel_size: int, seq_length: in
                    recompute_method=args.recompute_method or "uniform",
                    recompute_num_layers=args.recompute_num_layers or 1)
     return work, par
+
+
+@functools.lru_cache(maxsize=None)
+def sdpa_keeps_probabilities(device: str, dtype: str, heads: int, groups: int) -> bool:
+    """Whether the installed torch's SDPA (the plain attention, device/torch_modules.py) runs its math kernel on
+    ``device`` for this head / group ratio: found by asking torch once (the backward node of a tiny call), since it
+    changes between releases (torch 2.6's CPU flash kernel has no GQA and falls back to math; 2.13's has it)."""
+    import torch
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    try:
+        q = torch.zeros(1, heads, 16, 8, dtype=dt, device=device, requires_grad=True)
+        kv = torch.zeros(1, groups, 16, 8, dtype=dt, device=device, requires_grad=True)
+        out = torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=heads != groups)
+    except Exception:  # (a device or dtype SDPA refuses here: the run itself will say so)
+        return False
+    name = type(out.grad_fn).__name__
+    return "ScaledDotProduct" not in name  # flash / efficient / cuDNN kernels name their backward; math does not
 
 
 def start_line(stages: List[StageMemory], capacity: Optional[int], device_label: str) -> Tuple[str, Optional[bool]]:
