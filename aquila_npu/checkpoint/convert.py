@@ -20,7 +20,7 @@ from aquila_npu.models import arch_flags
 from aquila_npu.models.dtypes import parse_dtype
 from aquila_npu.outputs.atomic import AtomicDir
 from aquila_npu.outputs import crash
-from aquila_npu.weights.mapping import TABLE, Layout, hf_names, hf_rank_to_mcore, hf_shapes
+from aquila_npu.weights.mapping import Layout, hf_names, hf_rank_to_mcore, hf_shapes
 
 ITERATION = 1  # what converted checkpoints carry, as ModelLink's converter
 
@@ -76,12 +76,12 @@ def to_megatron(reader, save_dir: str, tp: int, pp: int, make_vocab_size_divisib
     layout = Layout(reader.spec, tp, pp, make_vocab_size_divisible_by)
     _check_megatron_target(save_dir, layout)
     dtype = _output_dtype(reader, params_dtype)
-    quantised, table, extra = None, TABLE, None
+    quantised, table, extra = None, layout.table, None
     if qlora_nf4:
         from aquila_npu.weights import nf4
 
         quantised = nf4.QuantisedReader(reader, dtype)
-        table = tuple(row for row in TABLE if not nf4.is_quantised_row(row))
+        table = tuple(row for row in layout.table if not nf4.is_quantised_row(row))
         extra = {megatron_io.NF4_ENTRY: nf4.settings(dtype)}
 
     def cast(t):

@@ -43,7 +43,8 @@ ARCH_FLAGS = (
 )
 _BY_DEST = {f.dest: f for f in ARCH_FLAGS}
 # Besides the flag fields, what makes two specs the same model (names, sources and token ids do not).
-_IDENTITY = tuple(f.field for f in ARCH_FLAGS) + ("tie_word_embeddings", "rope_scaling_factor")
+_IDENTITY = tuple(f.field for f in ARCH_FLAGS) + ("tie_word_embeddings", "rope_scaling_factor", "family",
+                                                  "position_embedding", "output_layer")
 
 
 def add_arguments(parser: argparse.ArgumentParser, title: str):
@@ -55,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser, title: str):
                    help="grouped-query attention: --num-query-groups key/value heads")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
                    help="separate input embedding and output layer (Aquila2 has them untied)")
-    g.add_argument("--position-embedding-type", choices=["rope"], default=None, help="rope (the only one)")
+    g.add_argument("--position-embedding-type", choices=["rope", "alibi"], default=None,
+                   help="rope (Aquila2, Baichuan2-7B) or alibi (Baichuan2-13B); checked against the model's")
     g.add_argument("--normalization", choices=["RMSNorm"], default=None, help="RMSNorm (the only one)")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
                    help="pad the vocabulary to a multiple of this x tp (default 1, as ModelLink's Aquila2 scripts; a "
@@ -115,6 +117,8 @@ def spec_from_flags(flags: Mapping[str, object], *, vocab_size: Optional[int], d
     values = {_BY_DEST[d].field: _BY_DEST[d].type(v) for d, v in flags.items() if d in _BY_DEST}
     values.update(vocab_size=vocab, max_position_embeddings=values.get("max_position_embeddings", default_positions))
     values.setdefault("num_key_value_heads", values["num_attention_heads"])
+    if flags.get("position_embedding_type"):
+        values["position_embedding"] = flags["position_embedding_type"]
     return ModelSpec(name="custom", torch_dtype=torch_dtype, source="flags", **values)
 
 
@@ -137,6 +141,9 @@ def check(spec: ModelSpec, flags: Mapping[str, object], source: str, *, where: s
         bad.append(f"--group-query-attention (set) ({source}: no GQA, {spec.num_key_value_heads} key/value heads)")
     if flags.get("untie_embeddings_and_output_weights") and spec.tie_word_embeddings:
         bad.append(f"--untie-embeddings-and-output-weights (set) ({source}: tied embeddings)")
+    position = flags.get("position_embedding_type")
+    if position is not None and position != spec.position_embedding:
+        bad.append(f"--position-embedding-type {position} ({source}: {spec.position_embedding})")
     divisible = flags.get("make_vocab_size_divisible_by")
     if divisible is not None and padded_vocab is not None:
         padded = padded_vocab_size(spec.vocab_size, int(divisible), tp)
@@ -165,7 +172,8 @@ def megatron_namespace(spec: ModelSpec, **layout) -> argparse.Namespace:
     (tensor/pipeline sizes, vocabulary padding, dtype flags)."""
     values = {f.dest: getattr(spec, f.field) for f in ARCH_FLAGS}
     values.update(group_query_attention=spec.num_key_value_heads != spec.num_attention_heads,
-                  untie_embeddings_and_output_weights=not spec.tie_word_embeddings, position_embedding_type="rope",
+                  untie_embeddings_and_output_weights=not spec.tie_word_embeddings,
+                  position_embedding_type=spec.position_embedding,
                   normalization="RMSNorm", swiglu=True, add_bias_linear=False, seq_length=spec.max_position_embeddings)
     values.update(layout)
     return argparse.Namespace(**values)

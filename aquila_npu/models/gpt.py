@@ -16,6 +16,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from aquila_npu.models.attention import SelfAttention
+from aquila_npu.models import variants
 from aquila_npu.models.registry import ModelSpec
 
 
@@ -62,12 +63,13 @@ def build_model(spec: ModelSpec, config: TransformerConfig, backend, *, padded_v
                 loss_chunk_size: int = 0) -> GPTModel:
     """One pipeline stage of the model (pre_process: holds the embedding; post_process: final norm + output);
     ``loss_chunk_size`` > 0: the training loss is computed that many tokens at a time (``models.chunked_loss``)."""
+    variants.check(spec, loss_chunk_size=loss_chunk_size)
     cls, extra = GPTModel, {}
     if loss_chunk_size:
         from aquila_npu.models.chunked_loss import ChunkedLossGPTModel
 
         cls, extra = ChunkedLossGPTModel, {"loss_chunk_size": loss_chunk_size}
-    return cls(
+    return variants.apply(cls(
         config=config,
         transformer_layer_spec=block_spec(config, backend, pp_rank),
         vocab_size=padded_vocab,
@@ -81,4 +83,4 @@ def build_model(spec: ModelSpec, config: TransformerConfig, backend, *, padded_v
         rotary_base=int(spec.rope_theta),
         seq_len_interpolation_factor=spec.rope_scaling_factor,
         **extra,
-    )
+    ), spec)

@@ -1,4 +1,5 @@
-"""Hugging Face ``config.json`` -> ModelSpec (no megatron-core import: the converter needs only this)."""
+"""Hugging Face ``config.json`` -> ModelSpec (no megatron-core import: the converter needs only this): Llama /
+Aquila2 (``llama``, ``aquila``) and Baichuan2 (``baichuan``: ``baichuan_fields``)."""
 
 from __future__ import annotations
 
@@ -71,8 +72,8 @@ def spec_from_hf_config(cfg: Union[str, os.PathLike, dict], name: Optional[str] 
             raise NotAquilaConfig(f"{path} is not valid JSON: {e}") from None
     where = path or "config"
     model_type = cfg.get("model_type")
-    if model_type not in ("llama", "aquila"):
-        raise NotAquilaConfig(f"{where}: model_type {model_type!r} is not 'llama' or 'aquila'")
+    if model_type not in ("llama", "aquila", "baichuan"):
+        raise NotAquilaConfig(f"{where}: model_type {model_type!r} is not 'llama', 'aquila' or 'baichuan'")
     missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                            "vocab_size") if k not in cfg]
     if missing:
@@ -94,7 +95,9 @@ def spec_from_hf_config(cfg: Union[str, os.PathLike, dict], name: Optional[str] 
     name = name or cfg.get("_name_or_path") or (os.path.basename(os.path.dirname(os.path.abspath(path)))
                                                   if path else "") or "hf-model"
     entry = entry_named(name)  # a folder named as a registry model: its chat template and generation
+    family = baichuan_fields(cfg, where, entry) if model_type == "baichuan" else {}
     return ModelSpec(
+        **family,
         name=name,
         chat_template=entry.chat_template if entry else None,
         generation=entry.generation if entry else 2,
@@ -104,7 +107,7 @@ def spec_from_hf_config(cfg: Union[str, os.PathLike, dict], name: Optional[str] 
         num_attention_heads=cfg["num_attention_heads"],
         num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
         vocab_size=cfg["vocab_size"],
-        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        max_position_embeddings=cfg.get("max_position_embeddings") or cfg.get("model_max_length") or 2048,
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),  # LlamaConfig's and FlagAI's AquilaConfig's default
         # transformers 5's order: rope_parameters' theta first, then the top-level key of earlier configs
         rope_theta=float(_rope_dict(cfg.get("rope_parameters")).get("rope_theta") or cfg.get("rope_theta") or 10000.0),
@@ -116,3 +119,23 @@ def spec_from_hf_config(cfg: Union[str, os.PathLike, dict], name: Optional[str] 
         torch_dtype=str(dtype).replace("torch.", ""),  # config.json text, e.g. "bfloat16"
         source=where,
     )
+
+
+def baichuan_fields(cfg: dict, where: str, entry: Optional[ModelSpec]) -> dict:
+    """The ModelSpec fields of a Baichuan ``config.json`` (``model_type`` ``baichuan``, ``BaichuanForCausalLM``) that
+    its keys do not say: the position scheme and the output layer, which Baichuan's model code fixes per model.
+    Read from our own keys when present (``position_embedding_type``, ``norm_head``: written by our converter), else
+    from a registry entry the folder is named after, else by vLLM's rules (``vllm/model_executor/models/baichuan.py``:
+    hidden size 4096 is Baichuan2-7B with RoPE, any other ALiBi; vocabulary 125696 is Baichuan2, whose ``lm_head`` is
+    NormHead)."""
+    position = cfg.get("position_embedding_type")
+    if position is None:
+        position = entry.position_embedding if entry else ("rope" if cfg.get("hidden_size") == 4096 else "alibi")
+    if position not in ("rope", "alibi"):
+        raise NotAquilaConfig(f"{where}: position_embedding_type {position!r} is not 'rope' or 'alibi'")
+    norm_head = cfg.get("norm_head")
+    if norm_head is None:
+        norm_head = entry.output_layer == "normhead" if entry else cfg.get("vocab_size") == 125696
+    if cfg.get("num_key_value_heads") not in (None, cfg.get("num_attention_heads")):
+        raise NotAquilaConfig(f"{where}: a Baichuan W_pack holds as many key/value heads as query heads")
+    return dict(family="baichuan", position_embedding=position, output_layer="normhead" if norm_head else "linear")

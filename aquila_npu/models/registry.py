@@ -25,6 +25,17 @@ of Aquila2-7B; FlagAI's own layout keeps the query / key rows in interleaved RoP
 (``aquila_npu.weights.flagai``), which the converter reorders.
 
 ``reference``: the model code each entry is checked against (tests/test_flagai_parity.py, one test per entry).
+
+The second family (issue 25, ``family="baichuan"``): Baichuan2 (seed 004: Baichuan2's README), from the
+``config.json`` of baichuan-inc/Baichuan2-{7B,13B}-{Base,Chat}: 7B hidden_size 4096, intermediate_size 11008,
+num_hidden_layers 32, num_attention_heads 32 (no key/value-head field: multi-head), RoPE (theta 10000);
+13B hidden_size 5120, intermediate_size 13696, 40 layers, 40 heads, ALiBi (no RoPE); both vocab_size 125696,
+max positions (``model_max_length``) 4096, rms_norm_eps 1e-6, bos 1 / eos 2 / pad 0, bfloat16, untied. Their
+attention weight is one fused ``W_pack`` ([q; k; v], ``aquila_npu.weights.table.BAICHUAN_TABLE``) and their output
+layer is ``NormHead`` (each vocabulary row of the weight normalised to unit length in every forward:
+``aquila_npu.models.norm_head``). Debug shapes: ``baichuan2-tiny`` (7B-shaped: RoPE, NormHead) and
+``baichuan2-tiny-alibi`` (13B-shaped). The 7B math is Llama's once ``W_pack`` is split and the output rows
+normalised, which is what tests/test_baichuan2.py checks against transformers' ``LlamaForCausalLM``.
 """
 
 from __future__ import annotations
@@ -60,10 +71,25 @@ class ModelSpec:
     chat_template: Optional[str] = None
     # 2: Aquila2 (BAAI's Hugging Face AquilaForCausalLM); 1: FlagAI's first-generation Aquila (AQUILAModel).
     generation: int = 2
+    # The model family: "aquila" (BAAI's Aquila / Aquila2, the Llama tensor names) or "baichuan" (Baichuan2: the
+    # fused W_pack attention weight, model_type "baichuan"); the weight table follows it (weights.table.table_for).
+    family: str = "aquila"
+    # "rope" (rotate-half RoPE, every Aquila and Baichuan2-7B) or "alibi" (Baichuan2-13B: ALiBi biases, no RoPE).
+    position_embedding: str = "rope"
+    # "linear" (a plain output matmul) or "normhead" (Baichuan2's NormHead: rows normalised in every forward).
+    output_layer: str = "linear"
+
+    @property
+    def is_aquila(self) -> bool:
+        """BAAI's Aquila family (checked against FlagAI's model code); False for the other families (Baichuan2)."""
+        return self.family == "aquila"
 
     @property
     def reference(self) -> str:
         """The model code this entry is checked against: BAAI's own, as the ``flagai`` package ships it."""
+        if self.family == "baichuan":
+            return ("transformers LlamaForCausalLM on W_pack split and NormHead rows normalised "
+                    "(Baichuan2 modeling_baichuan.py's math)")
         if self.generation == 1:
             return "FlagAI AQUILAModel (flagai/model/aquila_model.py)"
         return "FlagAI AquilaForCausalLM (flagai/model/aquila2/modeling_aquila.py)"
@@ -86,7 +112,10 @@ class ModelSpec:
         return dataclasses.replace(self, **changes)
 
     def to_hf_config(self) -> dict:
-        """The fields of a HF LlamaForCausalLM ``config.json`` for this architecture."""
+        """The fields of a HF LlamaForCausalLM ``config.json`` for this architecture (Baichuan2: its own
+        ``BaichuanForCausalLM`` config, ``baichuan_hf_config``)."""
+        if self.family == "baichuan":
+            return self.baichuan_hf_config()
         cfg = {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -112,6 +141,32 @@ class ModelSpec:
             cfg["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": self.rope_scaling_factor}
         return cfg
 
+    def baichuan_hf_config(self) -> dict:
+        """Baichuan2's ``config.json`` fields (its own keys: ``model_max_length``, no key/value-head count), plus
+        ``position_embedding_type`` / ``norm_head``, which Baichuan's code ignores and ``models.hf_config`` reads
+        first (without them it uses vLLM's rules: hidden size 4096 is RoPE, vocabulary 125696 is NormHead)."""
+        return {
+            "architectures": ["BaichuanForCausalLM"],
+            "model_type": "baichuan",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "model_max_length": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "hidden_act": "silu",
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": self.torch_dtype,
+            "tokenizer_class": "BaichuanTokenizer",
+            "position_embedding_type": self.position_embedding,
+            "norm_head": self.output_layer == "normhead",
+        }
+
 
 _7B = dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_attention_heads=32, num_key_value_heads=32,
            vocab_size=100008, max_position_embeddings=2048, torch_dtype="float16")
@@ -119,6 +174,17 @@ _34B = dict(hidden_size=6144, intermediate_size=24576, num_layers=60, num_attent
             vocab_size=100008, max_position_embeddings=4096, torch_dtype="bfloat16")
 _2406 = dict(vocab_size=143973, max_position_embeddings=8192, rope_theta=1e6, bos_token_id=143717,
              eos_token_id=143718)
+
+# Baichuan2 (module docstring): baichuan-inc/Baichuan2-{7B,13B}-{Base,Chat} config.json.
+_BAICHUAN2 = dict(vocab_size=125696, max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0, torch_dtype="bfloat16", family="baichuan", output_layer="normhead")
+_BAICHUAN2_7B = dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, **_BAICHUAN2)
+_BAICHUAN2_13B = dict(hidden_size=5120, intermediate_size=13696, num_layers=40, num_attention_heads=40,
+                      num_key_value_heads=40, position_embedding="alibi", **_BAICHUAN2)
+# Debug Baichuan2 shapes: multi-head (8 heads: tp up to 8), a vocabulary that needs padding at tp 2.
+_BAICHUAN2_TINY = dict(_BAICHUAN2, hidden_size=64, intermediate_size=176, num_layers=4, num_attention_heads=8,
+                       num_key_value_heads=8, vocab_size=1003, max_position_embeddings=256, torch_dtype="float32")
 
 MODELS: Dict[str, ModelSpec] = {
     s.name: s
@@ -157,6 +223,14 @@ MODELS: Dict[str, ModelSpec] = {
                   num_key_value_heads=8, vocab_size=1000, max_position_embeddings=128, bos_token_id=1,
                   eos_token_id=2, pad_token_id=0, torch_dtype="float32",
                   source="debug: the training check of aquila_npu.selfcheck --report (tp up to 8)"),
+        # Baichuan2 (issue 25; the module docstring).
+        ModelSpec("baichuan2-7b", **_BAICHUAN2_7B, source="baichuan-inc/Baichuan2-7B-Base config.json"),
+        ModelSpec("baichuan2-7b-chat", **_BAICHUAN2_7B, source="baichuan-inc/Baichuan2-7B-Chat config.json"),
+        ModelSpec("baichuan2-13b", **_BAICHUAN2_13B, source="baichuan-inc/Baichuan2-13B-Base config.json"),
+        ModelSpec("baichuan2-13b-chat", **_BAICHUAN2_13B, source="baichuan-inc/Baichuan2-13B-Chat config.json"),
+        ModelSpec("baichuan2-tiny", **_BAICHUAN2_TINY, source="debug: Baichuan2-7B-shaped (W_pack, NormHead, RoPE)"),
+        ModelSpec("baichuan2-tiny-alibi", **{**_BAICHUAN2_TINY, "position_embedding": "alibi"},
+                  source="debug: Baichuan2-13B-shaped (W_pack, NormHead, ALiBi)"),
     ]
 }
 

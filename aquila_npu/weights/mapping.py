@@ -9,6 +9,7 @@ split across tensor-parallel ranks:
 * ``vocab``: rows padded to the padded vocabulary (zeros), then split like ``column``;
 * ``qkv``: q, k, v packed per query group, ``[q heads of group g | k_g | v_g]`` for each g, then split by groups
   (the layout megatron-core's ``get_query_key_value_tensors`` reads); needs query groups % tp == 0;
+* ``wpack``: as ``qkv`` from one HF tensor holding ``[q; k; v]`` rows (Baichuan2's ``W_pack``);
 * ``swiglu``: gate and up chunked separately over TP, each rank holding ``[gate shard; up shard]``;
 * ``shared``: one tensor, whole on every TP rank, that every HF tensor of the row holds a copy of (the LoRA A of a
   fused linear: q/k/v, or gate/up, share it).
@@ -32,7 +33,7 @@ from torch import Tensor
 from aquila_npu.errors import LayoutError
 from aquila_npu.weights.table import (BASE_LAYER, IGNORED_HF_SUFFIXES, LORA_ADAPTER, LORA_PAIRS,  # noqa: F401
                                       LORA_TARGETS, PEFT_PREFIX, TABLE, Row, lora_checkpoint_key, lora_model_key,
-                                      lora_target)
+                                      lora_target, table_for)
 from aquila_npu.models.registry import padded_vocab_size
 from aquila_npu.models.registry import ModelSpec
 
@@ -73,10 +74,17 @@ class Layout:
         n = self.layers_per_stage
         return range(pp_rank * n, (pp_rank + 1) * n)
 
-    def stage_rows(self, pp_rank: int, table: Tuple[Row, ...] = TABLE) -> Iterator[Tuple[Row, Optional[int],
-                                                                                        Optional[int]]]:
+    @property
+    def table(self) -> Tuple[Row, ...]:
+        """The weight table of the model's family (``table_for``)."""
+        return table_for(self.spec.family)
+
+    def stage_rows(self, pp_rank: int, table: Optional[Tuple[Row, ...]] = None
+                   ) -> Iterator[Tuple[Row, Optional[int], Optional[int]]]:
         """(row, global layer, local layer) for every parameter of a stage, layer by layer (so a reader that holds
-        one source stage at a time reads each stage once). ``table``: TABLE, or the rows of ``lora_rows``."""
+        one source stage at a time reads each stage once). ``table``: the family's table (default), or the rows of
+        ``lora_rows``."""
+        table = self.table if table is None else table
         if pp_rank == 0:
             yield from ((row, None, None) for row in table if row.where == "first")
         for local, i in enumerate(self.stage_layers(pp_rank)):
@@ -132,19 +140,24 @@ def rank_slice(row: Row, hf: list, layout: Layout, r: int) -> Tensor:
         real = hf[0][min(a, v):min(b, v)]  # possibly 0 rows: keeps the dtype
         pad = b - max(a, v)
         return real if pad <= 0 else torch.cat((real, real.new_zeros(pad, h)), dim=0)
-    if row.kind == "qkv":
+    if row.kind in ("qkv", "wpack"):
         d, ng = spec.head_dim, spec.num_key_value_heads
         per, groups = spec.num_attention_heads // ng, ng // tp
-        q, k, v = hf
+        if row.kind == "qkv":
+            (q, q0), (k, k0), (v, v0) = ((t, 0) for t in hf)
+        else:  # one tensor [q; k; v]: each part read at its row offset
+            nq = spec.num_attention_heads * d
+            (q, q0), (k, k0), (v, v0) = (hf[0], 0), (hf[0], nq), (hf[0], nq + ng * d)
         parts = []
         for g in range(r * groups, (r + 1) * groups):
-            parts += [q[g * per * d:(g + 1) * per * d], k[g * d:(g + 1) * d], v[g * d:(g + 1) * d]]
+            parts += [q[q0 + g * per * d:q0 + (g + 1) * per * d], k[k0 + g * d:k0 + (g + 1) * d],
+                      v[v0 + g * d:v0 + (g + 1) * d]]
         return torch.cat(parts, dim=0)
     raise ValueError(f"unknown row kind {row.kind}")
 
 
 def hf_rank_to_mcore(get_hf: Callable[[str], object], layout: Layout, pp_rank: int, tp_rank: int,
-                     cast: Optional[Callable[[Tensor], Tensor]] = None, table: Tuple[Row, ...] = TABLE
+                     cast: Optional[Callable[[Tensor], Tensor]] = None, table: Optional[Tuple[Row, ...]] = None
                      ) -> Dict[str, Tensor]:
     """One (pipeline stage, TP rank) megatron-core state dict; ``get_hf`` may return lazy slices."""
     out: Dict[str, Tensor] = {}
@@ -185,14 +198,15 @@ def merge_from_tp(row: Row, parts: List[Tensor], layout: Layout) -> List[Tensor]
         return [torch.cat(parts, dim=1)]
     if row.kind == "vocab":
         return [torch.cat(parts, dim=0)[: spec.vocab_size]]
-    if row.kind == "qkv":
+    if row.kind in ("qkv", "wpack"):
         d, ng = spec.head_dim, spec.num_key_value_heads
         per = spec.num_attention_heads // ng
         full = torch.cat(parts, dim=0)
         h = full.shape[-1]
         grouped = full.reshape(ng, (per + 2) * d, h)
         q, k, v = grouped.split([per * d, d, d], dim=1)
-        return [q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)]
+        q, k, v = q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)
+        return [q, k, v] if row.kind == "qkv" else [torch.cat([q, k, v], dim=0)]
     if row.kind == "swiglu":
         halves = [p.chunk(2, dim=0) for p in parts]
         return [torch.cat([g for g, _ in halves], dim=0), torch.cat([u for _, u in halves], dim=0)]
@@ -200,7 +214,7 @@ def merge_from_tp(row: Row, parts: List[Tensor], layout: Layout) -> List[Tensor]
 
 
 def mcore_stage_to_hf(shards: List[Dict[str, Tensor]], layout: Layout, pp_rank: int,
-                      table: Tuple[Row, ...] = TABLE) -> Iterator[Tuple[str, Tensor]]:
+                      table: Optional[Tuple[Row, ...]] = None) -> Iterator[Tuple[str, Tensor]]:
     """(HF name, tensor) for every HF tensor of one stage, from its TP ranks' state dicts."""
     if len(shards) != layout.tp:
         raise LayoutError(f"stage {pp_rank} has {len(shards)} tensor-parallel shards, expected {layout.tp}")
@@ -224,6 +238,7 @@ def hf_shapes(spec: ModelSpec) -> Dict[str, Tuple[int, ...]]:
     h, f, v, d = spec.hidden_size, spec.intermediate_size, spec.vocab_size, spec.head_dim
     by_suffix = {"embed_tokens": (v, h), "lm_head": (v, h), "q_proj": (spec.num_attention_heads * d, h),
                  "k_proj": (spec.num_key_value_heads * d, h), "v_proj": (spec.num_key_value_heads * d, h),
+                 "W_pack": ((spec.num_attention_heads + 2 * spec.num_key_value_heads) * d, h),
                  "o_proj": (h, spec.num_attention_heads * d), "gate_proj": (f, h), "up_proj": (f, h),
                  "down_proj": (h, f)}
     return {name: by_suffix.get(name.split(".")[-2], (h,)) for name in hf_names(spec)}

@@ -12,7 +12,7 @@ from typing import Dict, Optional, Tuple
 class Row:
     mcore: str  # megatron-core name; "{i}" is the layer index
     hf: Tuple[str, ...]  # HF names; "{i}" is the layer index
-    kind: str  # replicated / column / row / vocab / qkv / swiglu
+    kind: str  # replicated / column / row / vocab / qkv / wpack / swiglu
     where: str  # first (stage 0) / last (last stage) / layer
 
 
@@ -33,6 +33,24 @@ TABLE: Tuple[Row, ...] = (
     Row("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated", "last"),
     Row("output_layer.weight", ("lm_head.weight",), "vocab", "last"),
 )
+
+# Baichuan2 (model_type "baichuan"): the attention's q, k, v are one HF tensor, ``W_pack`` ([q; k; v] rows, each
+# hidden_size: Baichuan2's modeling_baichuan.py unflattens the product into (3, hidden)), split per query group as the
+# ``qkv`` row; the output layer's raw weight (NormHead normalises it in the forward, the checkpoint keeps it as is).
+BAICHUAN_TABLE: Tuple[Row, ...] = tuple(
+    Row(r.mcore, ("model.layers.{i}.self_attn.W_pack.weight",), "wpack", r.where) if r.kind == "qkv" else r
+    for r in TABLE)
+
+_TABLES = {"aquila": TABLE, "baichuan": BAICHUAN_TABLE}
+
+
+def table_for(family: str) -> Tuple[Row, ...]:
+    """The table of a model family (``ModelSpec.family``)."""
+    try:
+        return _TABLES[family]
+    except KeyError:
+        raise ValueError(f"no weight table for model family {family!r}; known: {', '.join(_TABLES)}") from None
+
 
 # HF keys that carry no weights of the model (old Aquila .bin checkpoints hold rotary buffers).
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
