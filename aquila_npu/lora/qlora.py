@@ -131,14 +131,17 @@ def require_nf4_base(info, flag: str = "--load") -> None:
             f"--target-tensor-parallel-size {info.layout.tp} --target-pipeline-parallel-size {info.layout.pp}")
 
 
+def nf4_rank_state(info, params_dtype: torch.dtype) -> dict:
+    """This rank's state dict of an NF4 base: codes and absmax as stored, the other weights in ``params_dtype``."""
+    tp, pp = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
+    return nf4.cast_state(agreed(lambda: info.load_rank(tp, pp))["model"], params_dtype)
+
+
 def load_nf4_base(info, model, params_dtype: torch.dtype) -> None:
-    """This rank's NF4 base into a (Q)LoRA model: codes and absmax as stored, the other weights in the run's
-    dtype."""
+    """This rank's NF4 base into a (Q)LoRA model."""
     from aquila_npu.lora.state import BaseWeights
 
-    tp, pp = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
-    state = agreed(lambda: info.load_rank(tp, pp))["model"]
-    BaseWeights(model).load_state_dict(nf4.cast_state(state, params_dtype))
+    BaseWeights(model).load_state_dict(nf4_rank_state(info, params_dtype))
 
 
 class QLoraTransform(LoraTransform):

@@ -25,7 +25,6 @@ from aquila_npu.lora.checkpoint import AdapterCheckpoint, check_same_model
 from aquila_npu.models.config import transformer_config
 from aquila_npu.models.gpt import build_model
 from aquila_npu.parallel import agreed, initialize_model_parallel
-from aquila_npu.weights import nf4
 from aquila_npu.weights.load import load_stage_state
 
 
@@ -75,7 +74,7 @@ def adapted_stage(info: CheckpointInfo, device, *, params_dtype: torch.dtype, pp
                   adapter: Optional[AdapterCheckpoint] = None, parallel_output: bool = False):
     """(this rank's stage in eval mode, TransformerConfig) of the base ``info`` with ``adapter`` (or none)."""
     from aquila_npu.lora.layers import apply_lora
-    from aquila_npu.lora.qlora import NF4Backend, base_dtype
+    from aquila_npu.lora.qlora import NF4Backend, base_dtype, nf4_rank_state
     from aquila_npu.lora.state import load_adapters, load_base
 
     spec, layout = info.spec, info.layout
@@ -91,8 +90,7 @@ def adapted_stage(info: CheckpointInfo, device, *, params_dtype: torch.dtype, pp
     if adapter is not None:
         apply_lora(model, cfg, adapter.settings, layout, pp_rank)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    state = agreed(lambda: info.load_rank(tp_rank, pp_rank))["model"]
-    state = nf4.cast_state(state, params_dtype)
+    state = nf4_rank_state(info, params_dtype)
     if adapter is None:
         load_stage_state(model, state)
     else:

@@ -15,6 +15,7 @@ from aquila_npu.errors import UsageError
 from aquila_npu.models import arch_flags
 from aquila_npu.models.dtypes import dtype_name
 from aquila_npu.models.registry import MODELS, ModelSpec, get_model_spec
+from aquila_npu.training.speed import StepSwitches
 from aquila_npu.weights.mapping import Layout
 
 
@@ -30,6 +31,7 @@ class RunConfig:
     num_microbatches: int  # per iteration and data-parallel rank
     sequence_parallel: bool  # megatron-core sequence parallelism (only at tp > 1, as Megatron-LM)
     fused: FusedOps
+    switches: StepSwitches  # the training-step switches (issue 28), read from the flags once
     checkpoint: Optional[CheckpointInfo]  # what --load holds (None: nothing there, random weights)
 
     @property
@@ -99,4 +101,4 @@ def resolve(args, checkpoint: Optional[CheckpointInfo], tokenizer_vocab: Optiona
                      micro_batch_size=args.micro_batch_size, global_batch_size=gbs, data_parallel_size=dp,
                      num_microbatches=gbs // (args.micro_batch_size * dp),
                      sequence_parallel=args.sequence_parallel and tp > 1, fused=FusedOps.from_args(args),
-                     checkpoint=checkpoint)
+                     switches=StepSwitches.from_args(args), checkpoint=checkpoint)

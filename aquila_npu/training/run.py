@@ -24,7 +24,6 @@ from aquila_npu.training.config import RunConfig, resolve
 from aquila_npu.training.features import run_features
 from aquila_npu.training.inputs import check_paths
 from aquila_npu.training.param_gather import ParamGatherHooks
-from aquila_npu.training.speed import StepSwitches
 from aquila_npu.training.report import Reporter, device_memory
 from aquila_npu.training.step import eval_step, host_values, train_step
 from aquila_npu.training.stopping import StopConditions
@@ -59,7 +58,7 @@ def build(args, cfg: RunConfig, dev, transform: Optional[ModelTransform] = None)
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     spec, layout, dtype = cfg.spec, cfg.layout, cfg.params_dtype
-    switches = StepSwitches.from_args(args)  # (issue 28: --compile-elementwise, --loss-chunk-size)
+    switches = cfg.switches  # (issue 28: --compile-elementwise, --loss-chunk-size)
     base_backend = dev.backend
     if switches.compile_elementwise:
         from aquila_npu.device.compiled import CompiledBackend
@@ -195,7 +194,7 @@ def run(args, transform: Optional[ModelTransform] = None) -> int:
     from aquila_npu.device.setup import resolve as resolve_device
     from aquila_npu.training import speed
 
-    speed.check_device(StepSwitches.from_args(args), resolve_device(args.device),
+    speed.check_device(cfg.switches, resolve_device(args.device),
                        bool(getattr(args, "profile_breakdown", None)))  # (issue 28) before the device is set up
     dev = setup(args.device, cfg.fused)
     save_dir = checkpointing.SaveDir.claim(args.save, args.no_shared_storage) if args.save else None
@@ -261,7 +260,7 @@ def _train(args, cfg: RunConfig, dev, checkpoint, tokenizer, transform: Optional
     skipped, last_saved = 0, iteration
     stats = _layer_stats(args, cfg, dev, model, optimizer, iteration)
     profile = _step_profile(args, cfg, dev, iteration, is_writer)  # (issue 28: --profile-breakdown)
-    no_step_syncs = StepSwitches.from_args(args).no_step_syncs
+    no_step_syncs = cfg.switches.no_step_syncs
     stop = StopConditions(dev.torch_device, args.exit_duration_in_mins)
     stop.install()
     try:
@@ -340,7 +339,7 @@ def _step_profile(args, cfg: RunConfig, dev, iteration: int, is_writer: bool):
                        meta={"model": cfg.spec.name, "seq_length": cfg.seq_length,
                              "micro_batch_size": cfg.micro_batch_size, "global_batch_size": cfg.global_batch_size,
                              "dtype": short_name(cfg.params_dtype), "kernels": dev.backend.describe(),
-                             "switches": StepSwitches.from_args(args).requested()})
+                             "switches": cfg.switches.requested()})
 
 
 def _layer_stats(args, cfg: RunConfig, dev, model, optimizer, iteration: int):
