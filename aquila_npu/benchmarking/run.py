@@ -236,9 +236,10 @@ def run_benchmark(s: Settings, *, fused_mode: str, log_dir: Optional[str] = None
     if not log_dir:
         shutil.rmtree(workdir, ignore_errors=True)
     device = environment.describe(s.device, s.nproc, s.peak_tflops)
+    flagperf = flagperf_flops(s, spec)
     for r in [*runs.values(), *([overlap_run] if overlap_run else [])]:  # MFU once the device's peak is known
         r["mfu"] = r["tflops_per_device"] / device["peak_tflops"] if device["peak_tflops"] else None
-        r["mfu_flagperf"] = (r["tokens_per_sec_per_device"] * flagperf_flops(s, spec) / 1e12 / device["peak_tflops"]
+        r["mfu_flagperf"] = (r["tokens_per_sec_per_device"] * flagperf / 1e12 / device["peak_tflops"]
                              if device["peak_tflops"] else None)  # FlagPerf's formula: 6 x params, no attention
     if label and device["is_cpu"] and "cpu" not in label.lower():
         label = f"CPU: {label}"  # CPU figures stay labelled as such
@@ -246,7 +247,7 @@ def run_benchmark(s: Settings, *, fused_mode: str, log_dir: Optional[str] = None
               "software": environment.software(s.device),
               "settings": settings_record(s, spec, next(iter(runs.values()))["global_batch_size"]),
               "flops_per_token": flops(s, spec), "flops_formula": FORMULA,
-              "flagperf_flops_per_token": flagperf_flops(s, spec), "flagperf_formula": FLAGPERF_FORMULA,
+              "flagperf_flops_per_token": flagperf, "flagperf_formula": FLAGPERF_FORMULA,
               "runs": runs, "fused_vs_unfused": None,
               "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "logs": workdir if log_dir else None}

@@ -108,17 +108,16 @@ def compare(a: Tuple[dict, List[dict]], b: Tuple[dict, List[dict]], tolerance: O
     for ia in iterations:
         ib = by_it[ia["iteration"]]
         keys = order(set(ia["norms"]) & set(ib["norms"]), ma["num_layers"])
-        worst = max(((relative(ia["norms"][k], ib["norms"][k]), k) for k in keys), default=(0.0, None))
+        rels = {k: relative(ia["norms"][k], ib["norms"][k]) for k in keys}
+        worst = max(((rels[k], k) for k in keys), default=(0.0, None))
         loss = relative(ia["loss"], ib["loss"])
         result["iterations"].append({"iteration": ia["iteration"], "loss_a": ia["loss"], "loss_b": ib["loss"],
                                      "loss_rel": loss, "max_rel": worst[0], "max_at": worst[1],
                                      "compared": len(keys)})
         if result["parted"] is None:
-            for k in keys:
-                rel = relative(ia["norms"][k], ib["norms"][k])
-                if rel > tol:
-                    result["parted"] = _parted(ia, ib, k, rel, keys)
-                    break
+            first = next((k for k in keys if rels[k] > tol), None)  # (keys: the model's order)
+            if first is not None:
+                result["parted"] = _parted(ia, ib, first, rels[first], keys)
     return result
 
 

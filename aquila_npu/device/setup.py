@@ -111,8 +111,6 @@ def setup(device: Optional[str] = None, fused: FusedOps = FusedOps(), *, distrib
     name = resolve(device)
     backend = make_backend(name, fused)  # raises on a fused switch the device cannot provide
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if name != "npu":
-        runtime = ()
     if name == "npu":
         compat_torch.import_torch_npu()  # with transfer_to_npu: torch.cuda -> torch.npu, nccl -> hccl
         torch.npu.set_compile_mode(jit_compile=npu_runtime.jit_compile())
@@ -132,4 +130,4 @@ def setup(device: Optional[str] = None, fused: FusedOps = FusedOps(), *, distrib
     if distributed:
         init_distributed(DIST_BACKENDS[name])
     return Device(name=name, backend=backend, dist_backend=DIST_BACKENDS[name], torch_device=torch_device,
-                  runtime=runtime)
+                  runtime=runtime if name == "npu" else ())
